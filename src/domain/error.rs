@@ -1,0 +1,72 @@
+//! The service's error categories. Stores and the coordinator produce these; the gRPC layer
+//! maps each to exactly one status code and ErrorInfo reason (`grpc/status.rs`).
+
+use chrono::{DateTime, Utc};
+
+use super::fence::Refusal;
+use super::ids::{RuntimeId, TaskId};
+use super::task::{Task, TaskStatus};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {description}")]
+    InvalidField { field: String, description: String },
+    #[error("claim_token is missing or is not a UUID")]
+    MalformedClaimToken,
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+    #[error("runtime {0} not found")]
+    RuntimeNotFound(RuntimeId),
+    #[error("{}", refused_message(.0))]
+    Refused(Box<RefusedWrite>),
+    #[error("the task store is unavailable")]
+    StoreUnavailable(#[source] BoxError),
+    #[error("the request's deadline passed before the claim committed")]
+    DeadlineExceeded,
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+/// An owner write the fence refused, with the task facts a client needs to react.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedWrite {
+    pub refusal: Refusal,
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidField {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    pub fn refused(refusal: Refusal, task: &Task) -> Self {
+        Error::Refused(Box::new(RefusedWrite {
+            refusal,
+            task_id: task.id,
+            status: task.status,
+            lease_expires_at: task.lease_expires_at,
+        }))
+    }
+}
+
+fn refused_message(refused: &RefusedWrite) -> String {
+    let what = match refused.refusal {
+        Refusal::ClaimSuperseded => "the claim token is not the task's current claim",
+        Refusal::StartedByAnotherClaim => "the task is already running under another claim",
+        Refusal::LeaseExpired => "the claim's lease has expired",
+        Refusal::TaskNotStarted => "the task has not been started",
+        Refusal::TaskAlreadyStarted => "the task is running; only a dispatched task has a lease",
+        Refusal::TaskCancelled => "the task was cancelled",
+        Refusal::TaskTerminal => "the task has already finished",
+    };
+    format!("{what} (task {}, status {})", refused.task_id, refused.status.as_str())
+}

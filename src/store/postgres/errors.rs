@@ -1,0 +1,62 @@
+//! Classifies sqlx errors into the service's categories, by SQLSTATE. The raw error is logged
+//! here and kept as the source; it never reaches a client.
+
+use crate::domain::{Error, RuntimeId};
+
+/// leasehold_claim(): the runtime does not exist.
+const RUNTIME_NOT_FOUND: &str = "LH001";
+/// leasehold_claim(): the request's budget ran out before commit.
+const CLAIM_DEADLINE_PASSED: &str = "LH002";
+const FOREIGN_KEY_VIOLATION: &str = "23503";
+
+/// What a failed statement was about, so SQLSTATEs with a business meaning map precisely.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Context {
+    Plain,
+    /// A statement naming this runtime (claim, pinned enqueue).
+    Runtime(RuntimeId),
+}
+
+pub(super) fn classify(error: sqlx::Error, context: Context) -> Error {
+    if let Some(db_error) = error.as_database_error() {
+        let code = db_error.code().unwrap_or_default();
+        match (code.as_ref(), context) {
+            (RUNTIME_NOT_FOUND | FOREIGN_KEY_VIOLATION, Context::Runtime(id)) => {
+                return Error::RuntimeNotFound(id);
+            }
+            (CLAIM_DEADLINE_PASSED, _) => return Error::DeadlineExceeded,
+            (code, _) if is_unavailable_sqlstate(code) => {
+                tracing::warn!(%error, "database unavailable");
+                return Error::StoreUnavailable(error.into());
+            }
+            _ => {}
+        }
+    }
+    if is_unavailable(&error) {
+        tracing::warn!(%error, "database unavailable");
+        return Error::StoreUnavailable(error.into());
+    }
+    tracing::error!(%error, "database error");
+    Error::Internal(error.into())
+}
+
+pub(super) fn plain(error: sqlx::Error) -> Error {
+    classify(error, Context::Plain)
+}
+
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// Connection exceptions (08), shutdown and "cannot connect now" (57P0x), too many
+/// connections (53300): the database is there but not serving us right now.
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P0") || code == "53300"
+}

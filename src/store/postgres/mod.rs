@@ -1,0 +1,500 @@
+//! The PostgreSQL store. Each operation is one statement on its happy path; a fenced write
+//! that matched no row costs one more read to say why (or to answer a replay).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::types::Json;
+
+use crate::domain::fence::{self, OwnerWrite, Verdict};
+use crate::domain::{
+    ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus,
+    StatusCounts, Task, TaskId, TaskStatus,
+};
+use crate::store::{
+    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
+    QueueUpdate, StorePolicy, TaskFilter, TaskPage, TaskStore,
+};
+
+mod errors;
+mod rows;
+mod sql;
+
+use errors::{Context, classify, plain};
+use rows::{FenceSnapshot, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
+
+/// The migrations, embedded in the binary and applied at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A fenced write that matched no row is re-judged; if the judgement says it should have
+/// applied (the row moved between the two statements), it is tried again this many times.
+const FENCED_WRITE_ATTEMPTS: usize = 3;
+
+pub struct PgStore {
+    pool: PgPool,
+    policy: StorePolicy,
+}
+
+/// The owner writes that run as one guarded statement.
+enum GuardedWrite<'a> {
+    Start,
+    ExtendLease(Duration),
+    Complete(&'a [u8]),
+    Fail(&'a Failure),
+}
+
+impl GuardedWrite<'_> {
+    fn kind(&self) -> OwnerWrite {
+        match self {
+            GuardedWrite::Start => OwnerWrite::Start,
+            GuardedWrite::ExtendLease(_) => OwnerWrite::ExtendLease,
+            GuardedWrite::Complete(_) => OwnerWrite::Complete,
+            GuardedWrite::Fail(_) => OwnerWrite::Fail,
+        }
+    }
+}
+
+/// What a guarded statement returned.
+enum Applied {
+    Task(Task),
+    LeaseExpiresAt(DateTime<Utc>),
+}
+
+/// How a fenced write ended when it did not fail.
+enum Fenced {
+    Applied(Applied),
+    /// A replay: the same write already applied with this token. Carries the current row.
+    Replayed(Task),
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool, policy: StorePolicy) -> Self {
+        Self { pool, policy }
+    }
+
+    /// Applies pending migrations. The migrator takes an advisory lock, so replicas may start
+    /// together.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await.map_err(|error| match error {
+            sqlx::migrate::MigrateError::Execute(error) => plain(error),
+            other => Error::Internal(other.into()),
+        })
+    }
+
+    /// Runs the guarded statement for `write`; when it matches no row, reads the row and lets
+    /// the fence say whether this was a replay or why it is refused.
+    async fn fenced(
+        &self,
+        write: GuardedWrite<'_>,
+        task_id: TaskId,
+        token: ClaimToken,
+    ) -> Result<Fenced> {
+        for _ in 0..FENCED_WRITE_ATTEMPTS {
+            if let Some(applied) = self.try_guarded(&write, task_id, token).await? {
+                return Ok(Fenced::Applied(applied));
+            }
+            let (task, now) = self.fence_snapshot(task_id).await?;
+            match fence::judge(write.kind(), &task, token, now) {
+                Verdict::Apply => continue,
+                Verdict::Replay => return Ok(Fenced::Replayed(task)),
+                Verdict::Refuse(refusal) => return Err(Error::refused(refusal, &task)),
+            }
+        }
+        Err(Error::Internal(
+            "a fenced write kept racing with concurrent changes".into(),
+        ))
+    }
+
+    /// One guarded statement; `None` when its guard matched no row.
+    async fn try_guarded(
+        &self,
+        write: &GuardedWrite<'_>,
+        task_id: TaskId,
+        token: ClaimToken,
+    ) -> Result<Option<Applied>> {
+        let (task, token) = (task_id.as_uuid(), token.as_uuid());
+        let row: Option<TaskRow> = match write {
+            GuardedWrite::Start => sqlx::query_as(sql::START).bind(task).bind(token),
+            GuardedWrite::Complete(result) => sqlx::query_as(sql::COMPLETE)
+                .bind(task)
+                .bind(token)
+                .bind(*result),
+            GuardedWrite::Fail(failure) => {
+                let backoff = self.policy.retry_backoff;
+                sqlx::query_as(sql::FAIL)
+                    .bind(task)
+                    .bind(token)
+                    .bind(&failure.error)
+                    .bind(failure.retryable)
+                    .bind(backoff.base.as_secs_f64() * 1000.0)
+                    .bind(backoff.max.as_secs_f64() * 1000.0)
+                    .bind(failure.jitter)
+            }
+            GuardedWrite::ExtendLease(extend_by) => {
+                let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(sql::EXTEND_LEASE)
+                    .bind(task)
+                    .bind(token)
+                    .bind(*extend_by)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(plain)?;
+                return Ok(expires_at.map(Applied::LeaseExpiresAt));
+            }
+        }
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(plain)?;
+        row.map(|row| Task::try_from(row).map(Applied::Task))
+            .transpose()
+    }
+
+    async fn fence_snapshot(&self, task_id: TaskId) -> Result<(Task, DateTime<Utc>)> {
+        let snapshot: Option<FenceSnapshot> = sqlx::query_as(sql::FENCE_SNAPSHOT)
+            .bind(task_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        let snapshot = snapshot.ok_or(Error::TaskNotFound(task_id))?;
+        Ok((snapshot.task.try_into()?, snapshot.db_now))
+    }
+
+    async fn fetch_task(&self, query: &'static str, task_id: TaskId) -> Result<Option<Task>> {
+        let row: Option<TaskRow> = sqlx::query_as(query)
+            .bind(task_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        row.map(Task::try_from).transpose()
+    }
+
+    /// Whether every counter of this report is already stored with the same value.
+    async fn usage_already_reported(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        names: &[String],
+        values: &[i64],
+    ) -> Result<bool> {
+        let matching: i64 = sqlx::query_scalar(sql::MATCHING_USAGE)
+            .bind(task_id.as_uuid())
+            .bind(token.as_uuid())
+            .bind(names)
+            .bind(values)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(plain)?;
+        Ok(usize::try_from(matching).is_ok_and(|matching| matching == names.len()))
+    }
+}
+
+#[async_trait]
+impl TaskStore for PgStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(plain)?;
+        Ok(())
+    }
+
+    async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime> {
+        let row: RuntimeRow = sqlx::query_as(sql::REGISTER_RUNTIME)
+            .bind(RuntimeId::new_random().as_uuid())
+            .bind(&runtime.name)
+            .bind(&runtime.queues)
+            .bind(Json(&runtime.labels))
+            .bind(i64::from(runtime.max_concurrency))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(plain)?;
+        row.try_into()
+    }
+
+    async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
+        let row: Option<(DateTime<Utc>, String)> = sqlx::query_as(sql::HEARTBEAT)
+            .bind(runtime_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        let (server_time, status) = row.ok_or(Error::RuntimeNotFound(runtime_id))?;
+        let status = RuntimeStatus::parse(&status)
+            .ok_or_else(|| Error::Internal(format!("unexpected runtime status {status}").into()))?;
+        Ok(HeartbeatAck {
+            server_time,
+            status,
+        })
+    }
+
+    async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedTask>> {
+        let rows: Vec<TaskRow> = sqlx::query_as(sql::CLAIM)
+            .bind(request.runtime_id.as_uuid())
+            .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
+            .bind(self.policy.lease_duration)
+            .bind(i64::from(self.policy.max_lease_expirations))
+            .bind(request.budget)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
+        rows.into_iter().map(claimed).collect()
+    }
+
+    async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
+        self.fenced(GuardedWrite::Start, task_id, token)
+            .await?
+            .into_task()
+    }
+
+    async fn extend_lease(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        extend_by: Duration,
+    ) -> Result<DateTime<Utc>> {
+        match self
+            .fenced(GuardedWrite::ExtendLease(extend_by), task_id, token)
+            .await?
+        {
+            Fenced::Applied(Applied::LeaseExpiresAt(expires_at)) => Ok(expires_at),
+            _ => Err(Error::Internal(
+                "ExtendLease answered with something other than a lease expiry".into(),
+            )),
+        }
+    }
+
+    async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
+        self.fenced(GuardedWrite::Complete(&result), task_id, token)
+            .await?
+            .into_task()
+    }
+
+    async fn fail(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        failure: Failure,
+    ) -> Result<FailOutcome> {
+        Ok(
+            match self.fenced(GuardedWrite::Fail(&failure), task_id, token).await? {
+                Fenced::Replayed(task) => FailOutcome {
+                    will_retry: fence::replayed_fail_retried(&task, token),
+                    task,
+                },
+                applied => {
+                    let task = applied.into_task()?;
+                    FailOutcome {
+                        will_retry: task.status == TaskStatus::Queued,
+                        task,
+                    }
+                }
+            },
+        )
+    }
+
+    async fn report_usage(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        counters: BTreeMap<String, i64>,
+    ) -> Result<()> {
+        let (names, values): (Vec<String>, Vec<i64>) = counters.into_iter().unzip();
+        for _ in 0..FENCED_WRITE_ATTEMPTS {
+            let (applied, _written): (bool, i64) = sqlx::query_as(sql::REPORT_USAGE)
+                .bind(task_id.as_uuid())
+                .bind(token.as_uuid())
+                .bind(&names)
+                .bind(&values)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(plain)?;
+            if applied {
+                return Ok(());
+            }
+            let (task, now) = self.fence_snapshot(task_id).await?;
+            if !names.is_empty()
+                && self
+                    .usage_already_reported(task_id, token, &names, &values)
+                    .await?
+            {
+                return Ok(());
+            }
+            match fence::judge(OwnerWrite::ReportUsage, &task, token, now) {
+                Verdict::Apply => continue,
+                Verdict::Replay => return Ok(()),
+                Verdict::Refuse(refusal) => return Err(Error::refused(refusal, &task)),
+            }
+        }
+        Err(Error::Internal(
+            "a usage report kept racing with concurrent changes".into(),
+        ))
+    }
+
+    async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {
+        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_STATUS)
+            .bind(task_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        let (status, attempt) = row.ok_or(Error::TaskNotFound(task_id))?;
+        let status = TaskStatus::parse(&status)
+            .ok_or_else(|| Error::Internal(format!("unexpected task status {status}").into()))?;
+        Ok((status, to_u32("attempt", attempt)?))
+    }
+
+    async fn enqueue(&self, task: NewTask) -> Result<Enqueued> {
+        let context = task.pinned_to.map_or(Context::Plain, Context::Runtime);
+        let execution_timeout_ms = task
+            .execution_timeout
+            .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
+        let inserted: Option<TaskRow> = sqlx::query_as(sql::ENQUEUE)
+            .bind(TaskId::new_random().as_uuid())
+            .bind(&task.queue)
+            .bind(task.pinned_to.map(|id| id.as_uuid()))
+            .bind(&task.concurrency_key)
+            .bind(task.priority)
+            .bind(&task.payload)
+            .bind(Json(&task.metadata))
+            .bind(i64::from(task.max_attempts))
+            .bind(&task.idempotency_key)
+            .bind(execution_timeout_ms)
+            .bind(task.delay)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|error| classify(error, context))?;
+        if let Some(row) = inserted {
+            return Ok(Enqueued {
+                task: row.try_into()?,
+                deduplicated: false,
+            });
+        }
+        // ON CONFLICT DO NOTHING: the idempotency key is taken, and its owner has committed.
+        let existing: Option<TaskRow> = sqlx::query_as(sql::BY_IDEMPOTENCY_KEY)
+            .bind(&task.queue)
+            .bind(&task.idempotency_key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        let existing = existing.ok_or_else(|| {
+            Error::Internal("idempotency conflict without a matching task".into())
+        })?;
+        Ok(Enqueued {
+            task: existing.try_into()?,
+            deduplicated: true,
+        })
+    }
+
+    async fn get_task(&self, task_id: TaskId) -> Result<Task> {
+        self.fetch_task(sql::GET_TASK, task_id)
+            .await?
+            .ok_or(Error::TaskNotFound(task_id))
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: TaskFilter,
+        after: Option<PageCursor>,
+        page_size: u32,
+    ) -> Result<TaskPage> {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        // One extra row tells whether another page follows.
+        let rows: Vec<TaskRow> = sqlx::query_as(sql::LIST_TASKS)
+            .bind(&filter.queue)
+            .bind(&statuses)
+            .bind(filter.runtime_id.map(|id| id.as_uuid()))
+            .bind(after.map(|cursor| cursor.created_at))
+            .bind(after.map(|cursor| cursor.id.as_uuid()))
+            .bind(i64::from(page_size) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(plain)?;
+        let mut tasks = rows
+            .into_iter()
+            .map(Task::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let next = if tasks.len() > page_size as usize {
+            tasks.truncate(page_size as usize);
+            tasks.last().map(|last| PageCursor {
+                created_at: last.created_at,
+                id: last.id,
+            })
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+
+    async fn cancel(&self, task_id: TaskId) -> Result<Task> {
+        for _ in 0..FENCED_WRITE_ATTEMPTS {
+            if let Some(task) = self.fetch_task(sql::CANCEL, task_id).await? {
+                return Ok(task);
+            }
+            let task = self.get_task(task_id).await?;
+            if task.status.is_terminal() {
+                return Ok(task);
+            }
+        }
+        Err(Error::Internal(
+            "cancel kept racing with concurrent changes".into(),
+        ))
+    }
+
+    async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
+        let row: QueueRow = sqlx::query_as(sql::DESCRIBE_QUEUE)
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(plain)?;
+        Ok(QueueInfo {
+            name: queue.to_owned(),
+            max_concurrent: to_u32("max_concurrent", row.max_concurrent)?,
+            paused: row.paused,
+            counts: StatusCounts {
+                queued: to_u64("count", row.queued)?,
+                dispatched: to_u64("count", row.dispatched)?,
+                running: to_u64("count", row.running)?,
+                completed: to_u64("count", row.completed)?,
+                failed: to_u64("count", row.failed)?,
+                cancelled: to_u64("count", row.cancelled)?,
+            },
+            oldest_queued_at: row.oldest_queued_at,
+        })
+    }
+
+    async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
+        sqlx::query(sql::UPDATE_QUEUE)
+            .bind(queue)
+            .bind(update.max_concurrent.map(i64::from))
+            .bind(update.paused)
+            .execute(&self.pool)
+            .await
+            .map_err(plain)?;
+        self.describe_queue(queue).await
+    }
+}
+
+impl Fenced {
+    fn into_task(self) -> Result<Task> {
+        match self {
+            Fenced::Applied(Applied::Task(task)) | Fenced::Replayed(task) => Ok(task),
+            Fenced::Applied(Applied::LeaseExpiresAt(_)) => Err(Error::Internal(
+                "a task write answered with a lease expiry".into(),
+            )),
+        }
+    }
+}
+
+fn claimed(row: TaskRow) -> Result<ClaimedTask> {
+    let task = Task::try_from(row)?;
+    match (task.claim_token, task.lease_expires_at) {
+        (Some(claim_token), Some(lease_expires_at)) => Ok(ClaimedTask {
+            claim_token,
+            lease_expires_at,
+            task,
+        }),
+        _ => Err(Error::Internal(
+            "a claimed row came back without its token or lease".into(),
+        )),
+    }
+}
