@@ -1,5 +1,14 @@
 //! leasehold: a gRPC lease-coordination service. Producers enqueue tasks; worker runtimes
 //! claim them under fenced leases, start, and complete or fail them.
+//!
+//! Data flows one way: [`grpc`] → [`coordinator`] → [`store`]. Nothing below the gRPC layer
+//! knows about protobuf types; nothing in [`domain`] does I/O.
 
+pub mod app;
+pub mod config;
+pub mod coordinator;
 pub mod domain;
+pub mod grpc;
+pub mod shutdown;
 pub mod store;
+pub mod telemetry;

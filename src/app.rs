@@ -1,0 +1,175 @@
+//! Wiring: build the service from its configuration, then serve until told to stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::Config;
+use crate::coordinator::{Coordinator, Settings};
+use crate::domain::RetryBackoff;
+use crate::grpc::pb::admin_service_server::AdminServiceServer;
+use crate::grpc::pb::task_service_server::TaskServiceServer;
+use crate::grpc::pb::worker_service_server::WorkerServiceServer;
+use crate::grpc::{AdminApi, TaskApi, WorkerApi, pb};
+use crate::store::postgres::PgStore;
+use crate::store::{StorePolicy, TaskStore};
+
+/// How long a request waits for a free database connection before it is UNAVAILABLE.
+const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Health names: "" is the whole server, the rest are the leasehold services.
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    <WorkerServiceServer<WorkerApi> as NamedService>::NAME,
+    <TaskServiceServer<TaskApi> as NamedService>::NAME,
+    <AdminServiceServer<AdminApi> as NamedService>::NAME,
+];
+
+pub struct App {
+    config: Config,
+    coordinator: Arc<Coordinator>,
+}
+
+impl App {
+    /// Connects to the store and applies migrations. Fails when the store cannot be reached,
+    /// so a misconfigured replica never starts reporting SERVING.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let database_url = config.database_url.as_deref().context(
+            "no database configured: set DATABASE_URL or --database-url to a PostgreSQL URL",
+        )?;
+        if config.redis_url.is_some() {
+            tracing::warn!("REDIS_URL is set but this build does not use Redis yet; ignoring it");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+            .connect(database_url)
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let store = PgStore::new(pool, store_policy(&config));
+        store.migrate().await.context("cannot apply migrations")?;
+        Ok(Self::with_store(config, Arc::new(store)))
+    }
+
+    /// Builds the service on an already prepared store.
+    pub fn with_store(config: Config, store: Arc<dyn TaskStore>) -> App {
+        let settings = Settings {
+            lease_duration: config.lease_duration,
+            heartbeat_interval: config.heartbeat_interval,
+            max_payload_bytes: config.max_payload_bytes,
+        };
+        App {
+            coordinator: Arc::new(Coordinator::new(store, settings)),
+            config,
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down in order: health turns
+    /// NOT_SERVING, the listener closes, and in-flight calls get `--shutdown-grace` to finish.
+    pub async fn run_until_stopped(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        self.coordinator
+            .ready()
+            .await
+            .context("the store did not answer")?;
+        set_health(&health, ServingStatus::Serving).await;
+
+        let stopping = CancellationToken::new();
+        tokio::spawn(flip_health_on_shutdown(shutdown, health, stopping.clone()));
+
+        let address = listener.local_addr()?;
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(WorkerServiceServer::new(WorkerApi::new(self.coordinator.clone())))
+            .add_service(TaskServiceServer::new(TaskApi::new(self.coordinator.clone())))
+            .add_service(AdminServiceServer::new(AdminApi::new(self.coordinator.clone())))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stopping.clone().cancelled_owned(),
+            );
+        tracing::info!(%address, "leasehold serving");
+
+        let grace = self.config.shutdown_grace;
+        let grace_elapsed = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server => served.context("gRPC server failed")?,
+            () = grace_elapsed => {
+                tracing::warn!(?grace, "shutdown grace elapsed; abandoning in-flight calls");
+            }
+        }
+        tracing::info!("leasehold stopped");
+        Ok(())
+    }
+}
+
+pub fn store_policy(config: &Config) -> StorePolicy {
+    StorePolicy {
+        lease_duration: config.lease_duration,
+        max_lease_expirations: config.max_lease_expirations,
+        retry_backoff: RetryBackoff {
+            base: config.retry_backoff_base,
+            max: config.retry_backoff_max,
+        },
+    }
+}
+
+async fn flip_health_on_shutdown(
+    shutdown: impl Future<Output = ()>,
+    health: HealthReporter,
+    stopping: CancellationToken,
+) {
+    shutdown.await;
+    // Probes see NOT_SERVING before the listener closes, so load balancers stop routing here
+    // while in-flight calls finish.
+    set_health(&health, ServingStatus::NotServing).await;
+    stopping.cancel();
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(reflection_builder().build_v1()?)
+}
+
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
+}
+
+/// Reflection describes the leasehold services and health (grpcurl needs no proto files).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}

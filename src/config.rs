@@ -1,0 +1,155 @@
+//! Command-line and environment configuration (spec §8). Every flag has an environment
+//! variable; durations are humantime strings (`250ms`, `2s`, `5m`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, about = "gRPC lease-coordination service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the leasehold server.
+    Serve(Box<Config>),
+}
+
+fn duration(text: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(text)
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Largest number of PostgreSQL connections the server holds.
+    #[arg(long, env = "LEASEHOLD_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Redis connection URL (liveness, empty-queue cache, cross-replica wake-ups).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// How long a claim stays valid before StartTask must be called.
+    #[arg(long, env = "LEASEHOLD_LEASE_DURATION", default_value = "60s", value_parser = duration)]
+    pub lease_duration: Duration,
+
+    /// Heartbeat interval suggested to runtimes when they register.
+    #[arg(long, env = "LEASEHOLD_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A runtime without a heartbeat for this long is marked OFFLINE.
+    #[arg(long, env = "LEASEHOLD_OFFLINE_AFTER", default_value = "150s", value_parser = duration)]
+    pub offline_after: Duration,
+
+    /// TTL of a runtime's liveness key in Redis.
+    #[arg(long, env = "LEASEHOLD_LIVENESS_TTL", default_value = "90s", value_parser = duration)]
+    pub liveness_ttl: Duration,
+
+    /// How often the sweeper runs its stages.
+    #[arg(long, env = "LEASEHOLD_SWEEP_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub sweep_interval: Duration,
+
+    /// A DISPATCHED task older than this is failed as DISPATCH_TIMEOUT.
+    #[arg(long, env = "LEASEHOLD_DISPATCH_TIMEOUT", default_value = "300s", value_parser = duration)]
+    pub dispatch_timeout: Duration,
+
+    /// A task whose lease expires more often than this fails as LEASE_EXPIRED_TOO_OFTEN.
+    #[arg(long, env = "LEASEHOLD_MAX_LEASE_EXPIRATIONS", default_value_t = 5)]
+    pub max_lease_expirations: u32,
+
+    /// A QUEUED task pinned to a runtime OFFLINE for longer than this fails as RUNTIME_GONE.
+    #[arg(long, env = "LEASEHOLD_PINNED_ORPHAN_GRACE", default_value = "1h", value_parser = duration)]
+    pub pinned_orphan_grace: Duration,
+
+    /// Base of the exponential retry backoff.
+    #[arg(long, env = "LEASEHOLD_RETRY_BACKOFF_BASE", default_value = "1s", value_parser = duration)]
+    pub retry_backoff_base: Duration,
+
+    /// Cap of the exponential retry backoff.
+    #[arg(long, env = "LEASEHOLD_RETRY_BACKOFF_MAX", default_value = "5m", value_parser = duration)]
+    pub retry_backoff_max: Duration,
+
+    /// Largest accepted task payload, in bytes.
+    #[arg(long, env = "LEASEHOLD_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
+    pub max_payload_bytes: usize,
+
+    /// Interval of keepalive messages on claim streams.
+    #[arg(long, env = "LEASEHOLD_STREAM_KEEPALIVE", default_value = "15s", value_parser = duration)]
+    pub stream_keepalive: Duration,
+
+    /// Fallback re-check interval of an idle claim stream.
+    #[arg(long, env = "LEASEHOLD_STREAM_POLL_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub stream_poll_interval: Duration,
+
+    /// How long shutdown waits for in-flight calls.
+    #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Address of the Prometheus metrics endpoint; unset = off.
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format: human-readable or one JSON object per line.
+    #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Config {
+    /// The defaults, as `leasehold serve` with no flags and no environment would see them.
+    pub fn defaults() -> Self {
+        Cli::parse_from(["leasehold", "serve"]).into_config()
+    }
+}
+
+impl Cli {
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Command::Serve(config) => *config,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_humantime_strings() {
+        let cli = Cli::try_parse_from([
+            "leasehold",
+            "serve",
+            "--lease-duration",
+            "250ms",
+            "--retry-backoff-max",
+            "5m",
+        ])
+        .unwrap();
+        let config = cli.into_config();
+        assert_eq!(config.lease_duration, Duration::from_millis(250));
+        assert_eq!(config.retry_backoff_max, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_malformed_duration_is_rejected() {
+        let parsed = Cli::try_parse_from(["leasehold", "serve", "--lease-duration", "soon"]);
+        assert!(parsed.is_err());
+    }
+}

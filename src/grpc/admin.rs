@@ -1,0 +1,62 @@
+//! AdminService: the operators' API.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::Coordinator;
+use crate::store::QueueUpdate;
+
+use super::pb::{self, admin_service_server::AdminService};
+use super::{convert, status};
+
+pub struct AdminApi {
+    coordinator: Arc<Coordinator>,
+}
+
+impl AdminApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn list_runtimes(
+        &self,
+        _request: Request<pb::ListRuntimesRequest>,
+    ) -> Result<Response<pb::ListRuntimesResponse>, Status> {
+        Err(status::unimplemented("ListRuntimes"))
+    }
+
+    async fn describe_queue(
+        &self,
+        request: Request<pb::DescribeQueueRequest>,
+    ) -> Result<Response<pb::DescribeQueueResponse>, Status> {
+        let info = self
+            .coordinator
+            .describe_queue(&request.get_ref().queue)
+            .await?;
+        Ok(Response::new(convert::queue(info)))
+    }
+
+    async fn update_queue(
+        &self,
+        request: Request<pb::UpdateQueueRequest>,
+    ) -> Result<Response<pb::DescribeQueueResponse>, Status> {
+        let request = request.into_inner();
+        let update = QueueUpdate {
+            max_concurrent: request.max_concurrent,
+            paused: request.paused,
+        };
+        let info = self.coordinator.update_queue(&request.queue, update).await?;
+        Ok(Response::new(convert::queue(info)))
+    }
+
+    async fn retry_task(
+        &self,
+        _request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        Err(status::unimplemented("RetryTask"))
+    }
+}

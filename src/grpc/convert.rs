@@ -1,0 +1,192 @@
+//! Conversions between wire messages and domain types, and the parsing of wire fields.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::domain::{
+    ClaimToken, ClaimedTask, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId,
+    RuntimeStatus, Task, TaskId, TaskStatus,
+};
+
+use super::pb;
+
+pub(crate) fn task_id(field: &str, text: &str) -> Result<TaskId> {
+    required_uuid(field, text, TaskId::parse)
+}
+
+pub(crate) fn runtime_id(field: &str, text: &str) -> Result<RuntimeId> {
+    required_uuid(field, text, RuntimeId::parse)
+}
+
+/// An optional runtime id: empty means none.
+pub(crate) fn optional_runtime_id(field: &str, text: &str) -> Result<Option<RuntimeId>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    runtime_id(field, text).map(Some)
+}
+
+fn required_uuid<T>(field: &str, text: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T> {
+    if text.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    parse(text).ok_or_else(|| Error::invalid(field, "is not a UUID"))
+}
+
+pub(crate) fn claim_token(text: &str) -> Result<ClaimToken> {
+    ClaimToken::parse(text).ok_or(Error::MalformedClaimToken)
+}
+
+/// A wire duration; negative ones are rejected, absent stays absent.
+pub(crate) fn duration(field: &str, duration: Option<prost_types::Duration>) -> Result<Option<Duration>> {
+    let Some(duration) = duration else {
+        return Ok(None);
+    };
+    if duration.seconds < 0 || duration.nanos < 0 {
+        return Err(Error::invalid(field, "must not be negative"));
+    }
+    Duration::try_from(duration)
+        .map(Some)
+        .map_err(|_| Error::invalid(field, "is not a valid duration"))
+}
+
+pub(crate) fn wire_duration(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// RFC 3339 with microseconds, for error metadata.
+pub(crate) fn timestamp_text(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(crate) fn task_status_from_wire(field: &str, value: i32) -> Result<TaskStatus> {
+    match pb::TaskStatus::try_from(value) {
+        Ok(pb::TaskStatus::Queued) => Ok(TaskStatus::Queued),
+        Ok(pb::TaskStatus::Dispatched) => Ok(TaskStatus::Dispatched),
+        Ok(pb::TaskStatus::Running) => Ok(TaskStatus::Running),
+        Ok(pb::TaskStatus::Completed) => Ok(TaskStatus::Completed),
+        Ok(pb::TaskStatus::Failed) => Ok(TaskStatus::Failed),
+        Ok(pb::TaskStatus::Cancelled) => Ok(TaskStatus::Cancelled),
+        Ok(pb::TaskStatus::Unspecified) | Err(_) => {
+            Err(Error::invalid(field, format!("{value} is not a task status")))
+        }
+    }
+}
+
+pub(crate) fn task_status(status: TaskStatus) -> pb::TaskStatus {
+    match status {
+        TaskStatus::Queued => pb::TaskStatus::Queued,
+        TaskStatus::Dispatched => pb::TaskStatus::Dispatched,
+        TaskStatus::Running => pb::TaskStatus::Running,
+        TaskStatus::Completed => pb::TaskStatus::Completed,
+        TaskStatus::Failed => pb::TaskStatus::Failed,
+        TaskStatus::Cancelled => pb::TaskStatus::Cancelled,
+    }
+}
+
+/// The enum value's name as clients see it in the proto (`TASK_STATUS_RUNNING`).
+pub(crate) fn task_status_name(status: TaskStatus) -> &'static str {
+    task_status(status).as_str_name()
+}
+
+fn failure_reason(reason: FailureReason) -> pb::FailureReason {
+    match reason {
+        FailureReason::TaskError => pb::FailureReason::TaskError,
+        FailureReason::RuntimeOffline => pb::FailureReason::RuntimeOffline,
+        FailureReason::RuntimeRecovery => pb::FailureReason::RuntimeRecovery,
+        FailureReason::DispatchTimeout => pb::FailureReason::DispatchTimeout,
+        FailureReason::ExecutionTimeout => pb::FailureReason::ExecutionTimeout,
+        FailureReason::LeaseExpiredTooOften => pb::FailureReason::LeaseExpiredTooOften,
+        FailureReason::QueuedExpired => pb::FailureReason::QueuedExpired,
+        FailureReason::RuntimeGone => pb::FailureReason::RuntimeGone,
+        FailureReason::Cancelled => pb::FailureReason::Cancelled,
+    }
+}
+
+pub(crate) fn runtime_status(status: RuntimeStatus) -> pb::RuntimeStatus {
+    match status {
+        RuntimeStatus::Online => pb::RuntimeStatus::Online,
+        RuntimeStatus::Offline => pb::RuntimeStatus::Offline,
+    }
+}
+
+/// The wire task. The claim token is deliberately not part of it.
+pub(crate) fn task(task: Task) -> pb::Task {
+    pb::Task {
+        id: task.id.to_string(),
+        queue: task.queue,
+        runtime_id: task.runtime_id.map(|id| id.to_string()).unwrap_or_default(),
+        concurrency_key: task.concurrency_key.unwrap_or_default(),
+        priority: task.priority,
+        payload: task.payload,
+        metadata: task.metadata.into_iter().collect(),
+        status: task_status(task.status).into(),
+        attempt: task.attempt,
+        max_attempts: task.max_attempts,
+        lease_expirations: task.lease_expirations,
+        claimed_by: task.claimed_by.map(|id| id.to_string()).unwrap_or_default(),
+        idempotency_key: task.idempotency_key.unwrap_or_default(),
+        created_at: Some(timestamp(task.created_at)),
+        available_at: Some(timestamp(task.available_at)),
+        dispatched_at: task.dispatched_at.map(timestamp),
+        started_at: task.started_at.map(timestamp),
+        finished_at: task.finished_at.map(timestamp),
+        lease_expires_at: task.lease_expires_at.map(timestamp),
+        result: task.result.unwrap_or_default(),
+        error: task.error.unwrap_or_default(),
+        failure_reason: task
+            .failure_reason
+            .map_or(pb::FailureReason::Unspecified, failure_reason)
+            .into(),
+    }
+}
+
+pub(crate) fn claimed_task(claimed: ClaimedTask) -> pb::ClaimedTask {
+    pb::ClaimedTask {
+        claim_token: claimed.claim_token.expose(),
+        lease_expires_at: Some(timestamp(claimed.lease_expires_at)),
+        task: Some(task(claimed.task)),
+    }
+}
+
+pub(crate) fn runtime(runtime: Runtime) -> pb::Runtime {
+    pb::Runtime {
+        id: runtime.id.to_string(),
+        name: runtime.name,
+        queues: runtime.queues,
+        labels: runtime.labels.into_iter().collect(),
+        max_concurrency: runtime.max_concurrency,
+        status: runtime_status(runtime.status).into(),
+        last_seen_at: Some(timestamp(runtime.last_seen_at)),
+        registered_at: Some(timestamp(runtime.registered_at)),
+    }
+}
+
+pub(crate) fn queue(info: QueueInfo) -> pb::DescribeQueueResponse {
+    let counts = info.counts;
+    pb::DescribeQueueResponse {
+        queue: info.name,
+        max_concurrent: info.max_concurrent,
+        paused: info.paused,
+        counts: Some(pb::TaskCounts {
+            queued: counts.queued,
+            dispatched: counts.dispatched,
+            running: counts.running,
+            completed: counts.completed,
+            failed: counts.failed,
+            cancelled: counts.cancelled,
+        }),
+        oldest_queued_at: info.oldest_queued_at.map(timestamp),
+    }
+}

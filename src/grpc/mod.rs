@@ -1,0 +1,23 @@
+//! The gRPC surface: generated code, one module per service, and the error mapping.
+
+mod admin;
+mod convert;
+mod deadline;
+mod page_token;
+pub mod status;
+mod tasks;
+mod worker;
+
+pub use admin::AdminApi;
+pub use tasks::TaskApi;
+pub use worker::WorkerApi;
+
+/// Generated protobuf and tonic code for `leasehold.v1`.
+#[allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("leasehold.v1");
+
+    /// The encoded descriptors of every leasehold proto (and its imports), for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/leasehold_descriptor.bin"));
+}

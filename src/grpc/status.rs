@@ -1,0 +1,99 @@
+//! The only place a `tonic::Code` and an ErrorInfo reason are chosen (spec §4).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::{Error, Refusal, RefusedWrite};
+
+use super::convert::{task_status_name, timestamp_text};
+
+pub const DOMAIN: &str = "leasehold.v1";
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::InvalidField { field, description } => {
+                let mut details = error_info("INVALID_FIELD", [("field", field.clone())]);
+                details.add_bad_request_violation(field, description);
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::MalformedClaimToken => {
+                let mut details = error_info("MALFORMED_CLAIM_TOKEN", [("field", "claim_token".into())]);
+                details.add_bad_request_violation("claim_token", "must be the UUID from the claim");
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::TaskNotFound(task_id) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                error_info("TASK_NOT_FOUND", [("task_id", task_id.to_string())]),
+            ),
+            Error::RuntimeNotFound(runtime_id) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                error_info("RUNTIME_NOT_FOUND", [("runtime_id", runtime_id.to_string())]),
+            ),
+            Error::Refused(refused) => refused_status(&refused, message),
+            Error::StoreUnavailable(_) => Status::with_error_details(
+                Code::Unavailable,
+                "the task store is unavailable; retry with backoff",
+                error_info("STORE_UNAVAILABLE", []),
+            ),
+            Error::DeadlineExceeded => Status::with_error_details(
+                Code::DeadlineExceeded,
+                message,
+                error_info("DEADLINE_EXCEEDED", []),
+            ),
+            // The source (driver text, SQL) was logged where it arose; the client gets nothing
+            // of it.
+            Error::Internal(_) => Status::with_error_details(
+                Code::Internal,
+                "internal error",
+                error_info("INTERNAL", []),
+            ),
+        }
+    }
+}
+
+fn refused_status(refused: &RefusedWrite, message: String) -> Status {
+    let (code, reason) = match refused.refusal {
+        Refusal::ClaimSuperseded => (Code::FailedPrecondition, "CLAIM_SUPERSEDED"),
+        Refusal::StartedByAnotherClaim => (Code::AlreadyExists, "CLAIM_SUPERSEDED"),
+        Refusal::LeaseExpired => (Code::FailedPrecondition, "LEASE_EXPIRED"),
+        Refusal::TaskNotStarted => (Code::FailedPrecondition, "TASK_NOT_STARTED"),
+        Refusal::TaskAlreadyStarted => (Code::FailedPrecondition, "TASK_ALREADY_STARTED"),
+        Refusal::TaskCancelled => (Code::FailedPrecondition, "TASK_CANCELLED"),
+        Refusal::TaskTerminal => (Code::FailedPrecondition, "TASK_TERMINAL"),
+    };
+    let mut metadata = vec![
+        ("task_id", refused.task_id.to_string()),
+        ("status", task_status_name(refused.status).to_owned()),
+    ];
+    if let Some(expires_at) = refused.lease_expires_at {
+        metadata.push(("lease_expires_at", timestamp_text(expires_at)));
+    }
+    Status::with_error_details(code, message, error_info(reason, metadata))
+}
+
+/// For RPCs whose implementation arrives in a later release; the wire contract is already
+/// stable.
+pub fn unimplemented(rpc: &str) -> Status {
+    Status::with_error_details(
+        Code::Unimplemented,
+        format!("{rpc} is not implemented yet"),
+        error_info("UNIMPLEMENTED", [("rpc", rpc.to_owned())]),
+    )
+}
+
+fn error_info(
+    reason: &str,
+    metadata: impl IntoIterator<Item = (&'static str, String)>,
+) -> ErrorDetails {
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+    ErrorDetails::with_error_info(reason, DOMAIN, metadata)
+}

@@ -1,0 +1,113 @@
+//! TaskService: the producers' and operators' API.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::Coordinator;
+use crate::domain::{Result, validate};
+use crate::store::{NewTask, TaskFilter};
+
+use super::pb::{self, task_service_server::TaskService};
+use super::{convert, page_token, status};
+
+pub struct TaskApi {
+    coordinator: Arc<Coordinator>,
+}
+
+impl TaskApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+fn new_task(request: pb::EnqueueTaskRequest) -> Result<NewTask> {
+    Ok(NewTask {
+        pinned_to: convert::optional_runtime_id("runtime_id", &request.runtime_id)?,
+        concurrency_key: validate::optional_key("concurrency_key", &request.concurrency_key)?,
+        idempotency_key: validate::optional_key("idempotency_key", &request.idempotency_key)?,
+        delay: convert::duration("delay", request.delay)?.unwrap_or_default(),
+        execution_timeout: convert::duration("execution_timeout", request.execution_timeout)?
+            .filter(|timeout| !timeout.is_zero()),
+        queue: request.queue,
+        payload: request.payload,
+        metadata: request.metadata.into_iter().collect(),
+        priority: request.priority,
+        max_attempts: request.max_attempts,
+    })
+}
+
+fn task_filter(request: &pb::ListTasksRequest) -> Result<TaskFilter> {
+    Ok(TaskFilter {
+        queue: Some(request.queue.clone()).filter(|queue| !queue.is_empty()),
+        statuses: request
+            .statuses
+            .iter()
+            .map(|status| convert::task_status_from_wire("statuses", *status))
+            .collect::<Result<_>>()?,
+        runtime_id: convert::optional_runtime_id("runtime_id", &request.runtime_id)?,
+    })
+}
+
+#[tonic::async_trait]
+impl TaskService for TaskApi {
+    async fn enqueue_task(
+        &self,
+        request: Request<pb::EnqueueTaskRequest>,
+    ) -> Result<Response<pb::EnqueueTaskResponse>, Status> {
+        let enqueued = self
+            .coordinator
+            .enqueue(new_task(request.into_inner())?)
+            .await?;
+        Ok(Response::new(pb::EnqueueTaskResponse {
+            task: Some(convert::task(enqueued.task)),
+            deduplicated: enqueued.deduplicated,
+        }))
+    }
+
+    async fn enqueue_tasks(
+        &self,
+        _request: Request<pb::EnqueueTasksRequest>,
+    ) -> Result<Response<pb::EnqueueTasksResponse>, Status> {
+        Err(status::unimplemented("EnqueueTasks"))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let task = self.coordinator.get_task(task_id).await?;
+        Ok(Response::new(pb::GetTaskResponse {
+            task: Some(convert::task(task)),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let filter = task_filter(&request)?;
+        let after = page_token::decode(&request.page_token)?;
+        let page = self
+            .coordinator
+            .list_tasks(filter, after, request.page_size)
+            .await?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: page.tasks.into_iter().map(convert::task).collect(),
+            next_page_token: page.next.map(page_token::encode).unwrap_or_default(),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let task = self.coordinator.cancel(task_id).await?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            task: Some(convert::task(task)),
+        }))
+    }
+}

@@ -1,0 +1,190 @@
+//! WorkerService: the daemons' API. Handlers convert, call the coordinator, convert back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::coordinator::Coordinator;
+use crate::store::NewRuntime;
+
+use super::pb::{self, worker_service_server::WorkerService};
+use super::{convert, deadline, status};
+
+pub struct WorkerApi {
+    coordinator: Arc<Coordinator>,
+}
+
+impl WorkerApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+type ClaimStream = Pin<Box<dyn Stream<Item = Result<pb::StreamClaimsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register_runtime(
+        &self,
+        request: Request<pb::RegisterRuntimeRequest>,
+    ) -> Result<Response<pb::RegisterRuntimeResponse>, Status> {
+        let request = request.into_inner();
+        let registration = self
+            .coordinator
+            .register_runtime(NewRuntime {
+                name: request.name,
+                queues: request.queues,
+                labels: request.labels.into_iter().collect(),
+                max_concurrency: request.max_concurrency,
+            })
+            .await?;
+        Ok(Response::new(pb::RegisterRuntimeResponse {
+            runtime: Some(convert::runtime(registration.runtime)),
+            heartbeat_interval: Some(convert::wire_duration(registration.heartbeat_interval)),
+            lease_duration: Some(convert::wire_duration(registration.lease_duration)),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        let ack = self.coordinator.heartbeat(runtime_id).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            server_time: Some(convert::timestamp(ack.server_time)),
+            status: convert::runtime_status(ack.status).into(),
+        }))
+    }
+
+    async fn deregister_runtime(
+        &self,
+        _request: Request<pb::DeregisterRuntimeRequest>,
+    ) -> Result<Response<pb::DeregisterRuntimeResponse>, Status> {
+        Err(status::unimplemented("DeregisterRuntime"))
+    }
+
+    async fn recover_orphans(
+        &self,
+        _request: Request<pb::RecoverOrphansRequest>,
+    ) -> Result<Response<pb::RecoverOrphansResponse>, Status> {
+        Err(status::unimplemented("RecoverOrphans"))
+    }
+
+    async fn claim_task(
+        &self,
+        request: Request<pb::ClaimTaskRequest>,
+    ) -> Result<Response<pb::ClaimTaskResponse>, Status> {
+        let budget = deadline::budget(request.metadata());
+        let request = request.into_inner();
+        let runtime_id = convert::runtime_id("runtime_id", &request.runtime_id)?;
+        // Validated for the contract's sake; long-polling arrives with streaming claims.
+        convert::duration("wait", request.wait)?;
+        let claimed = self
+            .coordinator
+            .claim(runtime_id, request.max_tasks, budget)
+            .await?;
+        Ok(Response::new(pb::ClaimTaskResponse {
+            tasks: claimed.into_iter().map(convert::claimed_task).collect(),
+        }))
+    }
+
+    type StreamClaimsStream = ClaimStream;
+
+    async fn stream_claims(
+        &self,
+        _request: Request<Streaming<pb::StreamClaimsRequest>>,
+    ) -> Result<Response<Self::StreamClaimsStream>, Status> {
+        Err(status::unimplemented("StreamClaims"))
+    }
+
+    async fn start_task(
+        &self,
+        request: Request<pb::StartTaskRequest>,
+    ) -> Result<Response<pb::StartTaskResponse>, Status> {
+        let request = request.into_inner();
+        let task_id = convert::task_id("task_id", &request.task_id)?;
+        let token = convert::claim_token(&request.claim_token)?;
+        let task = self.coordinator.start(task_id, token).await?;
+        Ok(Response::new(pb::StartTaskResponse {
+            task: Some(convert::task(task)),
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let request = request.into_inner();
+        let task_id = convert::task_id("task_id", &request.task_id)?;
+        let token = convert::claim_token(&request.claim_token)?;
+        let extend_by = convert::duration("extend_by", request.extend_by)?;
+        let expires_at = self
+            .coordinator
+            .extend_lease(task_id, token, extend_by)
+            .await?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            lease_expires_at: Some(convert::timestamp(expires_at)),
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let request = request.into_inner();
+        let task_id = convert::task_id("task_id", &request.task_id)?;
+        let token = convert::claim_token(&request.claim_token)?;
+        let task = self
+            .coordinator
+            .complete(task_id, token, request.result)
+            .await?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            task: Some(convert::task(task)),
+        }))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let request = request.into_inner();
+        let task_id = convert::task_id("task_id", &request.task_id)?;
+        let token = convert::claim_token(&request.claim_token)?;
+        let outcome = self
+            .coordinator
+            .fail(task_id, token, request.error, request.retryable)
+            .await?;
+        Ok(Response::new(pb::FailTaskResponse {
+            task: Some(convert::task(outcome.task)),
+            will_retry: outcome.will_retry,
+        }))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<pb::ReportUsageRequest>,
+    ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        let request = request.into_inner();
+        let task_id = convert::task_id("task_id", &request.task_id)?;
+        let token = convert::claim_token(&request.claim_token)?;
+        self.coordinator
+            .report_usage(task_id, token, request.counters.into_iter().collect())
+            .await?;
+        Ok(Response::new(pb::ReportUsageResponse {}))
+    }
+
+    async fn get_task_status(
+        &self,
+        request: Request<pb::GetTaskStatusRequest>,
+    ) -> Result<Response<pb::GetTaskStatusResponse>, Status> {
+        let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let (status, attempt) = self.coordinator.task_status(task_id).await?;
+        Ok(Response::new(pb::GetTaskStatusResponse {
+            status: convert::task_status(status).into(),
+            attempt,
+        }))
+    }
+}
