@@ -97,9 +97,15 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
-            .add_service(WorkerServiceServer::new(WorkerApi::new(self.coordinator.clone())))
-            .add_service(TaskServiceServer::new(TaskApi::new(self.coordinator.clone())))
-            .add_service(AdminServiceServer::new(AdminApi::new(self.coordinator.clone())))
+            .add_service(WorkerServiceServer::new(WorkerApi::new(
+                self.coordinator.clone(),
+            )))
+            .add_service(TaskServiceServer::new(TaskApi::new(
+                self.coordinator.clone(),
+            )))
+            .add_service(AdminServiceServer::new(AdminApi::new(
+                self.coordinator.clone(),
+            )))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 stopping.clone().cancelled_owned(),

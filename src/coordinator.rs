@@ -59,7 +59,10 @@ impl Coordinator {
     pub async fn register_runtime(&self, mut runtime: NewRuntime) -> Result<Registration> {
         validate::required_text("name", &runtime.name)?;
         if runtime.queues.is_empty() {
-            return Err(Error::invalid("queues", "a runtime serves at least one queue"));
+            return Err(Error::invalid(
+                "queues",
+                "a runtime serves at least one queue",
+            ));
         }
         for queue in &runtime.queues {
             validate::queue_name("queues", queue)?;
@@ -115,7 +118,12 @@ impl Coordinator {
         self.store.extend_lease(task_id, token, extend_by).await
     }
 
-    pub async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
+    pub async fn complete(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        result: Vec<u8>,
+    ) -> Result<Task> {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
         self.store.complete(task_id, token, result).await
     }

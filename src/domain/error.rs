@@ -68,5 +68,9 @@ fn refused_message(refused: &RefusedWrite) -> String {
         Refusal::TaskCancelled => "the task was cancelled",
         Refusal::TaskTerminal => "the task has already finished",
     };
-    format!("{what} (task {}, status {})", refused.task_id, refused.status.as_str())
+    format!(
+        "{what} (task {}, status {})",
+        refused.task_id,
+        refused.status.as_str()
+    )
 }

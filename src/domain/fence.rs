@@ -89,9 +89,9 @@ fn is_replay(write: OwnerWrite, task: &Task, token: ClaimToken, holds_claim: boo
             let failed_it = holds_claim
                 && task.status == TaskStatus::Failed
                 && task.failure_reason == Some(FailureReason::TaskError);
-            let retried_it = task
-                .previous_claim
-                .is_some_and(|previous| previous.token == token && previous.end == ClaimEnd::Retried);
+            let retried_it = task.previous_claim.is_some_and(|previous| {
+                previous.token == token && previous.end == ClaimEnd::Retried
+            });
             failed_it || retried_it
         }
         OwnerWrite::ExtendLease | OwnerWrite::ReportUsage => false,
@@ -166,7 +166,10 @@ mod tests {
         let now = Utc::now();
         let token = ClaimToken::new_random();
         let dispatched = task(TaskStatus::Dispatched, Some(token), now);
-        assert_eq!(judge(OwnerWrite::Start, &dispatched, token, now), Verdict::Apply);
+        assert_eq!(
+            judge(OwnerWrite::Start, &dispatched, token, now),
+            Verdict::Apply
+        );
     }
 
     #[test]
@@ -175,7 +178,10 @@ mod tests {
         let token = ClaimToken::new_random();
         let mut dispatched = task(TaskStatus::Dispatched, Some(token), now);
         dispatched.lease_expires_at = Some(now);
-        assert_eq!(judge(OwnerWrite::Start, &dispatched, token, now), Verdict::Apply);
+        assert_eq!(
+            judge(OwnerWrite::Start, &dispatched, token, now),
+            Verdict::Apply
+        );
         let later = now + Duration::microseconds(1);
         assert_eq!(
             judge(OwnerWrite::Start, &dispatched, token, later),
@@ -217,7 +223,10 @@ mod tests {
         let now = Utc::now();
         let token = ClaimToken::new_random();
         let completed = task(TaskStatus::Completed, Some(token), now);
-        assert_eq!(judge(OwnerWrite::Complete, &completed, token, now), Verdict::Replay);
+        assert_eq!(
+            judge(OwnerWrite::Complete, &completed, token, now),
+            Verdict::Replay
+        );
         assert_eq!(
             judge(OwnerWrite::Fail, &completed, token, now),
             Verdict::Refuse(Refusal::TaskTerminal)
@@ -233,7 +242,10 @@ mod tests {
             token,
             end: ClaimEnd::Retried,
         });
-        assert_eq!(judge(OwnerWrite::Fail, &requeued, token, now), Verdict::Replay);
+        assert_eq!(
+            judge(OwnerWrite::Fail, &requeued, token, now),
+            Verdict::Replay
+        );
         assert!(replayed_fail_retried(&requeued, token));
         assert_eq!(
             judge(OwnerWrite::Complete, &requeued, token, now),
@@ -246,7 +258,12 @@ mod tests {
         let now = Utc::now();
         let cancelled = task(TaskStatus::Cancelled, Some(ClaimToken::new_random()), now);
         assert_eq!(
-            judge(OwnerWrite::Complete, &cancelled, ClaimToken::new_random(), now),
+            judge(
+                OwnerWrite::Complete,
+                &cancelled,
+                ClaimToken::new_random(),
+                now
+            ),
             Verdict::Refuse(Refusal::TaskCancelled)
         );
     }

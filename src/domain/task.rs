@@ -122,9 +122,13 @@ impl ClaimEnd {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [ClaimEnd::LeaseExpired, ClaimEnd::Retried, ClaimEnd::Requeued]
-            .into_iter()
-            .find(|end| end.as_str() == text)
+        [
+            ClaimEnd::LeaseExpired,
+            ClaimEnd::Retried,
+            ClaimEnd::Requeued,
+        ]
+        .into_iter()
+        .find(|end| end.as_str() == text)
     }
 }
 

@@ -57,7 +57,10 @@ pub fn payload_size(field: &str, payload: &[u8], max_bytes: usize) -> Result<()>
     if payload.len() > max_bytes {
         return Err(Error::invalid(
             field,
-            format!("{} bytes is over the limit of {max_bytes} bytes", payload.len()),
+            format!(
+                "{} bytes is over the limit of {max_bytes} bytes",
+                payload.len()
+            ),
         ));
     }
     Ok(())

@@ -49,7 +49,10 @@ impl AdminService for AdminApi {
             max_concurrent: request.max_concurrent,
             paused: request.paused,
         };
-        let info = self.coordinator.update_queue(&request.queue, update).await?;
+        let info = self
+            .coordinator
+            .update_queue(&request.queue, update)
+            .await?;
         Ok(Response::new(convert::queue(info)))
     }
 

@@ -39,7 +39,10 @@ pub(crate) fn claim_token(text: &str) -> Result<ClaimToken> {
 }
 
 /// A wire duration; negative ones are rejected, absent stays absent.
-pub(crate) fn duration(field: &str, duration: Option<prost_types::Duration>) -> Result<Option<Duration>> {
+pub(crate) fn duration(
+    field: &str,
+    duration: Option<prost_types::Duration>,
+) -> Result<Option<Duration>> {
     let Some(duration) = duration else {
         return Ok(None);
     };
@@ -78,9 +81,10 @@ pub(crate) fn task_status_from_wire(field: &str, value: i32) -> Result<TaskStatu
         Ok(pb::TaskStatus::Completed) => Ok(TaskStatus::Completed),
         Ok(pb::TaskStatus::Failed) => Ok(TaskStatus::Failed),
         Ok(pb::TaskStatus::Cancelled) => Ok(TaskStatus::Cancelled),
-        Ok(pb::TaskStatus::Unspecified) | Err(_) => {
-            Err(Error::invalid(field, format!("{value} is not a task status")))
-        }
+        Ok(pb::TaskStatus::Unspecified) | Err(_) => Err(Error::invalid(
+            field,
+            format!("{value} is not a task status"),
+        )),
     }
 }
 

@@ -21,7 +21,8 @@ impl From<Error> for Status {
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::MalformedClaimToken => {
-                let mut details = error_info("MALFORMED_CLAIM_TOKEN", [("field", "claim_token".into())]);
+                let mut details =
+                    error_info("MALFORMED_CLAIM_TOKEN", [("field", "claim_token".into())]);
                 details.add_bad_request_violation("claim_token", "must be the UUID from the claim");
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
@@ -33,7 +34,10 @@ impl From<Error> for Status {
             Error::RuntimeNotFound(runtime_id) => Status::with_error_details(
                 Code::NotFound,
                 message,
-                error_info("RUNTIME_NOT_FOUND", [("runtime_id", runtime_id.to_string())]),
+                error_info(
+                    "RUNTIME_NOT_FOUND",
+                    [("runtime_id", runtime_id.to_string())],
+                ),
             ),
             Error::Refused(refused) => refused_status(&refused, message),
             Error::StoreUnavailable(_) => Status::with_error_details(

@@ -139,8 +139,12 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
 
-    async fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure)
-    -> Result<FailOutcome>;
+    async fn fail(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        failure: Failure,
+    ) -> Result<FailOutcome>;
 
     async fn report_usage(
         &self,

@@ -277,7 +277,10 @@ impl TaskStore for PgStore {
         failure: Failure,
     ) -> Result<FailOutcome> {
         Ok(
-            match self.fenced(GuardedWrite::Fail(&failure), task_id, token).await? {
+            match self
+                .fenced(GuardedWrite::Fail(&failure), task_id, token)
+                .await?
+            {
                 Fenced::Replayed(task) => FailOutcome {
                     will_retry: fence::replayed_fail_retried(&task, token),
                     task,

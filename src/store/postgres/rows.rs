@@ -90,7 +90,9 @@ impl TryFrom<TaskRow> for Task {
         let failure_reason = row
             .failure_reason
             .as_deref()
-            .map(|reason| FailureReason::parse(reason).ok_or_else(|| corrupt("failure_reason", reason)))
+            .map(|reason| {
+                FailureReason::parse(reason).ok_or_else(|| corrupt("failure_reason", reason))
+            })
             .transpose()?;
         Ok(Task {
             id: TaskId::from_uuid(row.id),

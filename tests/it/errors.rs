@@ -1,0 +1,289 @@
+//! Every row of spec §4's error table, with code, reason and metadata.
+
+use leasehold::grpc::pb;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::harness::{TestServer, assert_error, error_metadata, task_id, task_in};
+
+#[sqlx::test]
+async fn field_errors_are_invalid_field_with_bad_request_details(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.max_payload_bytes = 8;
+    })
+    .await;
+    let mut tasks = server.tasks.clone();
+    let cases = [
+        (
+            "queue",
+            pb::EnqueueTaskRequest {
+                queue: String::new(),
+                ..Default::default()
+            },
+        ),
+        ("queue", task_in("bad queue/name")),
+        (
+            "payload",
+            pb::EnqueueTaskRequest {
+                payload: vec![0; 9],
+                ..task_in("q")
+            },
+        ),
+        (
+            "runtime_id",
+            pb::EnqueueTaskRequest {
+                runtime_id: "not-a-uuid".into(),
+                ..task_in("q")
+            },
+        ),
+        (
+            "delay",
+            pb::EnqueueTaskRequest {
+                delay: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..task_in("q")
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        let status = tasks.enqueue_task(request).await.unwrap_err();
+        assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
+        assert_eq!(bad_request.field_violations[0].field, field);
+    }
+    let missing = tasks
+        .get_task(pb::GetTaskRequest {
+            task_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&missing, Code::InvalidArgument, "INVALID_FIELD");
+    let malformed = server
+        .worker
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            runtime_id: "42".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&malformed, Code::InvalidArgument, "INVALID_FIELD");
+    let nothing_stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&server.pool)
+        .await
+        .unwrap();
+    assert_eq!(nothing_stored, 0);
+}
+
+#[sqlx::test]
+async fn a_missing_or_malformed_claim_token_is_its_own_reason(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let task = server.enqueue_to("q").await;
+    for token in ["", "not-a-token"] {
+        let status = server.start_with_token(&task.id, token).await.unwrap_err();
+        assert_error(&status, Code::InvalidArgument, "MALFORMED_CLAIM_TOKEN");
+    }
+}
+
+#[sqlx::test]
+async fn unknown_tasks_and_runtimes_are_not_found(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let nobody = uuid::Uuid::new_v4().to_string();
+    let status = server
+        .start_with_token(&nobody, &uuid::Uuid::new_v4().to_string())
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "TASK_NOT_FOUND");
+    assert_eq!(error_metadata(&status, "task_id"), Some(nobody.clone()));
+
+    let status = server.try_claim(&nobody, None).await.unwrap_err();
+    assert_error(&status, Code::NotFound, "RUNTIME_NOT_FOUND");
+    let status = server
+        .worker
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            runtime_id: nobody.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "RUNTIME_NOT_FOUND");
+    let status = server
+        .tasks
+        .clone()
+        .enqueue_task(pb::EnqueueTaskRequest {
+            runtime_id: nobody,
+            ..task_in("q")
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "RUNTIME_NOT_FOUND");
+}
+
+#[sqlx::test]
+async fn a_token_from_a_superseded_claim_is_refused(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let first = server.claim_one(&runtime).await;
+    server.expire_lease(&task.id).await;
+    let second = server.claim_one(&runtime).await;
+
+    // The previous claim ended by lease expiry: LEASE_EXPIRED, with the task's facts.
+    let status = server.start_task(&first).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
+    assert_eq!(error_metadata(&status, "task_id"), Some(task.id.clone()));
+    assert_eq!(
+        error_metadata(&status, "status").as_deref(),
+        Some("TASK_STATUS_DISPATCHED")
+    );
+    assert!(error_metadata(&status, "lease_expires_at").is_some());
+
+    // A token the task never knew (or forgot): CLAIM_SUPERSEDED.
+    let stranger = pb::ClaimedTask {
+        claim_token: uuid::Uuid::new_v4().to_string(),
+        ..second.clone()
+    };
+    let status = server.fail(&stranger, false).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "CLAIM_SUPERSEDED");
+
+    // Nothing the refused writes carried reached the task.
+    let task_now = server.get_task(&task.id).await;
+    assert_eq!(task_now.status(), pb::TaskStatus::Dispatched);
+    assert!(server.start_task(&second).await.is_ok());
+}
+
+#[sqlx::test]
+async fn the_current_token_after_its_lease_passed_is_lease_expired(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    server.expire_lease(&task.id).await;
+    let status = server.start_task(&claimed).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
+    let status = server.fail(&claimed, true).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
+}
+
+#[sqlx::test]
+async fn starting_a_task_running_under_another_token_is_already_exists(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let first = server.claim_one(&runtime).await;
+    server.expire_lease(&task.id).await;
+    let second = server.claim_one(&runtime).await;
+    server.start_task(&second).await.unwrap();
+    let status = server.start_task(&first).await.unwrap_err();
+    assert_error(&status, Code::AlreadyExists, "CLAIM_SUPERSEDED");
+    let status = server.complete(&first, b"").await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
+}
+
+#[sqlx::test]
+async fn completing_a_task_that_was_never_started_is_refused(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    let status = server.complete(&claimed, b"").await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "TASK_NOT_STARTED");
+}
+
+#[sqlx::test]
+async fn writes_on_a_finished_task_by_another_way_are_terminal(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    server.start_task(&claimed).await.unwrap();
+    server.complete(&claimed, b"ok").await.unwrap();
+    let status = server.fail(&claimed, true).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "TASK_TERMINAL");
+    let status = server.start_task(&claimed).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "TASK_TERMINAL");
+    let stranger = uuid::Uuid::new_v4().to_string();
+    let status = server
+        .start_with_token(task_id(&claimed), &stranger)
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "TASK_TERMINAL");
+}
+
+#[sqlx::test]
+async fn a_closed_database_is_unavailable_not_internal(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    server.pool.close().await;
+    let status = server
+        .tasks
+        .clone()
+        .enqueue_task(task_in("q"))
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+}
+
+#[sqlx::test]
+async fn internal_errors_never_carry_database_text(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let task = server.enqueue_to("q").await;
+    sqlx::query("UPDATE tasks SET failure_reason = 'SECRET_GARBAGE' WHERE id = $1::uuid")
+        .bind(&task.id)
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    let status = server
+        .tasks
+        .clone()
+        .get_task(pb::GetTaskRequest { task_id: task.id })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Internal, "INTERNAL");
+    assert!(!status.message().contains("SECRET_GARBAGE"));
+    assert!(!status.message().contains("failure_reason"));
+}
+
+#[sqlx::test]
+async fn later_rpcs_answer_unimplemented_with_error_info(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let status = server
+        .admin
+        .clone()
+        .retry_task(pb::RetryTaskRequest {
+            task_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unimplemented, "UNIMPLEMENTED");
+}

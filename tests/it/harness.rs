@@ -1,0 +1,267 @@
+//! A real leasehold server on 127.0.0.1:0 over a fresh PostgreSQL database (one per test, from
+//! `#[sqlx::test]`), with typed clients and a shutdown handle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold::app::{App, store_policy};
+use leasehold::config::Config;
+use leasehold::grpc::pb;
+use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
+use leasehold::grpc::pb::task_service_client::TaskServiceClient;
+use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
+use leasehold::store::postgres::PgStore;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+pub struct TestServer {
+    pub worker: WorkerServiceClient<Channel>,
+    pub tasks: TaskServiceClient<Channel>,
+    pub admin: AdminServiceClient<Channel>,
+    pub channel: Channel,
+    /// The test's own database, for simulating time by rewriting timestamps.
+    pub pool: PgPool,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The configuration tests run with: the defaults, with a short shutdown grace.
+pub fn test_config() -> Config {
+    let mut config = Config::defaults();
+    config.shutdown_grace = Duration::from_millis(500);
+    config
+}
+
+impl TestServer {
+    pub async fn start(pool_options: PgPoolOptions, connect: PgConnectOptions) -> TestServer {
+        Self::start_with(pool_options, connect, |_| {}).await
+    }
+
+    pub async fn start_with(
+        pool_options: PgPoolOptions,
+        connect: PgConnectOptions,
+        configure: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        // As many connections as `#[sqlx::test]` allows (its parent pool holds 20), so racing
+        // claimers really run concurrently in PostgreSQL.
+        let pool = pool_options
+            .max_connections(20)
+            .connect_with(connect)
+            .await
+            .expect("connect to the test database");
+        let mut config = test_config();
+        configure(&mut config);
+        let store = Arc::new(PgStore::new(pool.clone(), store_policy(&config)));
+        Self::serve(App::with_store(config, store), pool).await
+    }
+
+    async fn serve(app: App, pool: PgPool) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(app.run_until_stopped(listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the test server");
+        TestServer {
+            worker: WorkerServiceClient::new(channel.clone()),
+            tasks: TaskServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel.clone()),
+            channel,
+            pool,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Signals shutdown (as SIGTERM would) without waiting for the server to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Signals shutdown and waits for the server to stop.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.begin_shutdown();
+        match self.served.take() {
+            Some(served) => served.await?,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn register(&self, name: &str, queues: &[&str]) -> String {
+        let response = self
+            .worker
+            .clone()
+            .register_runtime(pb::RegisterRuntimeRequest {
+                name: name.into(),
+                queues: queues.iter().map(|queue| queue.to_string()).collect(),
+                labels: Default::default(),
+                max_concurrency: 4,
+            })
+            .await
+            .expect("register runtime");
+        response.into_inner().runtime.unwrap().id
+    }
+
+    pub async fn enqueue(&self, request: pb::EnqueueTaskRequest) -> pb::Task {
+        self.tasks
+            .clone()
+            .enqueue_task(request)
+            .await
+            .expect("enqueue")
+            .into_inner()
+            .task
+            .unwrap()
+    }
+
+    pub async fn enqueue_to(&self, queue: &str) -> pb::Task {
+        self.enqueue(task_in(queue)).await
+    }
+
+    pub async fn claim(&self, runtime_id: &str, max_tasks: Option<u32>) -> Vec<pb::ClaimedTask> {
+        self.try_claim(runtime_id, max_tasks).await.expect("claim")
+    }
+
+    pub async fn try_claim(
+        &self,
+        runtime_id: &str,
+        max_tasks: Option<u32>,
+    ) -> Result<Vec<pb::ClaimedTask>, Status> {
+        let response = self
+            .worker
+            .clone()
+            .claim_task(pb::ClaimTaskRequest {
+                runtime_id: runtime_id.into(),
+                max_tasks,
+                wait: None,
+            })
+            .await?;
+        Ok(response.into_inner().tasks)
+    }
+
+    /// Claims exactly one task, failing the test otherwise.
+    pub async fn claim_one(&self, runtime_id: &str) -> pb::ClaimedTask {
+        let mut claimed = self.claim(runtime_id, Some(1)).await;
+        assert_eq!(claimed.len(), 1, "expected one claimable task");
+        claimed.remove(0)
+    }
+
+    pub async fn start_task(&self, claimed: &pb::ClaimedTask) -> Result<pb::Task, Status> {
+        self.start_with_token(task_id(claimed), &claimed.claim_token)
+            .await
+    }
+
+    pub async fn start_with_token(&self, task_id: &str, token: &str) -> Result<pb::Task, Status> {
+        let response = self
+            .worker
+            .clone()
+            .start_task(pb::StartTaskRequest {
+                task_id: task_id.into(),
+                claim_token: token.into(),
+            })
+            .await?;
+        Ok(response.into_inner().task.unwrap())
+    }
+
+    pub async fn complete(
+        &self,
+        claimed: &pb::ClaimedTask,
+        result: &[u8],
+    ) -> Result<pb::Task, Status> {
+        let response = self
+            .worker
+            .clone()
+            .complete_task(pb::CompleteTaskRequest {
+                task_id: task_id(claimed).into(),
+                claim_token: claimed.claim_token.clone(),
+                result: result.to_vec(),
+            })
+            .await?;
+        Ok(response.into_inner().task.unwrap())
+    }
+
+    pub async fn fail(
+        &self,
+        claimed: &pb::ClaimedTask,
+        retryable: bool,
+    ) -> Result<pb::FailTaskResponse, Status> {
+        let response = self
+            .worker
+            .clone()
+            .fail_task(pb::FailTaskRequest {
+                task_id: task_id(claimed).into(),
+                claim_token: claimed.claim_token.clone(),
+                error: "boom".into(),
+                retryable,
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    pub async fn get_task(&self, task_id: &str) -> pb::Task {
+        self.tasks
+            .clone()
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .expect("get task")
+            .into_inner()
+            .task
+            .unwrap()
+    }
+
+    /// Moves a task's lease into the past, as if the lease duration had elapsed.
+    pub async fn expire_lease(&self, task_id: &str) {
+        sqlx::query(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1::uuid",
+        )
+        .bind(task_id)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+}
+
+pub fn task_in(queue: &str) -> pb::EnqueueTaskRequest {
+    pb::EnqueueTaskRequest {
+        queue: queue.into(),
+        payload: b"payload".to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn task_id(claimed: &pb::ClaimedTask) -> &str {
+    &claimed.task.as_ref().unwrap().id
+}
+
+pub fn status_of(task: &pb::Task) -> pb::TaskStatus {
+    pb::TaskStatus::try_from(task.status).unwrap()
+}
+
+/// Asserts a status carries `code` and an ErrorInfo with `reason` in leasehold's domain.
+#[track_caller]
+pub fn assert_error(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "unexpected code in {status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "unexpected reason in {status:?}");
+    assert_eq!(info.domain, "leasehold.v1");
+}
+
+/// The ErrorInfo metadata value under `key`.
+pub fn error_metadata(status: &Status, key: &str) -> Option<String> {
+    status.get_details_error_info()?.metadata.get(key).cloned()
+}

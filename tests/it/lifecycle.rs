@@ -1,0 +1,556 @@
+//! Every transition of spec §2 that this release implements, over real gRPC.
+
+use std::time::Duration;
+
+use leasehold::grpc::pb::{self, TaskStatus};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+
+use crate::harness::{TestServer, assert_error, status_of, task_id, task_in};
+
+#[sqlx::test]
+async fn a_task_goes_from_enqueue_to_completed(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["emails"]).await;
+    let enqueued = server.enqueue_to("emails").await;
+    assert_eq!(status_of(&enqueued), TaskStatus::Queued);
+    assert_eq!(enqueued.attempt, 1);
+    assert_eq!(enqueued.max_attempts, 3, "0 means the default of 3");
+
+    let claimed = server.claim_one(&runtime).await;
+    let task = claimed.task.as_ref().unwrap();
+    assert_eq!(task.id, enqueued.id);
+    assert_eq!(status_of(task), TaskStatus::Dispatched);
+    assert_eq!(task.claimed_by, runtime);
+    assert!(uuid::Uuid::parse_str(&claimed.claim_token).is_ok());
+    assert_eq!(claimed.lease_expires_at, task.lease_expires_at);
+
+    let started = server.start_task(&claimed).await.unwrap();
+    assert_eq!(status_of(&started), TaskStatus::Running);
+    assert!(started.started_at.is_some());
+
+    let completed = server.complete(&claimed, b"done").await.unwrap();
+    assert_eq!(status_of(&completed), TaskStatus::Completed);
+    assert_eq!(completed.result, b"done");
+    assert!(completed.finished_at.is_some());
+    assert_eq!(
+        status_of(&server.get_task(&enqueued.id).await),
+        TaskStatus::Completed
+    );
+}
+
+#[sqlx::test]
+async fn start_replayed_with_the_same_token_returns_the_running_row(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    let first = server.start_task(&claimed).await.unwrap();
+    let replay = server.start_task(&claimed).await.unwrap();
+    assert_eq!(status_of(&replay), TaskStatus::Running);
+    assert_eq!(
+        replay.started_at, first.started_at,
+        "a replay writes nothing"
+    );
+}
+
+#[sqlx::test]
+async fn complete_and_fail_replays_succeed_with_the_current_row(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    let to_complete = server.claim_one(&runtime).await;
+    server.start_task(&to_complete).await.unwrap();
+    let completed = server.complete(&to_complete, b"r").await.unwrap();
+    let replayed = server.complete(&to_complete, b"r").await.unwrap();
+    assert_eq!(replayed.finished_at, completed.finished_at);
+
+    let to_fail = server.claim_one(&runtime).await;
+    let failed = server.fail(&to_fail, false).await.unwrap();
+    assert!(!failed.will_retry);
+    let replayed = server.fail(&to_fail, false).await.unwrap();
+    assert!(!replayed.will_retry);
+    assert_eq!(
+        status_of(replayed.task.as_ref().unwrap()),
+        TaskStatus::Failed
+    );
+}
+
+#[sqlx::test]
+async fn claims_follow_priority_then_age(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let old_low = server.enqueue_to("q").await;
+    let high = server
+        .enqueue(pb::EnqueueTaskRequest {
+            priority: 10,
+            ..task_in("q")
+        })
+        .await;
+    let young_low = server.enqueue_to("q").await;
+    let order: Vec<String> = server
+        .claim(&runtime, Some(3))
+        .await
+        .iter()
+        .map(|claimed| task_id(claimed).to_owned())
+        .collect();
+    assert_eq!(order, vec![high.id, old_low.id, young_low.id]);
+}
+
+#[sqlx::test]
+async fn a_runtime_claims_only_from_its_queues_and_its_pins(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let mine = server.register("mine", &["q"]).await;
+    let other = server.register("other", &["q"]).await;
+    server.enqueue_to("elsewhere").await;
+    server
+        .enqueue(pb::EnqueueTaskRequest {
+            runtime_id: other.clone(),
+            ..task_in("q")
+        })
+        .await;
+    assert!(server.claim(&mine, Some(5)).await.is_empty());
+    let pinned = server.claim_one(&other).await;
+    assert_eq!(pinned.task.unwrap().runtime_id, other);
+}
+
+#[sqlx::test]
+async fn a_delayed_task_becomes_claimable_when_its_time_comes(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let delayed = server
+        .enqueue(pb::EnqueueTaskRequest {
+            delay: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..task_in("q")
+        })
+        .await;
+    assert!(server.claim(&runtime, None).await.is_empty());
+    sqlx::query("UPDATE tasks SET available_at = now() WHERE id = $1::uuid")
+        .bind(&delayed.id)
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    assert_eq!(task_id(&server.claim_one(&runtime).await), delayed.id);
+}
+
+#[sqlx::test]
+async fn max_tasks_absent_means_one_zero_means_none_and_large_is_capped(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    for _ in 0..40 {
+        server.enqueue_to("q").await;
+    }
+    assert_eq!(server.claim(&runtime, None).await.len(), 1);
+    assert_eq!(server.claim(&runtime, Some(0)).await.len(), 0);
+    assert_eq!(server.claim(&runtime, Some(1000)).await.len(), 32);
+}
+
+#[sqlx::test]
+async fn a_paused_queue_hands_out_nothing_until_resumed(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    let paused = server
+        .admin
+        .clone()
+        .update_queue(pb::UpdateQueueRequest {
+            queue: "q".into(),
+            max_concurrent: None,
+            paused: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paused.paused);
+    assert!(server.claim(&runtime, None).await.is_empty());
+    server
+        .admin
+        .clone()
+        .update_queue(pb::UpdateQueueRequest {
+            queue: "q".into(),
+            max_concurrent: None,
+            paused: Some(false),
+        })
+        .await
+        .unwrap();
+    assert_eq!(server.claim(&runtime, None).await.len(), 1);
+}
+
+#[sqlx::test]
+async fn the_preflight_requeues_only_the_callers_own_expired_leases(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let owner = server.register("owner", &["q"]).await;
+    let bystander = server.register("bystander", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let first = server.claim_one(&owner).await;
+    server.expire_lease(&task.id).await;
+
+    // Another runtime's claim never requeues someone else's lease.
+    assert!(server.claim(&bystander, Some(5)).await.is_empty());
+    assert_eq!(
+        status_of(&server.get_task(&task.id).await),
+        TaskStatus::Dispatched
+    );
+
+    // The owner's own claim call requeues it first, then may claim it again.
+    let second = server.claim_one(&owner).await;
+    let reclaimed = second.task.as_ref().unwrap();
+    assert_eq!(reclaimed.id, task.id);
+    assert_eq!(reclaimed.lease_expirations, 1);
+    assert_eq!(
+        reclaimed.attempt, 1,
+        "lease expiry does not consume an attempt"
+    );
+    assert_ne!(second.claim_token, first.claim_token);
+}
+
+#[sqlx::test]
+async fn a_claim_with_max_tasks_zero_still_runs_the_preflight(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let owner = server.register("owner", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    server.claim_one(&owner).await;
+    server.expire_lease(&task.id).await;
+    assert!(server.claim(&owner, Some(0)).await.is_empty());
+    let requeued = server.get_task(&task.id).await;
+    assert_eq!(status_of(&requeued), TaskStatus::Queued);
+    assert_eq!(requeued.lease_expirations, 1);
+}
+
+#[sqlx::test]
+async fn a_task_whose_lease_keeps_expiring_is_failed_by_the_poison_guard(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.max_lease_expirations = 1;
+    })
+    .await;
+    let owner = server.register("owner", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    server.claim_one(&owner).await;
+    server.expire_lease(&task.id).await;
+    server.claim_one(&owner).await; // first expiry: requeued and claimed again
+    server.expire_lease(&task.id).await;
+    assert!(server.claim(&owner, None).await.is_empty());
+    let failed = server.get_task(&task.id).await;
+    assert_eq!(status_of(&failed), TaskStatus::Failed);
+    assert_eq!(failed.lease_expirations, 2);
+    assert_eq!(
+        pb::FailureReason::try_from(failed.failure_reason).unwrap(),
+        pb::FailureReason::LeaseExpiredTooOften
+    );
+}
+
+#[sqlx::test]
+async fn a_retryable_failure_requeues_with_backoff_until_attempts_run_out(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.retry_backoff_base = Duration::from_secs(10);
+        config.retry_backoff_max = Duration::from_secs(10);
+    })
+    .await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server
+        .enqueue(pb::EnqueueTaskRequest {
+            max_attempts: 2,
+            ..task_in("q")
+        })
+        .await;
+    let first = server.claim_one(&runtime).await;
+    server.start_task(&first).await.unwrap();
+    let failed = server.fail(&first, true).await.unwrap();
+    assert!(failed.will_retry);
+    let retried = failed.task.unwrap();
+    assert_eq!(status_of(&retried), TaskStatus::Queued);
+    assert_eq!(retried.attempt, 2);
+    assert_eq!(retried.error, "boom");
+    let backoff = retried.available_at.unwrap().seconds - retried.created_at.unwrap().seconds;
+    assert!(
+        (0..=11).contains(&backoff),
+        "backoff within [0, 10s]: {backoff}"
+    );
+
+    // Not claimable during its backoff; make it due, then exhaust the attempts.
+    sqlx::query("UPDATE tasks SET available_at = now() WHERE id = $1::uuid")
+        .bind(&task.id)
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    let second = server.claim_one(&runtime).await;
+    let last = server.fail(&second, true).await.unwrap();
+    assert!(!last.will_retry, "attempt 2 of 2 is not retried");
+    assert_eq!(status_of(last.task.as_ref().unwrap()), TaskStatus::Failed);
+}
+
+#[sqlx::test]
+async fn a_fail_replay_after_the_task_was_retried_still_succeeds(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.retry_backoff_base = Duration::ZERO;
+    })
+    .await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    let first = server.claim_one(&runtime).await;
+    assert!(server.fail(&first, true).await.unwrap().will_retry);
+    let second = server.claim_one(&runtime).await;
+    server.start_task(&second).await.unwrap();
+
+    let replay = server.fail(&first, true).await.unwrap();
+    assert!(
+        replay.will_retry,
+        "the replay answers as the original call did"
+    );
+    assert_eq!(
+        status_of(replay.task.as_ref().unwrap()),
+        TaskStatus::Running
+    );
+    // The replay changed nothing: the new claim still owns the task.
+    assert_eq!(
+        status_of(&server.complete(&second, b"").await.unwrap()),
+        TaskStatus::Completed
+    );
+}
+
+#[sqlx::test]
+async fn cancel_ends_active_tasks_and_leaves_finished_ones_alone(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let queued = server.enqueue_to("q").await;
+    let cancel = |id: String| {
+        let mut tasks = server.tasks.clone();
+        async move {
+            tasks
+                .cancel_task(pb::CancelTaskRequest { task_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .task
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        status_of(&cancel(queued.id.clone()).await),
+        TaskStatus::Cancelled
+    );
+
+    server.enqueue_to("q").await;
+    let running = server.claim_one(&runtime).await;
+    server.start_task(&running).await.unwrap();
+    let cancelled = cancel(task_id(&running).into()).await;
+    assert_eq!(status_of(&cancelled), TaskStatus::Cancelled);
+    assert_eq!(
+        pb::FailureReason::try_from(cancelled.failure_reason).unwrap(),
+        pb::FailureReason::Cancelled
+    );
+    let refused = server.complete(&running, b"").await.unwrap_err();
+    assert_error(&refused, Code::FailedPrecondition, "TASK_CANCELLED");
+
+    server.enqueue_to("q").await;
+    let done = server.claim_one(&runtime).await;
+    server.start_task(&done).await.unwrap();
+    server.complete(&done, b"kept").await.unwrap();
+    let unchanged = cancel(task_id(&done).into()).await;
+    assert_eq!(status_of(&unchanged), TaskStatus::Completed);
+    assert_eq!(unchanged.result, b"kept");
+}
+
+#[sqlx::test]
+async fn extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    sqlx::query(
+        "UPDATE tasks SET lease_expires_at = now() + interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(&task.id)
+    .execute(&server.pool)
+    .await
+    .unwrap();
+    let extend = |extend_by: Option<prost_types::Duration>| {
+        let mut worker = server.worker.clone();
+        let request = pb::ExtendLeaseRequest {
+            task_id: task.id.clone(),
+            claim_token: claimed.claim_token.clone(),
+            extend_by,
+        };
+        async move { worker.extend_lease(request).await }
+    };
+    let renewed = extend(Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .lease_expires_at
+    .unwrap();
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        (now + 55..=now + 65).contains(&renewed.seconds),
+        "an hour is clamped to the 60s lease"
+    );
+
+    server.start_task(&claimed).await.unwrap();
+    let refused = extend(None).await.unwrap_err();
+    assert_error(&refused, Code::FailedPrecondition, "TASK_ALREADY_STARTED");
+}
+
+#[sqlx::test]
+async fn usage_reports_upsert_and_replay_after_the_task_finished(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    server.start_task(&claimed).await.unwrap();
+    let report = |tokens: i64| {
+        let mut worker = server.worker.clone();
+        let request = pb::ReportUsageRequest {
+            task_id: task.id.clone(),
+            claim_token: claimed.claim_token.clone(),
+            counters: [("tokens".to_string(), tokens)].into_iter().collect(),
+        };
+        async move { worker.report_usage(request).await }
+    };
+    report(5).await.unwrap();
+    report(7).await.unwrap();
+    report(7).await.unwrap();
+    let stored: Vec<i64> =
+        sqlx::query_scalar("SELECT value FROM task_usage WHERE task_id = $1::uuid")
+            .bind(&task.id)
+            .fetch_all(&server.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, vec![7], "a report upserts its counters");
+
+    server.complete(&claimed, b"").await.unwrap();
+    report(7)
+        .await
+        .expect("the same report after completion is a replay");
+    let refused = report(8).await.unwrap_err();
+    assert_error(&refused, Code::FailedPrecondition, "TASK_TERMINAL");
+}
+
+#[sqlx::test]
+async fn an_idempotency_key_returns_the_first_task(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let request = pb::EnqueueTaskRequest {
+        idempotency_key: "order-42".into(),
+        ..task_in("q")
+    };
+    let first = server
+        .tasks
+        .clone()
+        .enqueue_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = server
+        .tasks
+        .clone()
+        .enqueue_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.deduplicated);
+    assert!(second.deduplicated);
+    assert_eq!(first.task.unwrap().id, second.task.unwrap().id);
+    let other_queue = server
+        .tasks
+        .clone()
+        .enqueue_task(pb::EnqueueTaskRequest {
+            queue: "other".into(),
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!other_queue.deduplicated, "keys are scoped to a queue");
+}
+
+#[sqlx::test]
+async fn re_registering_a_name_keeps_the_runtime_id(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let first = server.register("worker-1", &["a"]).await;
+    let second = server.register("worker-1", &["a", "b"]).await;
+    assert_eq!(first, second);
+    let beat = server
+        .worker
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            runtime_id: first.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(beat.status(), pb::RuntimeStatus::Online);
+    assert!(beat.server_time.is_some());
+}
+
+#[sqlx::test]
+async fn get_task_status_reports_status_and_attempt(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    server.claim_one(&runtime).await;
+    let status = server
+        .worker
+        .clone()
+        .get_task_status(pb::GetTaskStatusRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), TaskStatus::Dispatched);
+    assert_eq!(status.attempt, 1);
+}

@@ -1,0 +1,133 @@
+//! ListTasks filters and paging; DescribeQueue and UpdateQueue.
+
+use std::collections::HashSet;
+
+use leasehold::grpc::pb::{self, TaskStatus};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+
+use crate::harness::{TestServer, assert_error};
+
+#[sqlx::test]
+async fn list_tasks_pages_through_every_match_exactly_once(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let mut expected = HashSet::new();
+    for _ in 0..7 {
+        expected.insert(server.enqueue_to("q").await.id);
+    }
+    server.enqueue_to("other").await;
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = server
+            .tasks
+            .clone()
+            .list_tasks(pb::ListTasksRequest {
+                queue: "q".into(),
+                page_size: 3,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.tasks.len() <= 3);
+        seen.extend(page.tasks.into_iter().map(|task| task.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 7);
+    assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+#[sqlx::test]
+async fn list_tasks_filters_by_status_and_runtime(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    let claimed = server.claim_one(&runtime).await;
+    let list = |request: pb::ListTasksRequest| {
+        let mut tasks = server.tasks.clone();
+        async move { tasks.list_tasks(request).await.unwrap().into_inner().tasks }
+    };
+    let dispatched = list(pb::ListTasksRequest {
+        statuses: vec![TaskStatus::Dispatched.into()],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(dispatched.len(), 1);
+    assert_eq!(dispatched[0].id, claimed.task.as_ref().unwrap().id);
+    let by_runtime = list(pb::ListTasksRequest {
+        runtime_id: runtime,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_runtime.len(), 1);
+
+    let status = server
+        .tasks
+        .clone()
+        .list_tasks(pb::ListTasksRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+}
+
+#[sqlx::test]
+async fn describe_queue_counts_tasks_per_status(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    let oldest = server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    let running = server.claim_one(&runtime).await;
+    server.start_task(&running).await.unwrap();
+    let updated = server
+        .admin
+        .clone()
+        .update_queue(pb::UpdateQueueRequest {
+            queue: "q".into(),
+            max_concurrent: Some(4),
+            paused: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.max_concurrent, 4);
+    assert!(!updated.paused);
+    let described = server
+        .admin
+        .clone()
+        .describe_queue(pb::DescribeQueueRequest { queue: "q".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let counts = described.counts.unwrap();
+    assert_eq!((counts.queued, counts.running, counts.completed), (2, 1, 0));
+    assert_eq!(described.max_concurrent, 4);
+    // The oldest task was claimed; the oldest queued one is younger than it.
+    assert!(described.oldest_queued_at.unwrap().nanos >= 0);
+    assert_ne!(described.oldest_queued_at, oldest.created_at);
+
+    let unknown = server
+        .admin
+        .clone()
+        .describe_queue(pb::DescribeQueueRequest {
+            queue: "never-used".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unknown.counts.unwrap(), pb::TaskCounts::default());
+    assert_eq!(unknown.oldest_queued_at, None);
+}
