@@ -3,6 +3,8 @@
 
 // A test binary exports nothing, so every `pub` here is "unreachable" by definition.
 #![allow(unreachable_pub)]
+// Test code panics on purpose: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod errors;
 mod harness;

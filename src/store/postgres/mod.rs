@@ -59,7 +59,7 @@ impl GuardedWrite<'_> {
 
 /// What a guarded statement returned.
 enum Applied {
-    Task(Task),
+    Task(Box<Task>),
     LeaseExpiresAt(DateTime<Utc>),
 }
 
@@ -67,7 +67,7 @@ enum Applied {
 enum Fenced {
     Applied(Applied),
     /// A replay: the same write already applied with this token. Carries the current row.
-    Replayed(Task),
+    Replayed(Box<Task>),
 }
 
 impl PgStore {
@@ -99,7 +99,7 @@ impl PgStore {
             let (task, now) = self.fence_snapshot(task_id).await?;
             match fence::judge(write.kind(), &task, token, now) {
                 Verdict::Apply => continue,
-                Verdict::Replay => return Ok(Fenced::Replayed(task)),
+                Verdict::Replay => return Ok(Fenced::Replayed(Box::new(task))),
                 Verdict::Refuse(refusal) => return Err(Error::refused(refusal, &task)),
             }
         }
@@ -147,7 +147,7 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(plain)?;
-        row.map(|row| Task::try_from(row).map(Applied::Task))
+        row.map(|row| Task::try_from(row).map(|task| Applied::Task(Box::new(task))))
             .transpose()
     }
 
@@ -283,7 +283,7 @@ impl TaskStore for PgStore {
             {
                 Fenced::Replayed(task) => FailOutcome {
                     will_retry: fence::replayed_fail_retried(&task, token),
-                    task,
+                    task: *task,
                 },
                 applied => {
                     let task = applied.into_task()?;
@@ -480,7 +480,7 @@ impl TaskStore for PgStore {
 impl Fenced {
     fn into_task(self) -> Result<Task> {
         match self {
-            Fenced::Applied(Applied::Task(task)) | Fenced::Replayed(task) => Ok(task),
+            Fenced::Applied(Applied::Task(task)) | Fenced::Replayed(task) => Ok(*task),
             Fenced::Applied(Applied::LeaseExpiresAt(_)) => Err(Error::Internal(
                 "a task write answered with a lease expiry".into(),
             )),
