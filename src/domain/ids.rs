@@ -5,10 +5,12 @@ use std::fmt;
 
 use uuid::Uuid;
 
-macro_rules! uuid_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A UUID newtype with the constructors and accessors every identity shares. Derives nothing
+/// printable: each identity chooses its own `Debug` / `Display`.
+macro_rules! uuid_newtype {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(Uuid);
 
         impl $name {
@@ -24,54 +26,44 @@ macro_rules! uuid_id {
                 self.0
             }
 
-            /// Parses the canonical textual form; any UUID spelling is accepted.
+            /// Parses any UUID spelling.
             pub fn parse(text: &str) -> Option<Self> {
                 Uuid::parse_str(text).ok().map(Self)
             }
         }
+    };
+}
+
+/// Ids print as canonical lowercase hyphenated UUIDs: the form the spec promises on the wire.
+macro_rules! printable_id {
+    ($(#[$attr:meta])* $name:ident) => {
+        uuid_newtype!($(#[$attr])* #[derive(Debug)] $name);
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                // Canonical lowercase, hyphenated: the form the spec promises on the wire.
                 self.0.hyphenated().fmt(f)
             }
         }
     };
 }
 
-uuid_id!(
+printable_id!(
     /// A task's id.
     TaskId
 );
-uuid_id!(
+printable_id!(
     /// A runtime's id, stable across re-registrations under the same name.
     RuntimeId
 );
-
-/// The secret that fences every owner-side write to a claimed task.
-///
-/// Deliberately without `Display`, and with a redacting `Debug`, so that it cannot slip into a
-/// log line.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClaimToken(Uuid);
+uuid_newtype!(
+    /// The secret that fences every owner-side write to a claimed task.
+    ///
+    /// Deliberately without `Display`, and with a redacting `Debug`, so that it cannot slip
+    /// into a log line.
+    ClaimToken
+);
 
 impl ClaimToken {
-    pub fn new_random() -> Self {
-        Self(Uuid::new_v4())
-    }
-
-    pub fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
-
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Uuid::parse_str(text).ok().map(Self)
-    }
-
     /// The token's wire form, for the claim response only.
     pub fn expose(&self) -> String {
         self.0.hyphenated().to_string()
