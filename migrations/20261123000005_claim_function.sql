@@ -62,21 +62,30 @@ BEGIN
         FROM queues q
         WHERE q.name = ANY (v_queues) AND q.max_concurrent > 0
     ),
+    -- Walk each served queue's claim index in order (a plain `queue = ANY (...)` would sort
+    -- every QUEUED row of those queues on each claim), then keep the best p_max overall.
+    -- Rows locked here but not kept stay untouched and are released at commit.
     candidates AS (
-        SELECT t.id, t.queue, t.concurrency_key, t.priority, t.created_at
-        FROM tasks t
-        WHERE t.status = 'QUEUED'
-          AND t.queue = ANY (v_queues)
-          AND (t.runtime_id IS NULL OR t.runtime_id = p_runtime)
-          AND t.available_at <= now()
-          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = t.queue AND q.paused)
-          AND NOT EXISTS (SELECT 1 FROM capped c WHERE c.name = t.queue AND c.room <= 0)
-          AND (t.concurrency_key IS NULL
-               OR NOT EXISTS (SELECT 1 FROM concurrency_slots s
-                              WHERE s.queue = t.queue AND s.key = t.concurrency_key))
-        ORDER BY t.priority DESC, t.created_at, t.id
+        SELECT c.*
+        FROM unnest(v_queues) AS served(name)
+        CROSS JOIN LATERAL (
+            SELECT t.id, t.queue, t.concurrency_key, t.priority, t.created_at
+            FROM tasks t
+            WHERE t.status = 'QUEUED'
+              AND t.queue = served.name
+              AND (t.runtime_id IS NULL OR t.runtime_id = p_runtime)
+              AND t.available_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = t.queue AND q.paused)
+              AND NOT EXISTS (SELECT 1 FROM capped c WHERE c.name = t.queue AND c.room <= 0)
+              AND (t.concurrency_key IS NULL
+                   OR NOT EXISTS (SELECT 1 FROM concurrency_slots s
+                                  WHERE s.queue = t.queue AND s.key = t.concurrency_key))
+            ORDER BY t.priority DESC, t.created_at, t.id
+            LIMIT p_max_tasks
+            FOR UPDATE OF t SKIP LOCKED
+        ) c
+        ORDER BY c.priority DESC, c.created_at, c.id
         LIMIT p_max_tasks
-        FOR UPDATE OF t SKIP LOCKED
     ),
     -- At most one task per concurrency key in one batch.
     first_of_key AS (

@@ -7,10 +7,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -26,6 +26,11 @@ use crate::store::{StorePolicy, TaskStore};
 
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Room for a message's other fields beyond the payload limit.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+/// tonic's own default limit; never go below it.
+const DEFAULT_MESSAGE_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Health names: "" is the whole server, the rest are the leasehold services.
 const HEALTH_SERVICES: [&str; 4] = [
@@ -93,21 +98,28 @@ impl App {
         tokio::spawn(flip_health_on_shutdown(shutdown, health, stopping.clone()));
 
         let address = listener.local_addr()?;
+        // A payload at --max-payload-bytes must reach the handler, which then applies the
+        // limit with a typed INVALID_FIELD error instead of a bare transport error.
+        let message_limit = (self.config.max_payload_bytes + MESSAGE_OVERHEAD_BYTES)
+            .max(DEFAULT_MESSAGE_LIMIT_BYTES);
         let server = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
-            .add_service(WorkerServiceServer::new(WorkerApi::new(
-                self.coordinator.clone(),
-            )))
-            .add_service(TaskServiceServer::new(TaskApi::new(
-                self.coordinator.clone(),
-            )))
+            .add_service(
+                WorkerServiceServer::new(WorkerApi::new(self.coordinator.clone()))
+                    .max_decoding_message_size(message_limit),
+            )
+            .add_service(
+                TaskServiceServer::new(TaskApi::new(self.coordinator.clone()))
+                    .max_decoding_message_size(message_limit),
+            )
             .add_service(AdminServiceServer::new(AdminApi::new(
                 self.coordinator.clone(),
             )))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // Without TCP_NODELAY, small responses wait on the peer's delayed ACK (~40ms).
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stopping.clone().cancelled_owned(),
             );
         tracing::info!(%address, "leasehold serving");

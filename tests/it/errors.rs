@@ -287,3 +287,33 @@ async fn later_rpcs_answer_unimplemented_with_error_info(
         .unwrap_err();
     assert_error(&status, Code::Unimplemented, "UNIMPLEMENTED");
 }
+
+#[sqlx::test]
+async fn a_payload_limit_above_the_transport_default_is_honoured(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let limit = 5 * 1024 * 1024;
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.max_payload_bytes = limit;
+    })
+    .await;
+    // The response echoes the payload, so the client must accept it too.
+    let mut tasks = server.tasks.clone().max_decoding_message_size(2 * limit);
+    let stored = tasks
+        .enqueue_task(pb::EnqueueTaskRequest {
+            payload: vec![1; limit],
+            ..task_in("big")
+        })
+        .await
+        .expect("a payload at the configured limit is accepted");
+    assert_eq!(stored.into_inner().task.unwrap().payload.len(), limit);
+    let status = tasks
+        .enqueue_task(pb::EnqueueTaskRequest {
+            payload: vec![1; limit + 1],
+            ..task_in("big")
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+}
