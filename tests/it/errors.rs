@@ -317,3 +317,45 @@ async fn a_payload_limit_above_the_transport_default_is_honoured(
         .unwrap_err();
     assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
 }
+
+#[sqlx::test]
+async fn registering_without_a_name_or_a_valid_queue_is_invalid(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let cases = [
+        (
+            "name",
+            pb::RegisterRuntimeRequest {
+                queues: vec!["q".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "queues",
+            pb::RegisterRuntimeRequest {
+                name: "w".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "queues",
+            pb::RegisterRuntimeRequest {
+                name: "w".into(),
+                queues: vec!["no spaces".into()],
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        let status = server
+            .worker
+            .clone()
+            .register_runtime(request)
+            .await
+            .unwrap_err();
+        assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+        assert_eq!(error_metadata(&status, "field").as_deref(), Some(field));
+    }
+}

@@ -554,3 +554,34 @@ async fn get_task_status_reports_status_and_attempt(
     assert_eq!(status.status(), TaskStatus::Dispatched);
     assert_eq!(status.attempt, 1);
 }
+
+#[sqlx::test]
+async fn a_heartbeat_brings_an_offline_runtime_back_online(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    let runtime = server.register("worker-1", &["q"]).await;
+    sqlx::query("UPDATE runtimes SET status = 'OFFLINE', last_seen_at = now() - interval '1 hour' WHERE id = $1::uuid")
+        .bind(&runtime)
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    let beat = server
+        .worker
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            runtime_id: runtime.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(beat.status(), pb::RuntimeStatus::Online);
+    let last_seen: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_seen_at FROM runtimes WHERE id = $1::uuid")
+            .bind(&runtime)
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+    assert!(chrono::Utc::now() - last_seen < chrono::Duration::seconds(30));
+}
