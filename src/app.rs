@@ -21,6 +21,7 @@ use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::task_service_server::TaskServiceServer;
 use crate::grpc::pb::worker_service_server::WorkerServiceServer;
 use crate::grpc::{AdminApi, TaskApi, WorkerApi, pb};
+use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, TaskStore};
 
@@ -46,24 +47,24 @@ pub struct App {
 }
 
 impl App {
-    /// Connects to the store and applies migrations. Fails when the store cannot be reached,
-    /// so a misconfigured replica never starts reporting SERVING.
+    /// Prepares the store: PostgreSQL when a database URL is configured (connecting and
+    /// applying migrations, so a misconfigured replica never reports SERVING), else the
+    /// embedded in-memory store.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let database_url = config.database_url.as_deref().context(
-            "no database configured: set DATABASE_URL or --database-url to a PostgreSQL URL",
-        )?;
         if config.redis_url.is_some() {
             tracing::warn!("REDIS_URL is set but this build does not use Redis yet; ignoring it");
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(config.database_max_connections)
-            .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
-            .connect(database_url)
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        let store = PgStore::new(pool, store_policy(&config));
-        store.migrate().await.context("cannot apply migrations")?;
-        Ok(Self::with_store(config, Arc::new(store)))
+        let store: Arc<dyn TaskStore> = match config.database_url.as_deref() {
+            Some(database_url) => Arc::new(connect_postgres(database_url, &config).await?),
+            None => {
+                tracing::warn!(
+                    "no DATABASE_URL: running on the embedded in-memory store; \
+                     every task and runtime is lost when the process stops"
+                );
+                Arc::new(MemoryStore::new(store_policy(&config)))
+            }
+        };
+        Ok(Self::with_store(config, store))
     }
 
     /// Builds the service on an already prepared store.
@@ -138,6 +139,18 @@ impl App {
         tracing::info!("leasehold stopped");
         Ok(())
     }
+}
+
+async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result<PgStore> {
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+        .connect(database_url)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    let store = PgStore::new(pool, store_policy(config));
+    store.migrate().await.context("cannot apply migrations")?;
+    Ok(store)
 }
 
 pub fn store_policy(config: &Config) -> StorePolicy {

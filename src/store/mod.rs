@@ -14,6 +14,7 @@ use crate::domain::{
     Task, TaskId, TaskStatus,
 };
 
+pub mod memory;
 pub mod postgres;
 
 /// Policy the store applies inside its transitions.

@@ -5,17 +5,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::harness::{TestServer, assert_error, error_metadata, task_id, task_in};
+use crate::harness::{Backend, assert_error, error_metadata, task_id, task_in};
 
-#[sqlx::test]
-async fn field_errors_are_invalid_field_with_bad_request_details(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.max_payload_bytes = 8;
-    })
-    .await;
+async fn field_errors_are_invalid_field_with_bad_request_details(backend: Backend) {
+    let server = backend
+        .start_with(|config| {
+            config.max_payload_bytes = 8;
+        })
+        .await;
     let mut tasks = server.tasks.clone();
     let cases = [
         (
@@ -75,19 +72,17 @@ async fn field_errors_are_invalid_field_with_bad_request_details(
         .await
         .unwrap_err();
     assert_error(&malformed, Code::InvalidArgument, "INVALID_FIELD");
-    let nothing_stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&server.pool)
+    let stored = tasks
+        .list_tasks(pb::ListTasksRequest::default())
         .await
-        .unwrap();
-    assert_eq!(nothing_stored, 0);
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(stored.is_empty(), "a rejected enqueue stores nothing");
 }
 
-#[sqlx::test]
-async fn a_missing_or_malformed_claim_token_is_its_own_reason(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_missing_or_malformed_claim_token_is_its_own_reason(backend: Backend) {
+    let server = backend.start().await;
     let task = server.enqueue_to("q").await;
     for token in ["", "not-a-token"] {
         let status = server.start_with_token(&task.id, token).await.unwrap_err();
@@ -95,9 +90,8 @@ async fn a_missing_or_malformed_claim_token_is_its_own_reason(
     }
 }
 
-#[sqlx::test]
-async fn unknown_tasks_and_runtimes_are_not_found(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn unknown_tasks_and_runtimes_are_not_found(backend: Backend) {
+    let server = backend.start().await;
     let nobody = uuid::Uuid::new_v4().to_string();
     let status = server
         .start_with_token(&nobody, &uuid::Uuid::new_v4().to_string())
@@ -129,16 +123,12 @@ async fn unknown_tasks_and_runtimes_are_not_found(pool: PgPoolOptions, connect: 
     assert_error(&status, Code::NotFound, "RUNTIME_NOT_FOUND");
 }
 
-#[sqlx::test]
-async fn a_token_from_a_superseded_claim_is_refused(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_token_from_a_superseded_claim_is_refused(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let task = server.enqueue_to("q").await;
     let first = server.claim_one(&runtime).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     let second = server.claim_one(&runtime).await;
 
     // The previous claim ended by lease expiry: LEASE_EXPIRED, with the task's facts.
@@ -165,32 +155,24 @@ async fn a_token_from_a_superseded_claim_is_refused(
     assert!(server.start_task(&second).await.is_ok());
 }
 
-#[sqlx::test]
-async fn the_current_token_after_its_lease_passed_is_lease_expired(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn the_current_token_after_its_lease_passed_is_lease_expired(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
-    let task = server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     let status = server.start_task(&claimed).await.unwrap_err();
     assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
     let status = server.fail(&claimed, true).await.unwrap_err();
     assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
 }
 
-#[sqlx::test]
-async fn starting_a_task_running_under_another_token_is_already_exists(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn starting_a_task_running_under_another_token_is_already_exists(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
-    let task = server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
     let first = server.claim_one(&runtime).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     let second = server.claim_one(&runtime).await;
     server.start_task(&second).await.unwrap();
     let status = server.start_task(&first).await.unwrap_err();
@@ -199,12 +181,8 @@ async fn starting_a_task_running_under_another_token_is_already_exists(
     assert_error(&status, Code::FailedPrecondition, "LEASE_EXPIRED");
 }
 
-#[sqlx::test]
-async fn completing_a_task_that_was_never_started_is_refused(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn completing_a_task_that_was_never_started_is_refused(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
@@ -212,12 +190,8 @@ async fn completing_a_task_that_was_never_started_is_refused(
     assert_error(&status, Code::FailedPrecondition, "TASK_NOT_STARTED");
 }
 
-#[sqlx::test]
-async fn writes_on_a_finished_task_by_another_way_are_terminal(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn writes_on_a_finished_task_by_another_way_are_terminal(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
@@ -240,8 +214,8 @@ async fn a_closed_database_is_unavailable_not_internal(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let server = TestServer::start(pool, connect).await;
-    server.pool.close().await;
+    let server = Backend::Postgres(Box::new((pool, connect))).start().await;
+    server.pool().close().await;
     let status = server
         .tasks
         .clone()
@@ -253,11 +227,11 @@ async fn a_closed_database_is_unavailable_not_internal(
 
 #[sqlx::test]
 async fn internal_errors_never_carry_database_text(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+    let server = Backend::Postgres(Box::new((pool, connect))).start().await;
     let task = server.enqueue_to("q").await;
     sqlx::query("UPDATE tasks SET failure_reason = 'SECRET_GARBAGE' WHERE id = $1::uuid")
         .bind(&task.id)
-        .execute(&server.pool)
+        .execute(server.pool())
         .await
         .unwrap();
     let status = server
@@ -271,12 +245,8 @@ async fn internal_errors_never_carry_database_text(pool: PgPoolOptions, connect:
     assert!(!status.message().contains("failure_reason"));
 }
 
-#[sqlx::test]
-async fn later_rpcs_answer_unimplemented_with_error_info(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn later_rpcs_answer_unimplemented_with_error_info(backend: Backend) {
+    let server = backend.start().await;
     let status = server
         .admin
         .clone()
@@ -288,16 +258,13 @@ async fn later_rpcs_answer_unimplemented_with_error_info(
     assert_error(&status, Code::Unimplemented, "UNIMPLEMENTED");
 }
 
-#[sqlx::test]
-async fn a_payload_limit_above_the_transport_default_is_honoured(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
+async fn a_payload_limit_above_the_transport_default_is_honoured(backend: Backend) {
     let limit = 5 * 1024 * 1024;
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.max_payload_bytes = limit;
-    })
-    .await;
+    let server = backend
+        .start_with(|config| {
+            config.max_payload_bytes = limit;
+        })
+        .await;
     // The response echoes the payload, so the client must accept it too.
     let mut tasks = server.tasks.clone().max_decoding_message_size(2 * limit);
     let stored = tasks
@@ -318,12 +285,8 @@ async fn a_payload_limit_above_the_transport_default_is_honoured(
     assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
 }
 
-#[sqlx::test]
-async fn registering_without_a_name_or_a_valid_queue_is_invalid(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn registering_without_a_name_or_a_valid_queue_is_invalid(backend: Backend) {
+    let server = backend.start().await;
     let cases = [
         (
             "name",
@@ -359,3 +322,17 @@ async fn registering_without_a_name_or_a_valid_queue_is_invalid(
         assert_eq!(error_metadata(&status, "field").as_deref(), Some(field));
     }
 }
+
+conformance!(
+    field_errors_are_invalid_field_with_bad_request_details,
+    a_missing_or_malformed_claim_token_is_its_own_reason,
+    unknown_tasks_and_runtimes_are_not_found,
+    a_token_from_a_superseded_claim_is_refused,
+    the_current_token_after_its_lease_passed_is_lease_expired,
+    starting_a_task_running_under_another_token_is_already_exists,
+    completing_a_task_that_was_never_started_is_refused,
+    writes_on_a_finished_task_by_another_way_are_terminal,
+    later_rpcs_answer_unimplemented_with_error_info,
+    a_payload_limit_above_the_transport_default_is_honoured,
+    registering_without_a_name_or_a_valid_queue_is_invalid,
+);

@@ -10,6 +10,7 @@ use leasehold::grpc::pb;
 use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
 use leasehold::grpc::pb::task_service_client::TaskServiceClient;
 use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
+use leasehold::store::memory::MemoryStore;
 use leasehold::store::postgres::PgStore;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -19,13 +20,69 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+/// Instantiates each named test body (`async fn name(backend: Backend)`) once per store:
+/// `name::postgres` on a fresh PostgreSQL database and `name::memory` on the embedded store.
+/// A behaviour tested for one store and not the other is a gap in this suite.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[sqlx::test]
+            async fn postgres(
+                pool: sqlx::postgres::PgPoolOptions,
+                connect: sqlx::postgres::PgConnectOptions,
+            ) {
+                super::$test(crate::harness::Backend::Postgres(Box::new((pool, connect)))).await
+            }
+
+            #[tokio::test]
+            async fn memory() {
+                super::$test(crate::harness::Backend::Memory).await
+            }
+        }
+    )*};
+}
+
+/// Which store a test server runs on.
+pub enum Backend {
+    /// The pool options and connection of the test's own fresh database.
+    Postgres(Box<(PgPoolOptions, PgConnectOptions)>),
+    Memory,
+}
+
+impl Backend {
+    pub async fn start(self) -> TestServer {
+        self.start_with(|_| {}).await
+    }
+
+    pub async fn start_with(self, configure: impl FnOnce(&mut Config)) -> TestServer {
+        match self {
+            Backend::Postgres(database) => {
+                let (pool, connect) = *database;
+                TestServer::start_with(pool, connect, configure).await
+            }
+            Backend::Memory => {
+                let mut config = test_config();
+                configure(&mut config);
+                let store = Arc::new(MemoryStore::new(store_policy(&config)));
+                let app = App::with_store(config, store.clone());
+                TestServer::serve(app, Store::Memory(store)).await
+            }
+        }
+    }
+}
+
+/// The store behind a test server, for simulating time.
+enum Store {
+    Postgres(PgPool),
+    Memory(Arc<MemoryStore>),
+}
+
 pub struct TestServer {
     pub worker: WorkerServiceClient<Channel>,
     pub tasks: TaskServiceClient<Channel>,
     pub admin: AdminServiceClient<Channel>,
     pub channel: Channel,
-    /// The test's own database, for simulating time by rewriting timestamps.
-    pub pool: PgPool,
+    store: Store,
     stop: Option<oneshot::Sender<()>>,
     served: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -57,10 +114,10 @@ impl TestServer {
         let mut config = test_config();
         configure(&mut config);
         let store = Arc::new(PgStore::new(pool.clone(), store_policy(&config)));
-        Self::serve(App::with_store(config, store), pool).await
+        Self::serve(App::with_store(config, store), Store::Postgres(pool)).await
     }
 
-    async fn serve(app: App, pool: PgPool) -> TestServer {
+    async fn serve(app: App, store: Store) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -77,7 +134,7 @@ impl TestServer {
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
             channel,
-            pool,
+            store,
             stop: Some(stop),
             served: Some(served),
         }
@@ -222,15 +279,60 @@ impl TestServer {
             .unwrap()
     }
 
-    /// Moves a task's lease into the past, as if the lease duration had elapsed.
-    pub async fn expire_lease(&self, task_id: &str) {
-        sqlx::query(
-            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1::uuid",
-        )
-        .bind(task_id)
-        .execute(&self.pool)
-        .await
-        .unwrap();
+    /// The PostgreSQL test database, for tests that are about PostgreSQL itself.
+    pub fn pool(&self) -> &PgPool {
+        match &self.store {
+            Store::Postgres(pool) => pool,
+            Store::Memory(_) => panic!("this test needs the PostgreSQL store"),
+        }
+    }
+
+    /// Lets `by` pass for the store: PostgreSQL's stored timestamps move back by `by` (its
+    /// clock cannot move), the memory store's clock moves forward by it. Either way every
+    /// lease, delay and backoff comes `by` closer to its end.
+    pub async fn advance_time(&self, by: Duration) {
+        match &self.store {
+            Store::Memory(store) => store.advance_clock(by),
+            Store::Postgres(pool) => {
+                let shift = sqlx::postgres::types::PgInterval::try_from(by).unwrap();
+                sqlx::query(
+                    "UPDATE tasks SET created_at = created_at - $1, available_at = available_at - $1,
+                         dispatched_at = dispatched_at - $1, started_at = started_at - $1,
+                         finished_at = finished_at - $1, lease_expires_at = lease_expires_at - $1",
+                )
+                .bind(shift)
+                .execute(pool)
+                .await
+                .unwrap();
+                sqlx::query(
+                    "UPDATE runtimes SET last_seen_at = last_seen_at - $1,
+                         registered_at = registered_at - $1",
+                )
+                .bind(shift)
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+        }
+    }
+
+    /// Lets every lease run out (the default lease is 60s).
+    pub async fn let_leases_expire(&self) {
+        self.advance_time(Duration::from_secs(61)).await;
+    }
+
+    /// The store's current time, as a heartbeat reports it.
+    pub async fn store_time(&self, runtime_id: &str) -> prost_types::Timestamp {
+        self.worker
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                runtime_id: runtime_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .server_time
+            .unwrap()
     }
 }
 

@@ -6,11 +6,10 @@ use leasehold::grpc::pb::{self, TaskStatus};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::harness::{TestServer, assert_error, status_of, task_id, task_in};
+use crate::harness::{Backend, assert_error, status_of, task_id, task_in};
 
-#[sqlx::test]
-async fn a_task_goes_from_enqueue_to_completed(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_task_goes_from_enqueue_to_completed(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["emails"]).await;
     let enqueued = server.enqueue_to("emails").await;
     assert_eq!(status_of(&enqueued), TaskStatus::Queued);
@@ -39,12 +38,8 @@ async fn a_task_goes_from_enqueue_to_completed(pool: PgPoolOptions, connect: PgC
     );
 }
 
-#[sqlx::test]
-async fn start_replayed_with_the_same_token_returns_the_running_row(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn start_replayed_with_the_same_token_returns_the_running_row(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
@@ -57,12 +52,8 @@ async fn start_replayed_with_the_same_token_returns_the_running_row(
     );
 }
 
-#[sqlx::test]
-async fn complete_and_fail_replays_succeed_with_the_current_row(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn complete_and_fail_replays_succeed_with_the_current_row(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     server.enqueue_to("q").await;
@@ -83,9 +74,8 @@ async fn complete_and_fail_replays_succeed_with_the_current_row(
     );
 }
 
-#[sqlx::test]
-async fn claims_follow_priority_then_age(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn claims_follow_priority_then_age(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let old_low = server.enqueue_to("q").await;
     let high = server
@@ -104,12 +94,8 @@ async fn claims_follow_priority_then_age(pool: PgPoolOptions, connect: PgConnect
     assert_eq!(order, vec![high.id, old_low.id, young_low.id]);
 }
 
-#[sqlx::test]
-async fn a_runtime_claims_only_from_its_queues_and_its_pins(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_runtime_claims_only_from_its_queues_and_its_pins(backend: Backend) {
+    let server = backend.start().await;
     let mine = server.register("mine", &["q"]).await;
     let other = server.register("other", &["q"]).await;
     server.enqueue_to("elsewhere").await;
@@ -124,12 +110,8 @@ async fn a_runtime_claims_only_from_its_queues_and_its_pins(
     assert_eq!(pinned.task.unwrap().runtime_id, other);
 }
 
-#[sqlx::test]
-async fn a_delayed_task_becomes_claimable_when_its_time_comes(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_delayed_task_becomes_claimable_when_its_time_comes(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let delayed = server
         .enqueue(pb::EnqueueTaskRequest {
@@ -141,20 +123,12 @@ async fn a_delayed_task_becomes_claimable_when_its_time_comes(
         })
         .await;
     assert!(server.claim(&runtime, None).await.is_empty());
-    sqlx::query("UPDATE tasks SET available_at = now() WHERE id = $1::uuid")
-        .bind(&delayed.id)
-        .execute(&server.pool)
-        .await
-        .unwrap();
+    server.advance_time(Duration::from_secs(3601)).await;
     assert_eq!(task_id(&server.claim_one(&runtime).await), delayed.id);
 }
 
-#[sqlx::test]
-async fn max_tasks_absent_means_one_zero_means_none_and_large_is_capped(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn max_tasks_absent_means_one_zero_means_none_and_large_is_capped(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     for _ in 0..40 {
         server.enqueue_to("q").await;
@@ -164,12 +138,8 @@ async fn max_tasks_absent_means_one_zero_means_none_and_large_is_capped(
     assert_eq!(server.claim(&runtime, Some(1000)).await.len(), 32);
 }
 
-#[sqlx::test]
-async fn a_paused_queue_hands_out_nothing_until_resumed(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_paused_queue_hands_out_nothing_until_resumed(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     let paused = server
@@ -198,17 +168,13 @@ async fn a_paused_queue_hands_out_nothing_until_resumed(
     assert_eq!(server.claim(&runtime, None).await.len(), 1);
 }
 
-#[sqlx::test]
-async fn the_preflight_requeues_only_the_callers_own_expired_leases(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn the_preflight_requeues_only_the_callers_own_expired_leases(backend: Backend) {
+    let server = backend.start().await;
     let owner = server.register("owner", &["q"]).await;
     let bystander = server.register("bystander", &["q"]).await;
     let task = server.enqueue_to("q").await;
     let first = server.claim_one(&owner).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
 
     // Another runtime's claim never requeues someone else's lease.
     assert!(server.claim(&bystander, Some(5)).await.is_empty());
@@ -229,37 +195,30 @@ async fn the_preflight_requeues_only_the_callers_own_expired_leases(
     assert_ne!(second.claim_token, first.claim_token);
 }
 
-#[sqlx::test]
-async fn a_claim_with_max_tasks_zero_still_runs_the_preflight(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn a_claim_with_max_tasks_zero_still_runs_the_preflight(backend: Backend) {
+    let server = backend.start().await;
     let owner = server.register("owner", &["q"]).await;
     let task = server.enqueue_to("q").await;
     server.claim_one(&owner).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     assert!(server.claim(&owner, Some(0)).await.is_empty());
     let requeued = server.get_task(&task.id).await;
     assert_eq!(status_of(&requeued), TaskStatus::Queued);
     assert_eq!(requeued.lease_expirations, 1);
 }
 
-#[sqlx::test]
-async fn a_task_whose_lease_keeps_expiring_is_failed_by_the_poison_guard(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.max_lease_expirations = 1;
-    })
-    .await;
+async fn a_task_whose_lease_keeps_expiring_is_failed_by_the_poison_guard(backend: Backend) {
+    let server = backend
+        .start_with(|config| {
+            config.max_lease_expirations = 1;
+        })
+        .await;
     let owner = server.register("owner", &["q"]).await;
     let task = server.enqueue_to("q").await;
     server.claim_one(&owner).await;
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     server.claim_one(&owner).await; // first expiry: requeued and claimed again
-    server.expire_lease(&task.id).await;
+    server.let_leases_expire().await;
     assert!(server.claim(&owner, None).await.is_empty());
     let failed = server.get_task(&task.id).await;
     assert_eq!(status_of(&failed), TaskStatus::Failed);
@@ -270,18 +229,15 @@ async fn a_task_whose_lease_keeps_expiring_is_failed_by_the_poison_guard(
     );
 }
 
-#[sqlx::test]
-async fn a_retryable_failure_requeues_with_backoff_until_attempts_run_out(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.retry_backoff_base = Duration::from_secs(10);
-        config.retry_backoff_max = Duration::from_secs(10);
-    })
-    .await;
+async fn a_retryable_failure_requeues_with_backoff_until_attempts_run_out(backend: Backend) {
+    let server = backend
+        .start_with(|config| {
+            config.retry_backoff_base = Duration::from_secs(10);
+            config.retry_backoff_max = Duration::from_secs(10);
+        })
+        .await;
     let runtime = server.register("worker-1", &["q"]).await;
-    let task = server
+    server
         .enqueue(pb::EnqueueTaskRequest {
             max_attempts: 2,
             ..task_in("q")
@@ -302,26 +258,20 @@ async fn a_retryable_failure_requeues_with_backoff_until_attempts_run_out(
     );
 
     // Not claimable during its backoff; make it due, then exhaust the attempts.
-    sqlx::query("UPDATE tasks SET available_at = now() WHERE id = $1::uuid")
-        .bind(&task.id)
-        .execute(&server.pool)
-        .await
-        .unwrap();
+    assert!(server.claim(&runtime, None).await.is_empty());
+    server.advance_time(Duration::from_secs(11)).await;
     let second = server.claim_one(&runtime).await;
     let last = server.fail(&second, true).await.unwrap();
     assert!(!last.will_retry, "attempt 2 of 2 is not retried");
     assert_eq!(status_of(last.task.as_ref().unwrap()), TaskStatus::Failed);
 }
 
-#[sqlx::test]
-async fn a_fail_replay_after_the_task_was_retried_still_succeeds(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.retry_backoff_base = Duration::ZERO;
-    })
-    .await;
+async fn a_fail_replay_after_the_task_was_retried_still_succeeds(backend: Backend) {
+    let server = backend
+        .start_with(|config| {
+            config.retry_backoff_base = Duration::ZERO;
+        })
+        .await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     let first = server.claim_one(&runtime).await;
@@ -345,12 +295,8 @@ async fn a_fail_replay_after_the_task_was_retried_still_succeeds(
     );
 }
 
-#[sqlx::test]
-async fn cancel_ends_active_tasks_and_leaves_finished_ones_alone(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn cancel_ends_active_tasks_and_leaves_finished_ones_alone(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let queued = server.enqueue_to("q").await;
     let cancel = |id: String| {
@@ -391,22 +337,13 @@ async fn cancel_ends_active_tasks_and_leaves_finished_ones_alone(
     assert_eq!(unchanged.result, b"kept");
 }
 
-#[sqlx::test]
-async fn extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let task = server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
-    sqlx::query(
-        "UPDATE tasks SET lease_expires_at = now() + interval '1 second' WHERE id = $1::uuid",
-    )
-    .bind(&task.id)
-    .execute(&server.pool)
-    .await
-    .unwrap();
+    // 50 of the 60 lease seconds pass; 10 are left.
+    server.advance_time(Duration::from_secs(50)).await;
     let extend = |extend_by: Option<prost_types::Duration>| {
         let mut worker = server.worker.clone();
         let request = pb::ExtendLeaseRequest {
@@ -425,10 +362,14 @@ async fn extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration(
     .into_inner()
     .lease_expires_at
     .unwrap();
-    let now = chrono::Utc::now().timestamp();
+    let now = server.store_time(&runtime).await;
     assert!(
-        (now + 55..=now + 65).contains(&renewed.seconds),
-        "an hour is clamped to the 60s lease"
+        (55..=65).contains(&(renewed.seconds - now.seconds)),
+        "an hour is clamped to the 60s lease: {renewed:?} at {now:?}"
+    );
+    assert_eq!(
+        server.get_task(&task.id).await.lease_expires_at,
+        Some(renewed)
     );
 
     server.start_task(&claimed).await.unwrap();
@@ -436,12 +377,8 @@ async fn extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration(
     assert_error(&refused, Code::FailedPrecondition, "TASK_ALREADY_STARTED");
 }
 
-#[sqlx::test]
-async fn usage_reports_upsert_and_replay_after_the_task_finished(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn usage_reports_upsert_and_replay_after_the_task_finished(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let task = server.enqueue_to("q").await;
     let claimed = server.claim_one(&runtime).await;
@@ -458,13 +395,6 @@ async fn usage_reports_upsert_and_replay_after_the_task_finished(
     report(5).await.unwrap();
     report(7).await.unwrap();
     report(7).await.unwrap();
-    let stored: Vec<i64> =
-        sqlx::query_scalar("SELECT value FROM task_usage WHERE task_id = $1::uuid")
-            .bind(&task.id)
-            .fetch_all(&server.pool)
-            .await
-            .unwrap();
-    assert_eq!(stored, vec![7], "a report upserts its counters");
 
     server.complete(&claimed, b"").await.unwrap();
     report(7)
@@ -474,9 +404,8 @@ async fn usage_reports_upsert_and_replay_after_the_task_finished(
     assert_error(&refused, Code::FailedPrecondition, "TASK_TERMINAL");
 }
 
-#[sqlx::test]
-async fn an_idempotency_key_returns_the_first_task(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn an_idempotency_key_returns_the_first_task(backend: Backend) {
+    let server = backend.start().await;
     let request = pb::EnqueueTaskRequest {
         idempotency_key: "order-42".into(),
         ..task_in("q")
@@ -511,12 +440,8 @@ async fn an_idempotency_key_returns_the_first_task(pool: PgPoolOptions, connect:
     assert!(!other_queue.deduplicated, "keys are scoped to a queue");
 }
 
-#[sqlx::test]
-async fn re_registering_a_name_keeps_the_runtime_id(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn re_registering_a_name_keeps_the_runtime_id(backend: Backend) {
+    let server = backend.start().await;
     let first = server.register("worker-1", &["a"]).await;
     let second = server.register("worker-1", &["a", "b"]).await;
     assert_eq!(first, second);
@@ -533,12 +458,8 @@ async fn re_registering_a_name_keeps_the_runtime_id(
     assert!(beat.server_time.is_some());
 }
 
-#[sqlx::test]
-async fn get_task_status_reports_status_and_attempt(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn get_task_status_reports_status_and_attempt(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let task = server.enqueue_to("q").await;
     server.claim_one(&runtime).await;
@@ -560,11 +481,11 @@ async fn a_heartbeat_brings_an_offline_runtime_back_online(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let server = TestServer::start(pool, connect).await;
+    let server = Backend::Postgres(Box::new((pool, connect))).start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     sqlx::query("UPDATE runtimes SET status = 'OFFLINE', last_seen_at = now() - interval '1 hour' WHERE id = $1::uuid")
         .bind(&runtime)
-        .execute(&server.pool)
+        .execute(server.pool())
         .await
         .unwrap();
     let beat = server
@@ -580,8 +501,30 @@ async fn a_heartbeat_brings_an_offline_runtime_back_online(
     let last_seen: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT last_seen_at FROM runtimes WHERE id = $1::uuid")
             .bind(&runtime)
-            .fetch_one(&server.pool)
+            .fetch_one(server.pool())
             .await
             .unwrap();
     assert!(chrono::Utc::now() - last_seen < chrono::Duration::seconds(30));
 }
+
+conformance!(
+    a_task_goes_from_enqueue_to_completed,
+    start_replayed_with_the_same_token_returns_the_running_row,
+    complete_and_fail_replays_succeed_with_the_current_row,
+    claims_follow_priority_then_age,
+    a_runtime_claims_only_from_its_queues_and_its_pins,
+    a_delayed_task_becomes_claimable_when_its_time_comes,
+    max_tasks_absent_means_one_zero_means_none_and_large_is_capped,
+    a_paused_queue_hands_out_nothing_until_resumed,
+    the_preflight_requeues_only_the_callers_own_expired_leases,
+    a_claim_with_max_tasks_zero_still_runs_the_preflight,
+    a_task_whose_lease_keeps_expiring_is_failed_by_the_poison_guard,
+    a_retryable_failure_requeues_with_backoff_until_attempts_run_out,
+    a_fail_replay_after_the_task_was_retried_still_succeeds,
+    cancel_ends_active_tasks_and_leaves_finished_ones_alone,
+    extend_lease_renews_a_dispatched_claim_up_to_the_lease_duration,
+    usage_reports_upsert_and_replay_after_the_task_finished,
+    an_idempotency_key_returns_the_first_task,
+    re_registering_a_name_keeps_the_runtime_id,
+    get_task_status_reports_status_and_attempt,
+);

@@ -3,17 +3,12 @@
 use std::collections::HashSet;
 
 use leasehold::grpc::pb::{self, TaskStatus};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::harness::{TestServer, assert_error};
+use crate::harness::{Backend, assert_error};
 
-#[sqlx::test]
-async fn list_tasks_pages_through_every_match_exactly_once(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn list_tasks_pages_through_every_match_exactly_once(backend: Backend) {
+    let server = backend.start().await;
     let mut expected = HashSet::new();
     for _ in 0..7 {
         expected.insert(server.enqueue_to("q").await.id);
@@ -46,9 +41,8 @@ async fn list_tasks_pages_through_every_match_exactly_once(
     assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
 }
 
-#[sqlx::test]
-async fn list_tasks_filters_by_status_and_runtime(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn list_tasks_filters_by_status_and_runtime(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
     server.enqueue_to("q").await;
@@ -83,9 +77,8 @@ async fn list_tasks_filters_by_status_and_runtime(pool: PgPoolOptions, connect: 
     assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
 }
 
-#[sqlx::test]
-async fn describe_queue_counts_tasks_per_status(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start(pool, connect).await;
+async fn describe_queue_counts_tasks_per_status(backend: Backend) {
+    let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     let oldest = server.enqueue_to("q").await;
     server.enqueue_to("q").await;
@@ -131,3 +124,9 @@ async fn describe_queue_counts_tasks_per_status(pool: PgPoolOptions, connect: Pg
     assert_eq!(unknown.counts.unwrap(), pb::TaskCounts::default());
     assert_eq!(unknown.oldest_queued_at, None);
 }
+
+conformance!(
+    list_tasks_pages_through_every_match_exactly_once,
+    list_tasks_filters_by_status_and_runtime,
+    describe_queue_counts_tasks_per_status,
+);

@@ -1,13 +1,17 @@
-//! The integration suite: one binary, a real server over real gRPC, a fresh PostgreSQL
-//! database per test (`#[sqlx::test]` reads `DATABASE_URL`).
+//! The integration suite: one binary, a real server over real gRPC. Conformance tests run on
+//! both stores (a fresh PostgreSQL database per test via `#[sqlx::test]`, which reads
+//! `DATABASE_URL`, and the embedded memory store); the rest are about PostgreSQL or the server.
 
 // A test binary exports nothing, so every `pub` here is "unreachable" by definition.
 #![allow(unreachable_pub)]
 // Test code panics on purpose: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod errors;
+// First: it defines the `conformance!` macro the other modules use.
+#[macro_use]
 mod harness;
+
+mod errors;
 mod lifecycle;
 mod listing;
 mod races;

@@ -9,7 +9,7 @@ use leasehold::grpc::pb::{self, TaskStatus};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::harness::{TestServer, assert_error, status_of, task_id, task_in};
+use crate::harness::{Backend, TestServer, assert_error, status_of, task_id, task_in};
 
 /// Registers `count` runtimes serving `queue` and has each claim once, all at the same time.
 async fn race_claims(server: &TestServer, queue: &str, count: usize) -> Vec<pb::ClaimedTask> {
@@ -23,12 +23,8 @@ async fn race_claims(server: &TestServer, queue: &str, count: usize) -> Vec<pb::
     join_all(claims).await.into_iter().flatten().collect()
 }
 
-#[sqlx::test]
-async fn twenty_claimers_on_a_queue_capped_at_one_dispatch_exactly_one(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn twenty_claimers_on_a_queue_capped_at_one_dispatch_exactly_one(backend: Backend) {
+    let server = backend.start().await;
     server
         .admin
         .clone()
@@ -46,12 +42,8 @@ async fn twenty_claimers_on_a_queue_capped_at_one_dispatch_exactly_one(
     assert_eq!(claimed.len(), 1);
 }
 
-#[sqlx::test]
-async fn twenty_claimers_on_tasks_sharing_a_concurrency_key_dispatch_exactly_one(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn twenty_claimers_on_tasks_sharing_a_concurrency_key_dispatch_exactly_one(backend: Backend) {
+    let server = backend.start().await;
     for _ in 0..20 {
         server
             .enqueue(pb::EnqueueTaskRequest {
@@ -71,12 +63,8 @@ async fn twenty_claimers_on_tasks_sharing_a_concurrency_key_dispatch_exactly_one
     assert_eq!(server.claim(&runtime, Some(5)).await.len(), 1);
 }
 
-#[sqlx::test]
-async fn twelve_claimers_draining_sixty_tasks_dispatch_each_exactly_once(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start(pool, connect).await;
+async fn twelve_claimers_draining_sixty_tasks_dispatch_each_exactly_once(backend: Backend) {
+    let server = backend.start().await;
     let mut enqueued = HashSet::new();
     for _ in 0..60 {
         enqueued.insert(server.enqueue_to("drain").await.id);
@@ -109,7 +97,7 @@ async fn start_racing_the_owners_preflight_at_the_lease_boundary_has_one_winner(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let server = TestServer::start(pool, connect).await;
+    let server = Backend::Postgres(Box::new((pool, connect))).start().await;
     let runtime = server.register("owner", &["boundary"]).await;
     let mut start_won = 0;
     let mut preflight_won = 0;
@@ -122,7 +110,7 @@ async fn start_racing_the_owners_preflight_at_the_lease_boundary_has_one_winner(
         )
         .bind(&task.id)
         .bind(0.002 * f64::from(round % 5))
-        .execute(&server.pool)
+        .execute(server.pool())
         .await
         .unwrap();
         let (started, _) =
@@ -152,7 +140,7 @@ async fn start_racing_the_owners_preflight_at_the_lease_boundary_has_one_winner(
         // Clear the board for the next round.
         sqlx::query("UPDATE tasks SET status = 'CANCELLED' WHERE id = $1::uuid")
             .bind(&task.id)
-            .execute(&server.pool)
+            .execute(server.pool())
             .await
             .unwrap();
     }
@@ -164,7 +152,7 @@ async fn a_claim_whose_deadline_passes_before_commit_is_rolled_back(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let server = TestServer::start(pool, connect).await;
+    let server = Backend::Postgres(Box::new((pool, connect))).start().await;
     let runtime = server.register("late", &["slow"]).await;
     server
         .admin
@@ -179,7 +167,7 @@ async fn a_claim_whose_deadline_passes_before_commit_is_rolled_back(
     let task = server.enqueue_to("slow").await;
 
     // Hold the capped queue's row so the claim waits past its deadline.
-    let mut blocker = server.pool.begin().await.unwrap();
+    let mut blocker = server.pool().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM queues WHERE name = 'slow' FOR UPDATE")
         .execute(&mut *blocker)
         .await
@@ -209,3 +197,9 @@ async fn a_claim_whose_deadline_passes_before_commit_is_rolled_back(
     );
     assert_eq!(server.claim(&runtime, None).await.len(), 1);
 }
+
+conformance!(
+    twenty_claimers_on_a_queue_capped_at_one_dispatch_exactly_one,
+    twenty_claimers_on_tasks_sharing_a_concurrency_key_dispatch_exactly_one,
+    twelve_claimers_draining_sixty_tasks_dispatch_each_exactly_once,
+);

@@ -1,0 +1,642 @@
+//! The embedded in-memory store: the same semantics as the PostgreSQL store, for development,
+//! demos and tests. Nothing survives a restart.
+//!
+//! All state sits behind one synchronous mutex that is never held across an `.await` (no
+//! method awaits anything while holding it), so every operation is atomic and none can lose
+//! another's update. The fencing rules are `domain::fence::judge`, shared with PostgreSQL.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::fence::{self, OwnerWrite, Verdict};
+use crate::domain::{
+    ClaimEnd, ClaimToken, ClaimedTask, Error, FailureReason, PreviousClaim, QueueInfo, Result,
+    Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus, retry,
+};
+use crate::store::{
+    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
+    QueueUpdate, StorePolicy, TaskFilter, TaskPage, TaskStore,
+};
+
+pub struct MemoryStore {
+    state: Mutex<State>,
+    policy: StorePolicy,
+    /// Added to the wall clock. Zero in production; tests move it forward to let leases and
+    /// delays pass without sleeping (`advance_clock`).
+    clock_offset: Mutex<chrono::Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<TaskId, Task>,
+    /// (queue, idempotency key) → task.
+    idempotency: HashMap<(String, String), TaskId>,
+    runtimes: HashMap<RuntimeId, Runtime>,
+    runtime_names: HashMap<String, RuntimeId>,
+    queues: HashMap<String, QueueSettings>,
+    /// (queue, concurrency key) pairs held by a DISPATCHED/RUNNING task.
+    busy_keys: HashSet<(String, String)>,
+    /// Usage counters per (task, claim token).
+    usage: HashMap<(TaskId, ClaimToken), BTreeMap<String, i64>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct QueueSettings {
+    max_concurrent: u32,
+    paused: bool,
+}
+
+impl MemoryStore {
+    pub fn new(policy: StorePolicy) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            policy,
+            clock_offset: Mutex::new(chrono::Duration::zero()),
+        }
+    }
+
+    /// Test support: moves this store's clock forward. Production code never calls it; the
+    /// store's time is always its own, never a client's.
+    pub fn advance_clock(&self, by: Duration) {
+        let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::zero());
+        *lock(&self.clock_offset) += by;
+    }
+
+    /// Wall clock plus the test offset, at PostgreSQL's microsecond precision so both stores
+    /// order equal-looking timestamps alike.
+    fn now(&self) -> DateTime<Utc> {
+        let now = Utc::now() + *lock(&self.clock_offset);
+        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Judges and, when allowed, applies an owner write with `apply`.
+    fn fenced(
+        &self,
+        write: OwnerWrite,
+        task_id: TaskId,
+        token: ClaimToken,
+        apply: impl FnOnce(&mut State, TaskId, DateTime<Utc>),
+    ) -> Result<(Task, Verdict)> {
+        let now = self.now();
+        let mut state = self.state();
+        let task = state.task(task_id)?;
+        let verdict = fence::judge(write, task, token, now);
+        match verdict {
+            Verdict::Apply => apply(&mut state, task_id, now),
+            Verdict::Replay => {}
+            Verdict::Refuse(refusal) => return Err(Error::refused(refusal, task)),
+        }
+        Ok((state.task(task_id)?.clone(), verdict))
+    }
+}
+
+/// A poisoned lock means a panic mid-update elsewhere; the state itself is still consistent
+/// (every update is applied in full or not at all), so carry on with it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn to_chrono(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+impl State {
+    fn task(&self, task_id: TaskId) -> Result<&Task> {
+        self.tasks.get(&task_id).ok_or(Error::TaskNotFound(task_id))
+    }
+
+    /// The task, which callers have just looked up under the same lock.
+    fn task_mut(&mut self, task_id: TaskId) -> &mut Task {
+        self.tasks
+            .get_mut(&task_id)
+            .unwrap_or_else(|| unreachable!("task {task_id} vanished under the lock"))
+    }
+
+    fn settings(&self, queue: &str) -> QueueSettings {
+        self.queues.get(queue).copied().unwrap_or_default()
+    }
+
+    fn active_in(&self, queue: &str) -> u32 {
+        let active = self
+            .tasks
+            .values()
+            .filter(|task| task.queue == queue && task.status.is_active())
+            .count();
+        u32::try_from(active).unwrap_or(u32::MAX)
+    }
+
+    /// Moves a task to `status`, freeing its concurrency key when it leaves DISPATCHED/RUNNING
+    /// (the PostgreSQL store's trigger).
+    fn set_status(&mut self, task_id: TaskId, status: TaskStatus) {
+        let task = self.task_mut(task_id);
+        let was_active = task.status.is_active();
+        task.status = status;
+        let key = task
+            .concurrency_key
+            .clone()
+            .map(|key| (task.queue.clone(), key));
+        if was_active && !status.is_active() {
+            if let Some(key) = key {
+                self.busy_keys.remove(&key);
+            }
+        }
+    }
+
+    /// T4 for one runtime, with the T10 poison guard.
+    fn requeue_expired_leases(
+        &mut self,
+        runtime_id: RuntimeId,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) {
+        let expired: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|task| {
+                task.claimed_by == Some(runtime_id)
+                    && task.status == TaskStatus::Dispatched
+                    && task.lease_expires_at.is_some_and(|expiry| expiry < now)
+            })
+            .map(|task| task.id)
+            .collect();
+        for task_id in expired {
+            let task = self.task_mut(task_id);
+            task.lease_expirations += 1;
+            task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
+                token,
+                end: ClaimEnd::LeaseExpired,
+            });
+            task.lease_expires_at = None;
+            let poisoned = task.lease_expirations > policy.max_lease_expirations;
+            if poisoned {
+                task.failure_reason = Some(FailureReason::LeaseExpiredTooOften);
+                task.error = Some(format!("lease expired {} times", task.lease_expirations));
+                task.finished_at = Some(now);
+            }
+            let status = if poisoned {
+                TaskStatus::Failed
+            } else {
+                TaskStatus::Queued
+            };
+            self.set_status(task_id, status);
+        }
+    }
+
+    /// T2: the same selection as `leasehold_claim`: the best `max_tasks` candidates, then at
+    /// most one per concurrency key and no more than a capped queue's room.
+    fn claim(
+        &mut self,
+        runtime: &Runtime,
+        max_tasks: u32,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Vec<ClaimedTask> {
+        let room: HashMap<&str, u32> = runtime
+            .queues
+            .iter()
+            .filter_map(|queue| {
+                let cap = self.settings(queue).max_concurrent;
+                (cap > 0).then(|| (queue.as_str(), cap.saturating_sub(self.active_in(queue))))
+            })
+            .collect();
+        let mut candidates: Vec<&Task> = self
+            .tasks
+            .values()
+            .filter(|task| {
+                task.status == TaskStatus::Queued
+                    && runtime.queues.contains(&task.queue)
+                    && task.runtime_id.is_none_or(|pin| pin == runtime.id)
+                    && task.available_at <= now
+                    && !self.settings(&task.queue).paused
+                    && room.get(task.queue.as_str()).is_none_or(|room| *room > 0)
+                    && task.concurrency_key.as_ref().is_none_or(|key| {
+                        !self.busy_keys.contains(&(task.queue.clone(), key.clone()))
+                    })
+            })
+            .collect();
+        candidates.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.created_at.cmp(&b.created_at))
+                .then(a.id.cmp(&b.id))
+        });
+        candidates.truncate(max_tasks as usize);
+
+        let mut keys_taken = HashSet::new();
+        let mut taken_per_queue: HashMap<&str, u32> = HashMap::new();
+        let mut chosen = Vec::new();
+        for task in candidates {
+            if let Some(key) = &task.concurrency_key {
+                if !keys_taken.insert((task.queue.as_str(), key.as_str())) {
+                    continue;
+                }
+            }
+            let taken = taken_per_queue.entry(task.queue.as_str()).or_default();
+            *taken += 1;
+            if room
+                .get(task.queue.as_str())
+                .is_some_and(|room| *taken > *room)
+            {
+                continue;
+            }
+            chosen.push(task.id);
+        }
+        chosen
+            .into_iter()
+            .map(|task_id| self.dispatch(task_id, runtime.id, lease, now))
+            .collect()
+    }
+
+    fn dispatch(
+        &mut self,
+        task_id: TaskId,
+        runtime_id: RuntimeId,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> ClaimedTask {
+        let claim_token = ClaimToken::new_random();
+        let lease_expires_at = now + to_chrono(lease);
+        let task = self.task_mut(task_id);
+        task.claim_token = Some(claim_token);
+        task.claimed_by = Some(runtime_id);
+        task.dispatched_at = Some(now);
+        task.lease_expires_at = Some(lease_expires_at);
+        if let Some(key) = task.concurrency_key.clone() {
+            let queue = task.queue.clone();
+            self.busy_keys.insert((queue, key));
+        }
+        self.set_status(task_id, TaskStatus::Dispatched);
+        ClaimedTask {
+            task: self.task_mut(task_id).clone(),
+            claim_token,
+            lease_expires_at,
+        }
+    }
+
+    fn fail(
+        &mut self,
+        task_id: TaskId,
+        failure: &Failure,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) {
+        let task = self.task_mut(task_id);
+        let retrying = retry::will_retry(failure.retryable, task.attempt, task.max_attempts);
+        task.error = Some(failure.error.clone());
+        task.failure_reason = Some(FailureReason::TaskError);
+        task.lease_expires_at = None;
+        if !retrying {
+            task.finished_at = Some(now);
+            self.set_status(task_id, TaskStatus::Failed);
+            return;
+        }
+        let delay = policy.retry_backoff.delay(task.attempt, failure.jitter);
+        let available_at = now + to_chrono(delay);
+        task.available_at = DateTime::from_timestamp_micros(available_at.timestamp_micros())
+            .unwrap_or(available_at);
+        task.attempt += 1;
+        task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
+            token,
+            end: ClaimEnd::Retried,
+        });
+        self.set_status(task_id, TaskStatus::Queued);
+    }
+
+    fn holds_active_claim(task: &Task, token: ClaimToken, now: DateTime<Utc>) -> bool {
+        task.claim_token == Some(token)
+            && match task.status {
+                TaskStatus::Running => true,
+                TaskStatus::Dispatched => task.lease_expires_at.is_some_and(|expiry| expiry >= now),
+                _ => false,
+            }
+    }
+}
+
+#[async_trait]
+impl TaskStore for MemoryStore {
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime> {
+        let now = self.now();
+        let mut state = self.state();
+        let id = state
+            .runtime_names
+            .get(&runtime.name)
+            .copied()
+            .unwrap_or_else(RuntimeId::new_random);
+        let registered_at = state
+            .runtimes
+            .get(&id)
+            .map_or(now, |known| known.registered_at);
+        let registered = Runtime {
+            id,
+            name: runtime.name.clone(),
+            queues: runtime.queues,
+            labels: runtime.labels,
+            max_concurrency: runtime.max_concurrency,
+            status: RuntimeStatus::Online,
+            last_seen_at: now,
+            registered_at,
+        };
+        state.runtime_names.insert(runtime.name, id);
+        state.runtimes.insert(id, registered.clone());
+        Ok(registered)
+    }
+
+    async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
+        let now = self.now();
+        let mut state = self.state();
+        let runtime = state
+            .runtimes
+            .get_mut(&runtime_id)
+            .ok_or(Error::RuntimeNotFound(runtime_id))?;
+        runtime.last_seen_at = now;
+        runtime.status = RuntimeStatus::Online;
+        Ok(HeartbeatAck {
+            server_time: now,
+            status: runtime.status,
+        })
+    }
+
+    async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedTask>> {
+        let now = self.now();
+        let mut state = self.state();
+        let runtime = state
+            .runtimes
+            .get(&request.runtime_id)
+            .cloned()
+            .ok_or(Error::RuntimeNotFound(request.runtime_id))?;
+        state.requeue_expired_leases(runtime.id, &self.policy, now);
+        if request.max_tasks == 0 {
+            return Ok(Vec::new());
+        }
+        // Claiming here is instantaneous and cannot outlive the caller's budget.
+        Ok(state.claim(&runtime, request.max_tasks, self.policy.lease_duration, now))
+    }
+
+    async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
+        let (task, _) = self.fenced(OwnerWrite::Start, task_id, token, |state, task_id, now| {
+            let task = state.task_mut(task_id);
+            task.started_at = Some(now);
+            state.set_status(task_id, TaskStatus::Running);
+        })?;
+        Ok(task)
+    }
+
+    async fn extend_lease(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        extend_by: Duration,
+    ) -> Result<DateTime<Utc>> {
+        let (task, _) = self.fenced(
+            OwnerWrite::ExtendLease,
+            task_id,
+            token,
+            |state, task_id, now| {
+                let task = state.task_mut(task_id);
+                let renewed = now + to_chrono(extend_by);
+                task.lease_expires_at = task.lease_expires_at.max(Some(renewed));
+            },
+        )?;
+        task.lease_expires_at
+            .ok_or_else(|| Error::Internal("an extended lease has no expiry".into()))
+    }
+
+    async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
+        let (task, _) = self.fenced(
+            OwnerWrite::Complete,
+            task_id,
+            token,
+            |state, task_id, now| {
+                let task = state.task_mut(task_id);
+                task.result = Some(result);
+                task.finished_at = Some(now);
+                task.lease_expires_at = None;
+                state.set_status(task_id, TaskStatus::Completed);
+            },
+        )?;
+        Ok(task)
+    }
+
+    async fn fail(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        failure: Failure,
+    ) -> Result<FailOutcome> {
+        let policy = self.policy;
+        let (task, verdict) =
+            self.fenced(OwnerWrite::Fail, task_id, token, |state, task_id, now| {
+                state.fail(task_id, &failure, &policy, now);
+            })?;
+        let will_retry = match verdict {
+            Verdict::Replay => fence::replayed_fail_retried(&task, token),
+            _ => task.status == TaskStatus::Queued,
+        };
+        Ok(FailOutcome { task, will_retry })
+    }
+
+    async fn report_usage(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        counters: BTreeMap<String, i64>,
+    ) -> Result<()> {
+        let now = self.now();
+        let mut state = self.state();
+        let task = state.task(task_id)?;
+        if State::holds_active_claim(task, token, now) {
+            state
+                .usage
+                .entry((task_id, token))
+                .or_default()
+                .extend(counters);
+            return Ok(());
+        }
+        let stored = state.usage.get(&(task_id, token));
+        let already_reported = !counters.is_empty()
+            && stored.is_some_and(|stored| {
+                counters
+                    .iter()
+                    .all(|(name, value)| stored.get(name) == Some(value))
+            });
+        if already_reported {
+            return Ok(());
+        }
+        match fence::judge(OwnerWrite::ReportUsage, task, token, now) {
+            Verdict::Refuse(refusal) => Err(Error::refused(refusal, task)),
+            Verdict::Apply | Verdict::Replay => Err(Error::Internal(
+                "the fence allowed a usage report the claim check refused".into(),
+            )),
+        }
+    }
+
+    async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {
+        let state = self.state();
+        let task = state.task(task_id)?;
+        Ok((task.status, task.attempt))
+    }
+
+    async fn enqueue(&self, new: NewTask) -> Result<Enqueued> {
+        let now = self.now();
+        let mut state = self.state();
+        if let Some(key) = &new.idempotency_key {
+            if let Some(existing) = state.idempotency.get(&(new.queue.clone(), key.clone())) {
+                return Ok(Enqueued {
+                    task: state.task(*existing)?.clone(),
+                    deduplicated: true,
+                });
+            }
+        }
+        if let Some(pin) = new.pinned_to {
+            if !state.runtimes.contains_key(&pin) {
+                return Err(Error::RuntimeNotFound(pin));
+            }
+        }
+        let task = Task {
+            id: TaskId::new_random(),
+            queue: new.queue,
+            runtime_id: new.pinned_to,
+            concurrency_key: new.concurrency_key,
+            priority: new.priority,
+            payload: new.payload,
+            metadata: new.metadata,
+            status: TaskStatus::Queued,
+            attempt: 1,
+            max_attempts: new.max_attempts,
+            lease_expirations: 0,
+            claimed_by: None,
+            claim_token: None,
+            previous_claim: None,
+            idempotency_key: new.idempotency_key,
+            execution_timeout: new.execution_timeout,
+            created_at: now,
+            available_at: now + to_chrono(new.delay),
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            result: None,
+            error: None,
+            failure_reason: None,
+        };
+        if let Some(key) = &task.idempotency_key {
+            state
+                .idempotency
+                .insert((task.queue.clone(), key.clone()), task.id);
+        }
+        state.tasks.insert(task.id, task.clone());
+        Ok(Enqueued {
+            task,
+            deduplicated: false,
+        })
+    }
+
+    async fn get_task(&self, task_id: TaskId) -> Result<Task> {
+        self.state().task(task_id).cloned()
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: TaskFilter,
+        after: Option<PageCursor>,
+        page_size: u32,
+    ) -> Result<TaskPage> {
+        let state = self.state();
+        let mut matching: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|task| {
+                filter
+                    .queue
+                    .as_ref()
+                    .is_none_or(|queue| &task.queue == queue)
+                    && (filter.statuses.is_empty() || filter.statuses.contains(&task.status))
+                    && filter.runtime_id.is_none_or(|runtime| {
+                        task.runtime_id == Some(runtime) || task.claimed_by == Some(runtime)
+                    })
+                    && after.is_none_or(|cursor| {
+                        (task.created_at, task.id) > (cursor.created_at, cursor.id)
+                    })
+            })
+            .collect();
+        matching.sort_by_key(|task| (task.created_at, task.id));
+        let more = matching.len() > page_size as usize;
+        matching.truncate(page_size as usize);
+        let next = if more {
+            matching.last().map(|last| PageCursor {
+                created_at: last.created_at,
+                id: last.id,
+            })
+        } else {
+            None
+        };
+        Ok(TaskPage {
+            tasks: matching.into_iter().cloned().collect(),
+            next,
+        })
+    }
+
+    async fn cancel(&self, task_id: TaskId) -> Result<Task> {
+        let now = self.now();
+        let mut state = self.state();
+        let task = state.task(task_id)?;
+        if !task.status.is_terminal() {
+            let task = state.task_mut(task_id);
+            task.finished_at = Some(now);
+            task.failure_reason = Some(FailureReason::Cancelled);
+            task.lease_expires_at = None;
+            state.set_status(task_id, TaskStatus::Cancelled);
+        }
+        Ok(state.task(task_id)?.clone())
+    }
+
+    async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
+        let state = self.state();
+        let settings = state.settings(queue);
+        let mut counts = StatusCounts::default();
+        let mut oldest_queued_at: Option<DateTime<Utc>> = None;
+        for task in state.tasks.values().filter(|task| task.queue == queue) {
+            counts.add(task.status, 1);
+            if task.status == TaskStatus::Queued {
+                oldest_queued_at = Some(
+                    oldest_queued_at.map_or(task.created_at, |oldest| oldest.min(task.created_at)),
+                );
+            }
+        }
+        Ok(QueueInfo {
+            name: queue.to_owned(),
+            max_concurrent: settings.max_concurrent,
+            paused: settings.paused,
+            counts,
+            oldest_queued_at,
+        })
+    }
+
+    async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
+        {
+            let mut state = self.state();
+            let settings = state.queues.entry(queue.to_owned()).or_default();
+            if let Some(max_concurrent) = update.max_concurrent {
+                settings.max_concurrent = max_concurrent;
+            }
+            if let Some(paused) = update.paused {
+                settings.paused = paused;
+            }
+        }
+        self.describe_queue(queue).await
+    }
+}
