@@ -11,6 +11,7 @@
 #[macro_use]
 mod harness;
 
+mod differential;
 mod errors;
 mod lifecycle;
 mod listing;
