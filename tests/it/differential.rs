@@ -70,6 +70,11 @@ enum Op {
         token: TokenPick,
         retryable: bool,
     },
+    Usage {
+        task: usize,
+        token: TokenPick,
+        value: i64,
+    },
     Cancel {
         task: usize,
     },
@@ -103,6 +108,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (task.clone(), token_pick()).prop_map(|(task, token)| Op::Extend { task, token }),
         2 => (task.clone(), token_pick()).prop_map(|(task, token)| Op::Complete { task, token }),
         2 => (task.clone(), token_pick(), any::<bool>()).prop_map(|(task, token, retryable)| Op::Fail { task, token, retryable }),
+        1 => (task.clone(), token_pick(), 0..3i64)
+            .prop_map(|(task, token, value)| Op::Usage { task, token, value }),
         1 => task.prop_map(|task| Op::Cancel { task }),
         1 => (0..QUEUES, 0..=2u32).prop_map(|(queue, max_concurrent)| Op::Cap { queue, max_concurrent }),
         1 => (0..QUEUES, any::<bool>()).prop_map(|(queue, paused)| Op::Pause { queue, paused }),
@@ -274,6 +281,17 @@ async fn apply(
                     }),
                 _ => unreachable!(),
             }
+        }
+        Op::Usage { task, token, value } => {
+            let Some(task_id) = task_at(*task) else {
+                return "no such task".into();
+            };
+            let token = subject.token(task_id, *token);
+            let counters = BTreeMap::from([("units".to_string(), *value)]);
+            store
+                .report_usage(task_id, token, counters)
+                .await
+                .map(|()| "usage recorded".into())
         }
         Op::Cancel { task } => {
             let Some(task_id) = task_at(*task) else {
