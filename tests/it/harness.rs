@@ -321,18 +321,20 @@ impl TestServer {
         self.advance_time(Duration::from_secs(61)).await;
     }
 
-    /// The store's current time, as a heartbeat reports it.
-    pub async fn store_time(&self, runtime_id: &str) -> prost_types::Timestamp {
+    pub async fn heartbeat(&self, runtime_id: &str) -> pb::HeartbeatResponse {
         self.worker
             .clone()
             .heartbeat(pb::HeartbeatRequest {
                 runtime_id: runtime_id.into(),
             })
             .await
-            .unwrap()
+            .expect("heartbeat")
             .into_inner()
-            .server_time
-            .unwrap()
+    }
+
+    /// The store's current time, as a heartbeat reports it.
+    pub async fn store_time(&self, runtime_id: &str) -> prost_types::Timestamp {
+        self.heartbeat(runtime_id).await.server_time.unwrap()
     }
 }
 

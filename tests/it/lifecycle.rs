@@ -445,15 +445,7 @@ async fn re_registering_a_name_keeps_the_runtime_id(backend: Backend) {
     let first = server.register("worker-1", &["a"]).await;
     let second = server.register("worker-1", &["a", "b"]).await;
     assert_eq!(first, second);
-    let beat = server
-        .worker
-        .clone()
-        .heartbeat(pb::HeartbeatRequest {
-            runtime_id: first.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let beat = server.heartbeat(&first).await;
     assert_eq!(beat.status(), pb::RuntimeStatus::Online);
     assert!(beat.server_time.is_some());
 }
@@ -488,15 +480,7 @@ async fn a_heartbeat_brings_an_offline_runtime_back_online(
         .execute(server.pool())
         .await
         .unwrap();
-    let beat = server
-        .worker
-        .clone()
-        .heartbeat(pb::HeartbeatRequest {
-            runtime_id: runtime.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let beat = server.heartbeat(&runtime).await;
     assert_eq!(beat.status(), pb::RuntimeStatus::Online);
     let last_seen: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT last_seen_at FROM runtimes WHERE id = $1::uuid")
