@@ -145,10 +145,11 @@ impl State {
             .concurrency_key
             .clone()
             .map(|key| (task.queue.clone(), key));
-        if was_active && !status.is_active() {
-            if let Some(key) = key {
-                self.busy_keys.remove(&key);
-            }
+        if was_active
+            && !status.is_active()
+            && let Some(key) = key
+        {
+            self.busy_keys.remove(&key);
         }
     }
 
@@ -236,10 +237,10 @@ impl State {
         let mut taken_per_queue: HashMap<&str, u32> = HashMap::new();
         let mut chosen = Vec::new();
         for task in candidates {
-            if let Some(key) = &task.concurrency_key {
-                if !keys_taken.insert((task.queue.as_str(), key.as_str())) {
-                    continue;
-                }
+            if let Some(key) = &task.concurrency_key
+                && !keys_taken.insert((task.queue.as_str(), key.as_str()))
+            {
+                continue;
             }
             let taken = taken_per_queue.entry(task.queue.as_str()).or_default();
             *taken += 1;
@@ -493,18 +494,18 @@ impl TaskStore for MemoryStore {
     async fn enqueue(&self, new: NewTask) -> Result<Enqueued> {
         let now = self.now();
         let mut state = self.state();
-        if let Some(key) = &new.idempotency_key {
-            if let Some(existing) = state.idempotency.get(&(new.queue.clone(), key.clone())) {
-                return Ok(Enqueued {
-                    task: state.task(*existing)?.clone(),
-                    deduplicated: true,
-                });
-            }
+        if let Some(key) = &new.idempotency_key
+            && let Some(existing) = state.idempotency.get(&(new.queue.clone(), key.clone()))
+        {
+            return Ok(Enqueued {
+                task: state.task(*existing)?.clone(),
+                deduplicated: true,
+            });
         }
-        if let Some(pin) = new.pinned_to {
-            if !state.runtimes.contains_key(&pin) {
-                return Err(Error::RuntimeNotFound(pin));
-            }
+        if let Some(pin) = new.pinned_to
+            && !state.runtimes.contains_key(&pin)
+        {
+            return Err(Error::RuntimeNotFound(pin));
         }
         let task = Task {
             id: TaskId::new_random(),
