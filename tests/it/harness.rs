@@ -321,6 +321,24 @@ impl TestServer {
         self.advance_time(Duration::from_secs(61)).await;
     }
 
+    pub async fn update_queue(
+        &self,
+        queue: &str,
+        max_concurrent: Option<u32>,
+        paused: Option<bool>,
+    ) -> pb::DescribeQueueResponse {
+        self.admin
+            .clone()
+            .update_queue(pb::UpdateQueueRequest {
+                queue: queue.into(),
+                max_concurrent,
+                paused,
+            })
+            .await
+            .expect("update queue")
+            .into_inner()
+    }
+
     pub async fn heartbeat(&self, runtime_id: &str) -> pb::HeartbeatResponse {
         self.worker
             .clone()

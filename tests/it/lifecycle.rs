@@ -142,29 +142,10 @@ async fn a_paused_queue_hands_out_nothing_until_resumed(backend: Backend) {
     let server = backend.start().await;
     let runtime = server.register("worker-1", &["q"]).await;
     server.enqueue_to("q").await;
-    let paused = server
-        .admin
-        .clone()
-        .update_queue(pb::UpdateQueueRequest {
-            queue: "q".into(),
-            max_concurrent: None,
-            paused: Some(true),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let paused = server.update_queue("q", None, Some(true)).await;
     assert!(paused.paused);
     assert!(server.claim(&runtime, None).await.is_empty());
-    server
-        .admin
-        .clone()
-        .update_queue(pb::UpdateQueueRequest {
-            queue: "q".into(),
-            max_concurrent: None,
-            paused: Some(false),
-        })
-        .await
-        .unwrap();
+    server.update_queue("q", None, Some(false)).await;
     assert_eq!(server.claim(&runtime, None).await.len(), 1);
 }
 

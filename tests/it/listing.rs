@@ -85,17 +85,7 @@ async fn describe_queue_counts_tasks_per_status(backend: Backend) {
     server.enqueue_to("q").await;
     let running = server.claim_one(&runtime).await;
     server.start_task(&running).await.unwrap();
-    let updated = server
-        .admin
-        .clone()
-        .update_queue(pb::UpdateQueueRequest {
-            queue: "q".into(),
-            max_concurrent: Some(4),
-            paused: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let updated = server.update_queue("q", Some(4), None).await;
     assert_eq!(updated.max_concurrent, 4);
     assert!(!updated.paused);
     let described = server

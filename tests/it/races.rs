@@ -25,16 +25,7 @@ async fn race_claims(server: &TestServer, queue: &str, count: usize) -> Vec<pb::
 
 async fn twenty_claimers_on_a_queue_capped_at_one_dispatch_exactly_one(backend: Backend) {
     let server = backend.start().await;
-    server
-        .admin
-        .clone()
-        .update_queue(pb::UpdateQueueRequest {
-            queue: "capped".into(),
-            max_concurrent: Some(1),
-            paused: None,
-        })
-        .await
-        .unwrap();
+    server.update_queue("capped", Some(1), None).await;
     for _ in 0..20 {
         server.enqueue_to("capped").await;
     }
@@ -154,16 +145,7 @@ async fn a_claim_whose_deadline_passes_before_commit_is_rolled_back(
 ) {
     let server = Backend::Postgres(Box::new((pool, connect))).start().await;
     let runtime = server.register("late", &["slow"]).await;
-    server
-        .admin
-        .clone()
-        .update_queue(pb::UpdateQueueRequest {
-            queue: "slow".into(),
-            max_concurrent: Some(5),
-            paused: None,
-        })
-        .await
-        .unwrap();
+    server.update_queue("slow", Some(5), None).await;
     let task = server.enqueue_to("slow").await;
 
     // Hold the capped queue's row so the claim waits past its deadline.
