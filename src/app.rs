@@ -14,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::advisory::{Liveness, RedisLink};
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Settings};
 use crate::domain::RetryBackoff;
@@ -23,7 +24,8 @@ use crate::grpc::pb::worker_service_server::WorkerServiceServer;
 use crate::grpc::{AdminApi, TaskApi, WorkerApi, pb};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
-use crate::store::{StorePolicy, TaskStore};
+use crate::store::{StorePolicy, SweepPolicy, TaskStore};
+use crate::sweeper;
 
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,9 +53,6 @@ impl App {
     /// applying migrations, so a misconfigured replica never reports SERVING), else the
     /// embedded in-memory store.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        if config.redis_url.is_some() {
-            tracing::warn!("REDIS_URL is set but this build does not use Redis yet; ignoring it");
-        }
         let store: Arc<dyn TaskStore> = match config.database_url.as_deref() {
             Some(database_url) => Arc::new(connect_postgres(database_url, &config).await?),
             None => {
@@ -64,20 +63,44 @@ impl App {
                 Arc::new(MemoryStore::new(store_policy(&config)))
             }
         };
-        Ok(Self::with_store(config, store))
+        Self::with_store(config, store)
     }
 
-    /// Builds the service on an already prepared store.
-    pub fn with_store(config: Config, store: Arc<dyn TaskStore>) -> App {
+    /// Builds the service on an already prepared store. Redis, when configured, is connected
+    /// lazily: the service starts (degraded) without it.
+    pub fn with_store(config: Config, store: Arc<dyn TaskStore>) -> anyhow::Result<App> {
         let settings = Settings {
             lease_duration: config.lease_duration,
             heartbeat_interval: config.heartbeat_interval,
             max_payload_bytes: config.max_payload_bytes,
+            liveness_ttl: config.liveness_ttl,
+            sweep: SweepPolicy {
+                offline_after: config.offline_after,
+                dispatch_timeout: config.dispatch_timeout,
+                pinned_orphan_grace: config.pinned_orphan_grace,
+                batch_size: config.sweep_batch_size,
+            },
         };
-        App {
-            coordinator: Arc::new(Coordinator::new(store, settings)),
+        warn_about_liveness_chain(&config);
+        let redis = config
+            .redis_url
+            .as_deref()
+            .map(|url| RedisLink::new(url, &config.redis_key_prefix, config.redis_timeout))
+            .transpose()
+            .context("invalid REDIS_URL")?
+            .map(Arc::new);
+        Ok(App {
+            coordinator: Arc::new(Coordinator::new(store, settings, redis)),
             config,
-        }
+        })
+    }
+
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
+    pub fn store_policy(&self) -> StorePolicy {
+        store_policy(&self.config)
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down in order: health turns
@@ -93,9 +116,9 @@ impl App {
             .ready()
             .await
             .context("the store did not answer")?;
-        set_health(&health, ServingStatus::Serving).await;
-
         let stopping = CancellationToken::new();
+        let background = self.spawn_background(stopping.child_token()).await;
+        set_health(&health, ServingStatus::Serving).await;
         tokio::spawn(flip_health_on_shutdown(shutdown, health, stopping.clone()));
 
         let address = listener.local_addr()?;
@@ -136,8 +159,41 @@ impl App {
                 tracing::warn!(?grace, "shutdown grace elapsed; abandoning in-flight calls");
             }
         }
+        drop(background);
         tracing::info!("leasehold stopped");
         Ok(())
+    }
+
+    /// The sweeper and the Redis watcher, stopped by `stop` (or by the returned guard, when
+    /// the server ends some other way).
+    async fn spawn_background(&self, stop: CancellationToken) -> tokio_util::sync::DropGuard {
+        if let Some(redis) = self.coordinator.redis() {
+            redis.connect_now().await;
+            let (redis, stop) = (redis.clone(), stop.clone());
+            tokio::spawn(async move { redis.watch(stop).await });
+        }
+        tokio::spawn(sweeper::run(
+            self.coordinator.clone(),
+            self.config.sweep_interval,
+            stop.clone(),
+        ));
+        stop.drop_guard()
+    }
+}
+
+/// Spec §6: a live runtime's `last_seen_at` may lag by the flush interval, plus a heartbeat
+/// interval, plus a sweep interval before the sweeper looks; all of it must fit in
+/// `--offline-after`, or live runtimes get marked OFFLINE when Redis is unavailable.
+fn warn_about_liveness_chain(config: &Config) {
+    let flush = Liveness::flush_interval(config.offline_after);
+    let chain = flush + config.heartbeat_interval + config.sweep_interval;
+    if chain >= config.offline_after {
+        tracing::warn!(
+            ?chain,
+            offline_after = ?config.offline_after,
+            "flush interval + heartbeat interval + sweep interval reaches --offline-after; \
+             live runtimes may be marked OFFLINE while Redis is unavailable"
+        );
     }
 }
 

@@ -41,6 +41,14 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Timeout of each Redis call; a call that takes longer marks Redis degraded.
+    #[arg(long, env = "LEASEHOLD_REDIS_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    pub redis_timeout: Duration,
+
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "LEASEHOLD_REDIS_KEY_PREFIX", default_value = "leasehold")]
+    pub redis_key_prefix: String,
+
     /// How long a claim stays valid before StartTask must be called.
     #[arg(long, env = "LEASEHOLD_LEASE_DURATION", default_value = "60s", value_parser = duration)]
     pub lease_duration: Duration,
@@ -60,6 +68,10 @@ pub struct Config {
     /// How often the sweeper runs its stages.
     #[arg(long, env = "LEASEHOLD_SWEEP_INTERVAL", default_value = "30s", value_parser = duration)]
     pub sweep_interval: Duration,
+
+    /// Rows one sweeper statement changes at most; a stage repeats until a batch is short.
+    #[arg(long, env = "LEASEHOLD_SWEEP_BATCH_SIZE", default_value_t = 500)]
+    pub sweep_batch_size: u32,
 
     /// A DISPATCHED task older than this is failed as DISPATCH_TIMEOUT.
     #[arg(long, env = "LEASEHOLD_DISPATCH_TIMEOUT", default_value = "300s", value_parser = duration)]

@@ -1,20 +1,23 @@
 //! The service layer: every RPC's rules that depend on configuration (batch caps, lease
-//! clamps, size limits, defaults), in front of the store. The one place that will combine the
-//! store with liveness, the empty-claim cache and wake-ups.
+//! clamps, size limits, defaults), in front of the store. The one place that combines the
+//! store with liveness and the empty-claim cache: after every change that commits, the
+//! versions it touches are bumped ([`Coordinator::announce`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::advisory::claim_cache::VersionKey;
+use crate::advisory::{ClaimCache, Liveness, RedisLink};
 use crate::domain::{
-    ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, Task, TaskId,
-    TaskStatus, validate,
+    ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
+    TaskId, TaskStatus, validate,
 };
 use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
-    QueueUpdate, TaskFilter, TaskPage, TaskStore,
+    QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 /// Most tasks one ClaimTask call hands out.
@@ -32,6 +35,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Limit for payloads, results and error texts alike.
     pub max_payload_bytes: usize,
+    pub liveness_ttl: Duration,
+    pub sweep: SweepPolicy,
 }
 
 /// What a runtime learns when it registers.
@@ -45,11 +50,37 @@ pub struct Registration {
 pub struct Coordinator {
     store: Arc<dyn TaskStore>,
     settings: Settings,
+    redis: Option<Arc<RedisLink>>,
+    liveness: Liveness,
+    claim_cache: ClaimCache,
 }
 
 impl Coordinator {
-    pub fn new(store: Arc<dyn TaskStore>, settings: Settings) -> Self {
-        Self { store, settings }
+    /// `redis`: the advisory link, when configured.
+    pub fn new(
+        store: Arc<dyn TaskStore>,
+        settings: Settings,
+        redis: Option<Arc<RedisLink>>,
+    ) -> Self {
+        Self {
+            liveness: Liveness::new(
+                redis.clone(),
+                settings.liveness_ttl,
+                settings.sweep.offline_after,
+            ),
+            claim_cache: ClaimCache::new(redis.clone()),
+            redis,
+            store,
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn redis(&self) -> Option<&Arc<RedisLink>> {
+        self.redis.as_ref()
     }
 
     pub async fn ready(&self) -> Result<()> {
@@ -70,6 +101,11 @@ impl Coordinator {
         runtime.queues.sort();
         runtime.queues.dedup();
         let runtime = self.store.register_runtime(runtime).await?;
+        self.liveness.flushed(runtime.id).await;
+        self.claim_cache.learn_queues(runtime.id, &runtime.queues);
+        // Its queues may have changed: no verdict computed for the old ones may stand.
+        self.announce_keys(BTreeSet::from([VersionKey::Runtime(runtime.id)]))
+            .await;
         tracing::info!(runtime_id = %runtime.id, name = %runtime.name, "runtime registered");
         Ok(Registration {
             runtime,
@@ -78,12 +114,52 @@ impl Coordinator {
         })
     }
 
+    /// Redis takes the beat when PostgreSQL heard from the runtime recently enough;
+    /// otherwise (or without Redis) PostgreSQL's `last_seen_at` is written.
     pub async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
-        self.store.heartbeat(runtime_id).await
+        if self.liveness.beat(runtime_id).await {
+            return Ok(HeartbeatAck {
+                server_time: Utc::now(),
+                status: RuntimeStatus::Online,
+            });
+        }
+        let ack = self.store.heartbeat(runtime_id).await?;
+        self.liveness.flushed(runtime_id).await;
+        Ok(ack)
+    }
+
+    /// Graceful exit: OFFLINE, unstarted claims requeued (T4''). Returns how many.
+    pub async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<u32> {
+        let requeued = self.store.deregister_runtime(runtime_id).await?;
+        self.liveness.forget(runtime_id).await;
+        self.announce(&requeued).await;
+        tracing::info!(%runtime_id, requeued = requeued.len(), "runtime deregistered");
+        Ok(u32::try_from(requeued.len()).unwrap_or(u32::MAX))
+    }
+
+    pub async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
+        let recovered = self.store.recover_orphans(runtime_id).await?;
+        self.announce(&recovered.moved).await;
+        tracing::info!(
+            %runtime_id,
+            failed = recovered.failed(),
+            retried = recovered.retried(),
+            "orphans recovered"
+        );
+        Ok(recovered)
+    }
+
+    pub async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
+        self.store.list_runtimes(status).await
     }
 
     /// Preflight requeue and claim. `max_tasks`: absent = 1, 0 = only the preflight, capped at
     /// [`MAX_CLAIM_BATCH`]. `budget` is the time left before the caller's deadline.
+    ///
+    /// With Redis, a runtime whose last claim found nothing, and for which nothing changed
+    /// since, is answered from the empty-claim cache without touching PostgreSQL. Such a
+    /// verdict never outlives the runtime's earliest lease, so the preflight it skips would
+    /// have requeued nothing.
     pub async fn claim(
         &self,
         runtime_id: RuntimeId,
@@ -91,13 +167,76 @@ impl Coordinator {
         budget: Option<Duration>,
     ) -> Result<Vec<ClaimedTask>> {
         let max_tasks = max_tasks.unwrap_or(1).min(MAX_CLAIM_BATCH);
-        self.store
+        let snapshot = if max_tasks > 0 {
+            self.claim_cache.snapshot(runtime_id).await
+        } else {
+            None
+        };
+        self.note_claim_as_heartbeat(runtime_id).await?;
+        if snapshot
+            .as_ref()
+            .is_some_and(|snapshot| snapshot.says_empty())
+        {
+            return Ok(Vec::new());
+        }
+        let outcome = self
+            .store
             .claim(ClaimRequest {
                 runtime_id,
                 max_tasks,
                 budget,
             })
-            .await
+            .await?;
+        let mut touched = version_keys(&outcome.preflight);
+        if !outcome.claimed.is_empty() {
+            touched.insert(VersionKey::Runtime(runtime_id));
+        }
+        self.announce_keys(touched).await;
+        if outcome.claimed.is_empty() && max_tasks > 0 && self.claim_cache.is_active() {
+            let horizon = self.store.claim_horizon(runtime_id).await?;
+            self.claim_cache
+                .remember_empty(runtime_id, snapshot, &horizon)
+                .await;
+        }
+        Ok(outcome.claimed)
+    }
+
+    /// A claim is a sign of life too. With Redis, it refreshes the liveness key (and
+    /// `last_seen_at` when that is due); without, heartbeats alone keep `last_seen_at`.
+    async fn note_claim_as_heartbeat(&self, runtime_id: RuntimeId) -> Result<()> {
+        if self.redis.as_ref().is_some_and(|redis| redis.is_healthy())
+            && !self.liveness.beat(runtime_id).await
+        {
+            self.store.heartbeat(runtime_id).await?;
+            self.liveness.flushed(runtime_id).await;
+        }
+        Ok(())
+    }
+
+    /// One sweep (spec §6); `None` when another replica is sweeping.
+    pub async fn sweep(&self, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>> {
+        let report = self
+            .store
+            .sweep(&self.settings.sweep, &self.liveness, due_since)
+            .await?;
+        if let Some(report) = &report {
+            self.announce_keys(version_keys(report.moves())).await;
+        }
+        Ok(report)
+    }
+
+    /// Tells everyone that these tasks moved: bumps the versions they touch. Call after the
+    /// change committed.
+    async fn announce<'a>(&self, moves: impl IntoIterator<Item = &'a TaskMove>) {
+        self.announce_keys(version_keys(moves)).await;
+    }
+
+    async fn announce_keys(&self, keys: BTreeSet<VersionKey>) {
+        self.claim_cache.bump(keys).await;
+    }
+
+    async fn announce_task(&self, task: &Task) {
+        self.announce([&TaskMove::from(task)]).await;
     }
 
     pub async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
@@ -125,7 +264,9 @@ impl Coordinator {
         result: Vec<u8>,
     ) -> Result<Task> {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
-        self.store.complete(task_id, token, result).await
+        let task = self.store.complete(task_id, token, result).await?;
+        self.announce_task(&task).await;
+        Ok(task)
     }
 
     pub async fn fail(
@@ -141,7 +282,9 @@ impl Coordinator {
             retryable,
             jitter: rand::random::<f64>(),
         };
-        self.store.fail(task_id, token, failure).await
+        let outcome = self.store.fail(task_id, token, failure).await?;
+        self.announce_task(&outcome.task).await;
+        Ok(outcome)
     }
 
     pub async fn report_usage(
@@ -173,6 +316,9 @@ impl Coordinator {
             task.max_attempts = DEFAULT_MAX_ATTEMPTS;
         }
         let enqueued = self.store.enqueue(task).await?;
+        if !enqueued.deduplicated {
+            self.announce_task(&enqueued.task).await;
+        }
         tracing::debug!(task_id = %enqueued.task.id, deduplicated = enqueued.deduplicated, "enqueued");
         Ok(enqueued)
     }
@@ -199,7 +345,9 @@ impl Coordinator {
     }
 
     pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
-        self.store.cancel(task_id).await
+        let task = self.store.cancel(task_id).await?;
+        self.announce_task(&task).await;
+        Ok(task)
     }
 
     pub async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
@@ -209,6 +357,13 @@ impl Coordinator {
 
     pub async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
         validate::queue_name("queue", queue)?;
-        self.store.update_queue(queue, update).await
+        let info = self.store.update_queue(queue, update).await?;
+        self.announce_keys(BTreeSet::from([VersionKey::Queue(queue.to_owned())]))
+            .await;
+        Ok(info)
     }
+}
+
+fn version_keys<'a>(moves: impl IntoIterator<Item = &'a TaskMove>) -> BTreeSet<VersionKey> {
+    moves.into_iter().flat_map(VersionKey::for_move).collect()
 }

@@ -4,6 +4,7 @@
 //! Data flows one way: [`grpc`] → [`coordinator`] → [`store`]. Nothing below the gRPC layer
 //! knows about protobuf types; nothing in [`domain`] does I/O.
 
+pub mod advisory;
 pub mod app;
 pub mod config;
 pub mod coordinator;
@@ -11,4 +12,5 @@ pub mod domain;
 pub mod grpc;
 pub mod shutdown;
 pub mod store;
+pub mod sweeper;
 pub mod telemetry;

@@ -24,9 +24,13 @@ impl AdminApi {
 impl AdminService for AdminApi {
     async fn list_runtimes(
         &self,
-        _request: Request<pb::ListRuntimesRequest>,
+        request: Request<pb::ListRuntimesRequest>,
     ) -> Result<Response<pb::ListRuntimesResponse>, Status> {
-        Err(status::unimplemented("ListRuntimes"))
+        let status = convert::runtime_status_filter("status", request.get_ref().status)?;
+        let runtimes = self.coordinator.list_runtimes(status).await?;
+        Ok(Response::new(pb::ListRuntimesResponse {
+            runtimes: runtimes.into_iter().map(convert::runtime).collect(),
+        }))
     }
 
     async fn describe_queue(

@@ -88,6 +88,22 @@ pub(crate) fn task_status_from_wire(field: &str, value: i32) -> Result<TaskStatu
     }
 }
 
+/// The optional status filter of ListRuntimes: absent or UNSPECIFIED = any status.
+pub(crate) fn runtime_status_filter(
+    field: &str,
+    value: Option<i32>,
+) -> Result<Option<RuntimeStatus>> {
+    match value.map(pb::RuntimeStatus::try_from) {
+        None | Some(Ok(pb::RuntimeStatus::Unspecified)) => Ok(None),
+        Some(Ok(pb::RuntimeStatus::Online)) => Ok(Some(RuntimeStatus::Online)),
+        Some(Ok(pb::RuntimeStatus::Offline)) => Ok(Some(RuntimeStatus::Offline)),
+        Some(Err(_)) => Err(Error::invalid(
+            field,
+            format!("{} is not a runtime status", value.unwrap_or_default()),
+        )),
+    }
+}
+
 pub(crate) fn task_status(status: TaskStatus) -> pb::TaskStatus {
     match status {
         TaskStatus::Queued => pb::TaskStatus::Queued,

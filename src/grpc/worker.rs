@@ -61,16 +61,23 @@ impl WorkerService for WorkerApi {
 
     async fn deregister_runtime(
         &self,
-        _request: Request<pb::DeregisterRuntimeRequest>,
+        request: Request<pb::DeregisterRuntimeRequest>,
     ) -> Result<Response<pb::DeregisterRuntimeResponse>, Status> {
-        Err(status::unimplemented("DeregisterRuntime"))
+        let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        let requeued = self.coordinator.deregister_runtime(runtime_id).await?;
+        Ok(Response::new(pb::DeregisterRuntimeResponse { requeued }))
     }
 
     async fn recover_orphans(
         &self,
-        _request: Request<pb::RecoverOrphansRequest>,
+        request: Request<pb::RecoverOrphansRequest>,
     ) -> Result<Response<pb::RecoverOrphansResponse>, Status> {
-        Err(status::unimplemented("RecoverOrphans"))
+        let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        let recovered = self.coordinator.recover_orphans(runtime_id).await?;
+        Ok(Response::new(pb::RecoverOrphansResponse {
+            failed: recovered.failed(),
+            retried: recovered.retried(),
+        }))
     }
 
     async fn claim_task(

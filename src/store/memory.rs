@@ -18,8 +18,9 @@ use crate::domain::{
     Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus, retry,
 };
 use crate::store::{
-    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
-    QueueUpdate, StorePolicy, TaskFilter, TaskPage, TaskStore,
+    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
+    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueUpdate, Recovered, StorePolicy,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 pub struct MemoryStore {
@@ -37,6 +38,8 @@ struct State {
     idempotency: HashMap<(String, String), TaskId>,
     runtimes: HashMap<RuntimeId, Runtime>,
     runtime_names: HashMap<String, RuntimeId>,
+    /// When each OFFLINE runtime went offline (the pinned-orphan grace counts from here).
+    offline_since: HashMap<RuntimeId, DateTime<Utc>>,
     queues: HashMap<String, QueueSettings>,
     /// (queue, concurrency key) pairs held by a DISPATCHED/RUNNING task.
     busy_keys: HashSet<(String, String)>,
@@ -69,8 +72,7 @@ impl MemoryStore {
     /// Wall clock plus the test offset, at PostgreSQL's microsecond precision so both stores
     /// order equal-looking timestamps alike.
     fn now(&self) -> DateTime<Utc> {
-        let now = Utc::now() + *lock(&self.clock_offset);
-        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+        micros(Utc::now() + *lock(&self.clock_offset))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -104,6 +106,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A failure the server decides on (sweeper, RecoverOrphans).
+struct ServerFailure {
+    reason: FailureReason,
+    error: &'static str,
+}
+
+impl ServerFailure {
+    const DISPATCH_TIMEOUT: ServerFailure = ServerFailure {
+        reason: FailureReason::DispatchTimeout,
+        error: "the task was dispatched but not started within the dispatch timeout",
+    };
+    const EXECUTION_TIMEOUT: ServerFailure = ServerFailure {
+        reason: FailureReason::ExecutionTimeout,
+        error: "the task ran longer than its execution timeout",
+    };
+}
+
+/// At PostgreSQL's microsecond precision.
+fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 fn to_chrono(duration: Duration) -> chrono::Duration {
@@ -159,7 +183,7 @@ impl State {
         runtime_id: RuntimeId,
         policy: &StorePolicy,
         now: DateTime<Utc>,
-    ) {
+    ) -> Vec<TaskMove> {
         let expired: Vec<TaskId> = self
             .tasks
             .values()
@@ -170,6 +194,7 @@ impl State {
             })
             .map(|task| task.id)
             .collect();
+        let mut moved = Vec::with_capacity(expired.len());
         for task_id in expired {
             let task = self.task_mut(task_id);
             task.lease_expirations += 1;
@@ -190,7 +215,9 @@ impl State {
                 TaskStatus::Queued
             };
             self.set_status(task_id, status);
+            moved.push(TaskMove::from(&*self.task_mut(task_id)));
         }
+        moved
     }
 
     /// T2: the same selection as `leasehold_claim`: the best `max_tasks` candidates, then at
@@ -302,15 +329,189 @@ impl State {
             return;
         }
         let delay = policy.retry_backoff.delay(task.attempt, failure.jitter);
-        let available_at = now + to_chrono(delay);
-        task.available_at = DateTime::from_timestamp_micros(available_at.timestamp_micros())
-            .unwrap_or(available_at);
+        task.available_at = micros(now + to_chrono(delay));
         task.attempt += 1;
         task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
             token,
             end: ClaimEnd::Retried,
         });
         self.set_status(task_id, TaskStatus::Queued);
+    }
+
+    /// Tasks claimed by `runtime_id` whose status passes `held`.
+    fn held_by(&self, runtime_id: RuntimeId, held: impl Fn(TaskStatus) -> bool) -> Vec<TaskId> {
+        self.tasks
+            .values()
+            .filter(|task| task.claimed_by == Some(runtime_id) && held(task.status))
+            .map(|task| task.id)
+            .collect()
+    }
+
+    fn mark_offline(&mut self, runtime_id: RuntimeId, now: DateTime<Utc>) -> Result<()> {
+        let runtime = self
+            .runtimes
+            .get_mut(&runtime_id)
+            .ok_or(Error::RuntimeNotFound(runtime_id))?;
+        runtime.status = RuntimeStatus::Offline;
+        self.offline_since.entry(runtime_id).or_insert(now);
+        Ok(())
+    }
+
+    fn stale_runtimes(&self, seen_before: DateTime<Utc>) -> Vec<RuntimeId> {
+        self.runtimes
+            .keys()
+            .copied()
+            .filter(|id| self.is_stale(*id, seen_before))
+            .collect()
+    }
+
+    fn is_stale(&self, runtime_id: RuntimeId, seen_before: DateTime<Utc>) -> bool {
+        self.runtimes.get(&runtime_id).is_some_and(|runtime| {
+            runtime.status == RuntimeStatus::Online && runtime.last_seen_at < seen_before
+        })
+    }
+
+    fn refresh_last_seen(&mut self, runtime_id: RuntimeId, now: DateTime<Utc>) {
+        if let Some(runtime) = self.runtimes.get_mut(&runtime_id)
+            && runtime.status == RuntimeStatus::Online
+        {
+            runtime.last_seen_at = now;
+        }
+    }
+
+    /// Sweeper stage 2.
+    fn fail_tasks_of_offline_runtimes(
+        &mut self,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) -> Vec<TaskMove> {
+        let orphans: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|task| {
+                task.status.is_active()
+                    && task.claimed_by.is_some_and(|runtime| {
+                        self.runtimes
+                            .get(&runtime)
+                            .is_some_and(|runtime| runtime.status == RuntimeStatus::Offline)
+                    })
+            })
+            .map(|task| task.id)
+            .collect();
+        let failure = ServerFailure {
+            reason: FailureReason::RuntimeOffline,
+            error: "the runtime holding the task went offline",
+        };
+        orphans
+            .into_iter()
+            .map(|task_id| self.fail_for_server_reason(task_id, &failure, policy, now))
+            .collect()
+    }
+
+    /// Sweeper stage 3.
+    fn fail_timed_out(
+        &mut self,
+        sweep: &SweepPolicy,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) -> Vec<TaskMove> {
+        let dispatched_before = now - to_chrono(sweep.dispatch_timeout);
+        let mut timed_out: Vec<(TaskId, ServerFailure)> = Vec::new();
+        for task in self.tasks.values() {
+            let dispatch_timed_out = task.status == TaskStatus::Dispatched
+                && task.dispatched_at.is_some_and(|at| at < dispatched_before);
+            let execution_timed_out = task.status == TaskStatus::Running
+                && task
+                    .started_at
+                    .zip(task.execution_timeout)
+                    .is_some_and(|(started, timeout)| started + to_chrono(timeout) < now);
+            if dispatch_timed_out {
+                timed_out.push((task.id, ServerFailure::DISPATCH_TIMEOUT));
+            } else if execution_timed_out {
+                timed_out.push((task.id, ServerFailure::EXECUTION_TIMEOUT));
+            }
+        }
+        timed_out
+            .into_iter()
+            .map(|(task_id, failure)| self.fail_for_server_reason(task_id, &failure, policy, now))
+            .collect()
+    }
+
+    /// Sweeper stage 4.
+    fn fail_pinned_orphans(&mut self, sweep: &SweepPolicy, now: DateTime<Utc>) -> Vec<TaskMove> {
+        let gone_before = now - to_chrono(sweep.pinned_orphan_grace);
+        let orphans: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|task| {
+                task.status == TaskStatus::Queued
+                    && task.runtime_id.is_some_and(|pin| {
+                        self.offline_since
+                            .get(&pin)
+                            .is_some_and(|since| *since < gone_before)
+                    })
+            })
+            .map(|task| task.id)
+            .collect();
+        orphans
+            .into_iter()
+            .map(|task_id| {
+                let task = self.task_mut(task_id);
+                task.failure_reason = Some(FailureReason::RuntimeGone);
+                task.error =
+                    Some("the pinned runtime has been offline for longer than the grace".into());
+                task.finished_at = Some(now);
+                self.set_status(task_id, TaskStatus::Failed);
+                TaskMove::from(&*self.task_mut(task_id))
+            })
+            .collect()
+    }
+
+    /// Sweeper stage 5: one task per (queue, pin) that became available in `(since, until]`.
+    fn became_available(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Vec<TaskMove> {
+        let mut seen = HashSet::new();
+        self.tasks
+            .values()
+            .filter(|task| {
+                task.status == TaskStatus::Queued
+                    && task.available_at > since
+                    && task.available_at <= until
+                    && seen.insert((task.queue.clone(), task.runtime_id))
+            })
+            .map(TaskMove::from)
+            .collect()
+    }
+
+    /// A server-side failure (always retryable): the `sql::fail_for_server_reason!` of the
+    /// PostgreSQL store.
+    fn fail_for_server_reason(
+        &mut self,
+        task_id: TaskId,
+        failure: &ServerFailure,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) -> TaskMove {
+        let task = self.task_mut(task_id);
+        let retrying = retry::will_retry(true, task.attempt, task.max_attempts);
+        task.error = Some(failure.error.to_owned());
+        task.failure_reason = Some(failure.reason);
+        task.lease_expires_at = None;
+        if retrying {
+            let delay = policy
+                .retry_backoff
+                .delay(task.attempt, rand::random::<f64>());
+            task.available_at = micros(now + to_chrono(delay));
+            task.attempt += 1;
+            task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
+                token,
+                end: ClaimEnd::Requeued,
+            });
+            self.set_status(task_id, TaskStatus::Queued);
+        } else {
+            task.finished_at = Some(now);
+            self.set_status(task_id, TaskStatus::Failed);
+        }
+        TaskMove::from(&*self.task_mut(task_id))
     }
 
     fn holds_active_claim(task: &Task, token: ClaimToken, now: DateTime<Utc>) -> bool {
@@ -353,6 +554,7 @@ impl TaskStore for MemoryStore {
         };
         state.runtime_names.insert(runtime.name, id);
         state.runtimes.insert(id, registered.clone());
+        state.offline_since.remove(&id);
         Ok(registered)
     }
 
@@ -365,13 +567,64 @@ impl TaskStore for MemoryStore {
             .ok_or(Error::RuntimeNotFound(runtime_id))?;
         runtime.last_seen_at = now;
         runtime.status = RuntimeStatus::Online;
+        let status = runtime.status;
+        state.offline_since.remove(&runtime_id);
         Ok(HeartbeatAck {
             server_time: now,
-            status: runtime.status,
+            status,
         })
     }
 
-    async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedTask>> {
+    async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
+        let now = self.now();
+        let mut state = self.state();
+        state.mark_offline(runtime_id, now)?;
+        let unstarted = state.held_by(runtime_id, |status| status == TaskStatus::Dispatched);
+        let mut moved = Vec::with_capacity(unstarted.len());
+        for task_id in unstarted {
+            let task = state.task_mut(task_id);
+            task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
+                token,
+                end: ClaimEnd::Requeued,
+            });
+            task.lease_expires_at = None;
+            state.set_status(task_id, TaskStatus::Queued);
+            moved.push(TaskMove::from(&*state.task_mut(task_id)));
+        }
+        Ok(moved)
+    }
+
+    async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
+        let now = self.now();
+        let mut state = self.state();
+        if !state.runtimes.contains_key(&runtime_id) {
+            return Err(Error::RuntimeNotFound(runtime_id));
+        }
+        let orphans = state.held_by(runtime_id, TaskStatus::is_active);
+        let failure = ServerFailure {
+            reason: FailureReason::RuntimeRecovery,
+            error: "the runtime restarted and declared the task lost",
+        };
+        let moved = orphans
+            .into_iter()
+            .map(|task_id| state.fail_for_server_reason(task_id, &failure, &self.policy, now))
+            .collect();
+        Ok(Recovered { moved })
+    }
+
+    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
+        let state = self.state();
+        let mut runtimes: Vec<Runtime> = state
+            .runtimes
+            .values()
+            .filter(|runtime| status.is_none_or(|status| runtime.status == status))
+            .cloned()
+            .collect();
+        runtimes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(runtimes)
+    }
+
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         let now = self.now();
         let mut state = self.state();
         let runtime = state
@@ -379,12 +632,88 @@ impl TaskStore for MemoryStore {
             .get(&request.runtime_id)
             .cloned()
             .ok_or(Error::RuntimeNotFound(request.runtime_id))?;
-        state.requeue_expired_leases(runtime.id, &self.policy, now);
+        let preflight = state.requeue_expired_leases(runtime.id, &self.policy, now);
         if request.max_tasks == 0 {
-            return Ok(Vec::new());
+            return Ok(ClaimOutcome {
+                claimed: Vec::new(),
+                preflight,
+            });
         }
         // Claiming here is instantaneous and cannot outlive the caller's budget.
-        Ok(state.claim(&runtime, request.max_tasks, self.policy.lease_duration, now))
+        let claimed = state.claim(&runtime, request.max_tasks, self.policy.lease_duration, now);
+        Ok(ClaimOutcome { claimed, preflight })
+    }
+
+    async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {
+        let now = self.now();
+        let state = self.state();
+        let runtime = state
+            .runtimes
+            .get(&runtime_id)
+            .ok_or(Error::RuntimeNotFound(runtime_id))?;
+        let time_left = |at: DateTime<Utc>| (at - now).to_std().unwrap_or_default();
+        let own_lease = state
+            .tasks
+            .values()
+            .filter(|task| {
+                task.claimed_by == Some(runtime_id) && task.status == TaskStatus::Dispatched
+            })
+            .filter_map(|task| task.lease_expires_at)
+            .min()
+            .map(time_left);
+        let next_available = state
+            .tasks
+            .values()
+            .filter(|task| {
+                task.status == TaskStatus::Queued
+                    && runtime.queues.contains(&task.queue)
+                    && task.available_at > now
+            })
+            .map(|task| task.available_at)
+            .min()
+            .map(time_left);
+        let mut queues = runtime.queues.clone();
+        queues.sort();
+        Ok(ClaimHorizon {
+            queues,
+            own_lease,
+            next_available,
+        })
+    }
+
+    async fn sweep(
+        &self,
+        policy: &SweepPolicy,
+        oracle: &dyn LivenessOracle,
+        due_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<SweepReport>> {
+        let swept_at = self.now();
+        let offline_after = to_chrono(policy.offline_after);
+        let stale: Vec<RuntimeId> = self.state().stale_runtimes(swept_at - offline_after);
+        // Asked without the lock held; the flip below re-checks staleness, so a heartbeat
+        // that landed meanwhile vetoes it.
+        let alive = oracle.alive(&stale).await;
+        let now = self.now();
+        let mut state = self.state();
+        let mut report = SweepReport {
+            swept_at: Some(swept_at),
+            ..SweepReport::default()
+        };
+        for runtime_id in stale {
+            if alive.contains(&runtime_id) {
+                state.refresh_last_seen(runtime_id, now);
+            } else if state.is_stale(runtime_id, now - offline_after) {
+                state.mark_offline(runtime_id, now)?;
+                report.marked_offline.push(runtime_id);
+            }
+        }
+        report.runtime_offline = state.fail_tasks_of_offline_runtimes(&self.policy, now);
+        report.timed_out = state.fail_timed_out(policy, &self.policy, now);
+        report.runtime_gone = state.fail_pinned_orphans(policy, now);
+        if let Some(since) = due_since {
+            report.became_available = state.became_available(since, swept_at);
+        }
+        Ok(Some(report))
     }
 
     async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {

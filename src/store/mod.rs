@@ -3,7 +3,7 @@
 //! Every method is one atomic change (or read) with the semantics of spec §2 and §4; the
 //! implementations differ only in how they achieve atomicity.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -64,6 +64,126 @@ pub struct NewTask {
     pub execution_timeout: Option<Duration>,
 }
 
+/// What one claim call did.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimOutcome {
+    pub claimed: Vec<ClaimedTask>,
+    /// Tasks the preflight moved off this runtime: requeued (T4), or failed by the poison
+    /// guard (T10).
+    pub preflight: Vec<TaskMove>,
+}
+
+/// A task that changed state, as much as the callers need to tell others about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskMove {
+    pub task_id: TaskId,
+    pub queue: String,
+    pub pinned_to: Option<RuntimeId>,
+    /// The state it moved to.
+    pub status: TaskStatus,
+}
+
+impl From<&Task> for TaskMove {
+    fn from(task: &Task) -> Self {
+        Self {
+            task_id: task.id,
+            queue: task.queue.clone(),
+            pinned_to: task.runtime_id,
+            status: task.status,
+        }
+    }
+}
+
+/// How long a runtime's "nothing claimable" verdict can stay true without any write: until
+/// one of its own leases expires (its preflight would requeue it) or a delayed task of its
+/// queues becomes available. Durations are measured on the store's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimHorizon {
+    /// The queues the runtime serves, sorted.
+    pub queues: Vec<String>,
+    /// Time left on the runtime's earliest-expiring lease; zero when one already passed.
+    pub own_lease: Option<Duration>,
+    /// Time until the next delayed task of those queues becomes available.
+    pub next_available: Option<Duration>,
+}
+
+impl ClaimHorizon {
+    /// How long a verdict may be trusted, at most `cap`; `None` when not at all.
+    pub fn trust_for(&self, cap: Duration) -> Option<Duration> {
+        let until = [self.own_lease, self.next_available]
+            .into_iter()
+            .flatten()
+            .fold(cap, Duration::min);
+        (!until.is_zero()).then_some(until)
+    }
+}
+
+/// Counts of `RecoverOrphans`: every orphan was failed; `retried` of them went back to QUEUED.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    pub moved: Vec<TaskMove>,
+}
+
+impl Recovered {
+    pub fn failed(&self) -> u32 {
+        u32::try_from(self.moved.len()).unwrap_or(u32::MAX)
+    }
+
+    pub fn retried(&self) -> u32 {
+        let retried = self
+            .moved
+            .iter()
+            .filter(|moved| moved.status == TaskStatus::Queued)
+            .count();
+        u32::try_from(retried).unwrap_or(u32::MAX)
+    }
+}
+
+/// The sweeper's thresholds (spec §6).
+#[derive(Clone, Copy, Debug)]
+pub struct SweepPolicy {
+    pub offline_after: Duration,
+    pub dispatch_timeout: Duration,
+    pub pinned_orphan_grace: Duration,
+    /// Rows per statement; each stage repeats until a batch comes back short.
+    pub batch_size: u32,
+}
+
+/// Which runtimes Redis knows to be alive. The sweeper asks between finding stale runtimes
+/// and flipping them OFFLINE; it answers an empty set when it cannot tell.
+#[async_trait]
+pub trait LivenessOracle: Send + Sync {
+    async fn alive(&self, runtimes: &[RuntimeId]) -> HashSet<RuntimeId>;
+}
+
+/// What one sweep did, stage by stage.
+#[derive(Clone, Debug, Default)]
+pub struct SweepReport {
+    /// The store's clock when the sweep began; the next sweep's stage 5 starts from here.
+    pub swept_at: Option<DateTime<Utc>>,
+    /// Stage 1.
+    pub marked_offline: Vec<RuntimeId>,
+    /// Stage 2: tasks of OFFLINE runtimes, failed as RUNTIME_OFFLINE (retried or FAILED).
+    pub runtime_offline: Vec<TaskMove>,
+    /// Stage 3: DISPATCH_TIMEOUT and EXECUTION_TIMEOUT.
+    pub timed_out: Vec<TaskMove>,
+    /// Stage 4: pinned to a runtime gone for longer than the grace (RUNTIME_GONE).
+    pub runtime_gone: Vec<TaskMove>,
+    /// Stage 5: delayed tasks that became available since the previous sweep.
+    pub became_available: Vec<TaskMove>,
+}
+
+impl SweepReport {
+    /// Every task the sweep moved.
+    pub fn moves(&self) -> impl Iterator<Item = &TaskMove> {
+        self.runtime_offline
+            .iter()
+            .chain(&self.timed_out)
+            .chain(&self.runtime_gone)
+            .chain(&self.became_available)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Enqueued {
     pub task: Task,
@@ -122,11 +242,33 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Upsert by name; the id is stable across re-registrations. Marks the runtime ONLINE.
     async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime>;
 
+    /// Records that the runtime is alive now; an OFFLINE runtime becomes ONLINE.
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
+
+    /// OFFLINE at once; its unstarted claims go back to QUEUED (T4''). Returns them.
+    async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
+
+    /// Fails the runtime's DISPATCHED/RUNNING tasks as RUNTIME_RECOVERY, retrying per policy.
+    async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
+
+    /// Sorted by name.
+    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>>;
 
     /// The preflight requeue of the caller's own expired leases (T4, with the poison guard),
     /// then the claim (T2), as one atomic change.
-    async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedTask>>;
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
+
+    /// See [`ClaimHorizon`].
+    async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
+
+    /// One sweep of the five stages; `None` when another replica holds the sweep.
+    /// `due_since`: the previous sweep's `swept_at`, where stage 5 starts looking.
+    async fn sweep(
+        &self,
+        policy: &SweepPolicy,
+        oracle: &dyn LivenessOracle,
+        due_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<SweepReport>>;
 
     async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task>;
 

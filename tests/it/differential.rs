@@ -228,9 +228,18 @@ async fn apply(
                 budget: None,
             })
             .await
-            .map(|claimed| {
+            .map(|outcome| {
+                let mut preflight: Vec<String> = outcome
+                    .preflight
+                    .iter()
+                    .map(|moved| {
+                        let index = subject.tasks.iter().position(|id| *id == moved.task_id);
+                        format!("task#{index:?} {:?}", moved.status)
+                    })
+                    .collect();
+                preflight.sort();
                 let mut described = Vec::new();
-                for claim in claimed {
+                for claim in outcome.claimed {
                     subject
                         .tokens
                         .entry(claim.task.id)
@@ -238,7 +247,7 @@ async fn apply(
                         .push(claim.claim_token);
                     described.push(subject.describe(&claim.task));
                 }
-                format!("claimed {described:?}")
+                format!("preflight {preflight:?} claimed {described:?}")
             }),
         Op::Start { task, token }
         | Op::Extend { task, token }

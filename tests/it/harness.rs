@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use leasehold::app::{App, store_policy};
 use leasehold::config::Config;
+use leasehold::coordinator::Coordinator;
 use leasehold::grpc::pb;
 use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
 use leasehold::grpc::pb::task_service_client::TaskServiceClient;
 use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
 use leasehold::store::memory::MemoryStore;
 use leasehold::store::postgres::PgStore;
+use leasehold::store::{StorePolicy, SweepReport, TaskStore};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::oneshot;
@@ -64,7 +66,7 @@ impl Backend {
                 let mut config = test_config();
                 configure(&mut config);
                 let store = Arc::new(MemoryStore::new(store_policy(&config)));
-                let app = App::with_store(config, store.clone());
+                let app = App::with_store(config, store.clone()).expect("app");
                 TestServer::serve(app, Store::Memory(store)).await
             }
         }
@@ -82,15 +84,19 @@ pub struct TestServer {
     pub tasks: TaskServiceClient<Channel>,
     pub admin: AdminServiceClient<Channel>,
     pub channel: Channel,
+    pub coordinator: Arc<Coordinator>,
     store: Store,
+    store_policy: StorePolicy,
     stop: Option<oneshot::Sender<()>>,
     served: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The configuration tests run with: the defaults, with a short shutdown grace.
+/// The configuration tests run with: the defaults, with a short shutdown grace and no
+/// background sweeps (tests that need the sweeper sweep explicitly, or shorten the interval).
 pub fn test_config() -> Config {
     let mut config = Config::defaults();
     config.shutdown_grace = Duration::from_millis(500);
+    config.sweep_interval = Duration::from_secs(24 * 60 * 60);
     config
 }
 
@@ -114,10 +120,16 @@ impl TestServer {
         let mut config = test_config();
         configure(&mut config);
         let store = Arc::new(PgStore::new(pool.clone(), store_policy(&config)));
-        Self::serve(App::with_store(config, store), Store::Postgres(pool)).await
+        Self::serve(
+            App::with_store(config, store).expect("app"),
+            Store::Postgres(pool),
+        )
+        .await
     }
 
     async fn serve(app: App, store: Store) -> TestServer {
+        let coordinator = app.coordinator().clone();
+        let store_policy = app.store_policy();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -134,7 +146,9 @@ impl TestServer {
             tasks: TaskServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
             channel,
+            coordinator,
             store,
+            store_policy,
             stop: Some(stop),
             served: Some(served),
         }
@@ -279,6 +293,44 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The store itself, for tests that drive it below the gRPC layer.
+    pub fn store(&self) -> Arc<dyn TaskStore> {
+        match &self.store {
+            Store::Postgres(pool) => Arc::new(PgStore::new(pool.clone(), self.store_policy)),
+            Store::Memory(store) => store.clone(),
+        }
+    }
+
+    /// Runs one sweep now, as the background sweeper would.
+    pub async fn sweep(&self) -> SweepReport {
+        self.coordinator
+            .sweep(None)
+            .await
+            .expect("sweep")
+            .expect("no other replica sweeps this store")
+    }
+
+    pub async fn runtimes(&self, status: Option<pb::RuntimeStatus>) -> Vec<pb::Runtime> {
+        self.admin
+            .clone()
+            .list_runtimes(pb::ListRuntimesRequest {
+                status: status.map(Into::into),
+            })
+            .await
+            .expect("list runtimes")
+            .into_inner()
+            .runtimes
+    }
+
+    pub async fn runtime_status(&self, runtime_id: &str) -> pb::RuntimeStatus {
+        let runtimes = self.runtimes(None).await;
+        let runtime = runtimes
+            .iter()
+            .find(|runtime| runtime.id == runtime_id)
+            .expect("a registered runtime");
+        runtime.status()
+    }
+
     /// The PostgreSQL test database, for tests that are about PostgreSQL itself.
     pub fn pool(&self) -> &PgPool {
         match &self.store {
@@ -306,7 +358,7 @@ impl TestServer {
                 .unwrap();
                 sqlx::query(
                     "UPDATE runtimes SET last_seen_at = last_seen_at - $1,
-                         registered_at = registered_at - $1",
+                         registered_at = registered_at - $1, offline_since = offline_since - $1",
                 )
                 .bind(shift)
                 .execute(pool)

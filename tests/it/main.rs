@@ -15,5 +15,6 @@ mod differential;
 mod errors;
 mod lifecycle;
 mod listing;
+mod liveness;
 mod races;
 mod service;

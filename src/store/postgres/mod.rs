@@ -8,23 +8,27 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::types::Json;
+use uuid::Uuid;
 
 use crate::domain::fence::{self, OwnerWrite, Verdict};
 use crate::domain::{
-    ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus,
-    StatusCounts, Task, TaskId, TaskStatus,
+    ClaimToken, ClaimedTask, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId,
+    RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus,
 };
 use crate::store::{
-    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
-    QueueUpdate, StorePolicy, TaskFilter, TaskPage, TaskStore,
+    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
+    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueUpdate, Recovered, StorePolicy,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 mod errors;
 mod rows;
 mod sql;
+mod sweep;
 
 use errors::{Context, classify, plain};
-use rows::{FenceSnapshot, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
+use rows::{FenceSnapshot, HorizonRow, MoveRow, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
+use sweep::StageArgument;
 
 /// The migrations, embedded in the binary and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -161,6 +165,19 @@ impl PgStore {
         Ok((snapshot.task.try_into()?, snapshot.db_now))
     }
 
+    async fn require_runtime(&self, runtime_id: RuntimeId) -> Result<()> {
+        let exists: bool = sqlx::query_scalar(sql::RUNTIME_EXISTS)
+            .bind(runtime_id.as_uuid())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(plain)?;
+        if exists {
+            Ok(())
+        } else {
+            Err(Error::RuntimeNotFound(runtime_id))
+        }
+    }
+
     async fn fetch_task(&self, query: &'static str, task_id: TaskId) -> Result<Option<Task>> {
         let row: Option<TaskRow> = sqlx::query_as(query)
             .bind(task_id.as_uuid())
@@ -228,7 +245,50 @@ impl TaskStore for PgStore {
         })
     }
 
-    async fn claim(&self, request: ClaimRequest) -> Result<Vec<ClaimedTask>> {
+    async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
+        let mut tx = self.pool.begin().await.map_err(plain)?;
+        let found: Option<Uuid> = sqlx::query_scalar(sql::DEREGISTER_RUNTIME)
+            .bind(runtime_id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(plain)?;
+        if found.is_none() {
+            return Err(Error::RuntimeNotFound(runtime_id));
+        }
+        let rows: Vec<MoveRow> = sqlx::query_as(sql::REQUEUE_UNSTARTED)
+            .bind(runtime_id.as_uuid())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(plain)?;
+        tx.commit().await.map_err(plain)?;
+        rows::moves(rows)
+    }
+
+    async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
+        self.require_runtime(runtime_id).await?;
+        let moved = sweep::fail_for_server_reason(
+            &self.pool,
+            &self.policy,
+            sql::FAIL_ORPHANS,
+            FailureReason::RuntimeRecovery,
+            "the runtime restarted and declared the task lost",
+            StageArgument::Runtime(Some(runtime_id.as_uuid())),
+            i64::MAX,
+        )
+        .await?;
+        Ok(Recovered { moved })
+    }
+
+    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
+        let rows: Vec<RuntimeRow> = sqlx::query_as(sql::LIST_RUNTIMES)
+            .bind(status.map(RuntimeStatus::as_str))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(plain)?;
+        rows.into_iter().map(Runtime::try_from).collect()
+    }
+
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         let rows: Vec<TaskRow> = sqlx::query_as(sql::CLAIM)
             .bind(request.runtime_id.as_uuid())
             .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
@@ -238,7 +298,37 @@ impl TaskStore for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
-        rows.into_iter().map(claimed).collect()
+        // The function returns the preflight's rows (QUEUED, or FAILED by the poison guard)
+        // and then the claimed rows (DISPATCHED).
+        let mut outcome = ClaimOutcome::default();
+        for row in rows {
+            let task = Task::try_from(row)?;
+            if task.status == TaskStatus::Dispatched {
+                outcome.claimed.push(claimed(task)?);
+            } else {
+                outcome.preflight.push(TaskMove::from(&task));
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {
+        let row: Option<HorizonRow> = sqlx::query_as(sql::CLAIM_HORIZON)
+            .bind(runtime_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        row.map(ClaimHorizon::from)
+            .ok_or(Error::RuntimeNotFound(runtime_id))
+    }
+
+    async fn sweep(
+        &self,
+        policy: &SweepPolicy,
+        oracle: &dyn LivenessOracle,
+        due_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<SweepReport>> {
+        sweep::run(&self.pool, &self.policy, policy, oracle, due_since).await
     }
 
     async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
@@ -488,8 +578,7 @@ impl Fenced {
     }
 }
 
-fn claimed(row: TaskRow) -> Result<ClaimedTask> {
-    let task = Task::try_from(row)?;
+fn claimed(task: Task) -> Result<ClaimedTask> {
     match (task.claim_token, task.lease_expires_at) {
         (Some(claim_token), Some(lease_expires_at)) => Ok(ClaimedTask {
             claim_token,

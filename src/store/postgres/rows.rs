@@ -12,6 +12,7 @@ use crate::domain::{
     ClaimEnd, ClaimToken, Error, FailureReason, PreviousClaim, Result, Runtime, RuntimeId,
     RuntimeStatus, Task, TaskId, TaskStatus,
 };
+use crate::store::{ClaimHorizon, TaskMove};
 
 #[derive(sqlx::FromRow)]
 pub(super) struct TaskRow {
@@ -74,6 +75,53 @@ pub(super) struct QueueRow {
     pub(super) failed: i64,
     pub(super) cancelled: i64,
     pub(super) oldest_queued_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of `sql::task_move_columns!`.
+#[derive(sqlx::FromRow)]
+pub(super) struct MoveRow {
+    id: Uuid,
+    queue: String,
+    runtime_id: Option<Uuid>,
+    status: String,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct HorizonRow {
+    queues: Vec<String>,
+    own_lease_secs: Option<f64>,
+    next_available_secs: Option<f64>,
+}
+
+impl TryFrom<MoveRow> for TaskMove {
+    type Error = Error;
+
+    fn try_from(row: MoveRow) -> Result<TaskMove> {
+        Ok(TaskMove {
+            task_id: TaskId::from_uuid(row.id),
+            queue: row.queue,
+            pinned_to: row.runtime_id.map(RuntimeId::from_uuid),
+            status: TaskStatus::parse(&row.status).ok_or_else(|| corrupt("status", &row.status))?,
+        })
+    }
+}
+
+impl From<HorizonRow> for ClaimHorizon {
+    fn from(row: HorizonRow) -> ClaimHorizon {
+        // Negative (already passed) becomes zero: no time left to trust a verdict for.
+        let seconds = |secs: f64| Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default();
+        let mut queues = row.queues;
+        queues.sort();
+        ClaimHorizon {
+            queues,
+            own_lease: row.own_lease_secs.map(seconds),
+            next_available: row.next_available_secs.map(seconds),
+        }
+    }
+}
+
+pub(super) fn moves(rows: Vec<MoveRow>) -> Result<Vec<TaskMove>> {
+    rows.into_iter().map(TaskMove::try_from).collect()
 }
 
 impl TryFrom<TaskRow> for Task {

@@ -10,11 +10,12 @@ ON CONFLICT (name) DO UPDATE SET
     labels          = EXCLUDED.labels,
     max_concurrency = EXCLUDED.max_concurrency,
     status          = 'ONLINE',
-    last_seen_at    = now()
+    last_seen_at    = now(),
+    offline_since   = NULL
 RETURNING *";
 
 pub(super) const HEARTBEAT: &str = "
-UPDATE runtimes SET last_seen_at = now(), status = 'ONLINE'
+UPDATE runtimes SET last_seen_at = now(), status = 'ONLINE', offline_since = NULL
 WHERE id = $1
 RETURNING last_seen_at, status";
 
@@ -140,3 +141,175 @@ ON CONFLICT (name) DO UPDATE SET
     max_concurrent = COALESCE($2, queues.max_concurrent),
     paused         = COALESCE($3, queues.paused),
     updated_at     = now()";
+
+/// The columns of a `TaskMove`.
+macro_rules! task_move_columns {
+    () => {
+        "t.id, t.queue, t.runtime_id, t.status"
+    };
+}
+
+pub(super) const RUNTIME_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM runtimes WHERE id = $1)";
+
+pub(super) const LIST_RUNTIMES: &str = "
+SELECT * FROM runtimes WHERE ($1::text IS NULL OR status = $1) ORDER BY name";
+
+/// Keeps `offline_since` of a runtime that was already OFFLINE: the pinned-orphan grace counts
+/// from when it first went away.
+pub(super) const DEREGISTER_RUNTIME: &str = "
+UPDATE runtimes SET
+    status        = 'OFFLINE',
+    offline_since = CASE WHEN status = 'OFFLINE' THEN offline_since ELSE now() END
+WHERE id = $1
+RETURNING id";
+
+/// T4'': the runtime's unstarted claims go back to QUEUED at once. Not a lease expiry, so
+/// `lease_expirations` is unchanged and a late write with the old token gets CLAIM_SUPERSEDED.
+pub(super) const REQUEUE_UNSTARTED: &str = concat!(
+    "
+UPDATE tasks t SET
+    status               = 'QUEUED',
+    previous_claim_token = t.claim_token,
+    previous_claim_end   = 'REQUEUED',
+    claim_token          = NULL,
+    lease_expires_at     = NULL
+WHERE t.claimed_by = $1 AND t.status = 'DISPATCHED'
+RETURNING ",
+    task_move_columns!()
+);
+
+/// One statement that fails the tasks `$picked` selects (and locks) for a server-side reason,
+/// always retryable: back to QUEUED with the next attempt after a jittered backoff while
+/// attempts remain, else FAILED. The claim ends; its token is remembered as `REQUEUED` (so a
+/// late FailTask is not taken for a replay of the worker's own failure), or kept on the FAILED
+/// row, where any write with it gets TASK_TERMINAL.
+///
+/// Parameters: $1 batch size, $2 backoff base (ms), $3 backoff max (ms), $4 failure reason,
+/// $5 error text; the picking query may use $6 and later.
+macro_rules! fail_for_server_reason {
+    ($picked:expr) => {
+        concat!(
+            "
+WITH picked AS (",
+            $picked,
+            "),
+decision AS (
+    SELECT t.id, t.attempt < t.max_attempts AS retry,
+           LEAST($3::float8, $2::float8 * power(2, LEAST(t.attempt - 1, 31))) * random() AS delay_ms
+    FROM tasks t JOIN picked p ON p.id = t.id
+)
+UPDATE tasks t SET
+    status               = CASE WHEN d.retry THEN 'QUEUED' ELSE 'FAILED' END,
+    error                = $5,
+    failure_reason       = $4,
+    finished_at          = CASE WHEN d.retry THEN NULL ELSE now() END,
+    available_at         = CASE WHEN d.retry THEN now() + make_interval(secs => d.delay_ms / 1000.0)
+                                ELSE t.available_at END,
+    attempt              = CASE WHEN d.retry THEN t.attempt + 1 ELSE t.attempt END,
+    previous_claim_token = CASE WHEN d.retry THEN t.claim_token ELSE t.previous_claim_token END,
+    previous_claim_end   = CASE WHEN d.retry THEN 'REQUEUED' ELSE t.previous_claim_end END,
+    claim_token          = CASE WHEN d.retry THEN NULL ELSE t.claim_token END,
+    lease_expires_at     = NULL
+FROM decision d
+WHERE t.id = d.id AND t.status IN ('DISPATCHED', 'RUNNING')
+RETURNING ",
+            task_move_columns!()
+        )
+    };
+}
+
+/// RecoverOrphans: $6 the runtime.
+pub(super) const FAIL_ORPHANS: &str = fail_for_server_reason!(
+    "SELECT id FROM tasks WHERE claimed_by = $6 AND status IN ('DISPATCHED', 'RUNNING')
+     LIMIT $1 FOR UPDATE"
+);
+
+/// Sweeper stage 2: tasks held by OFFLINE runtimes.
+pub(super) const FAIL_OFFLINE_RUNTIME_TASKS: &str = fail_for_server_reason!(
+    "SELECT t.id FROM tasks t JOIN runtimes r ON r.id = t.claimed_by
+     WHERE t.status IN ('DISPATCHED', 'RUNNING') AND r.status = 'OFFLINE'
+     LIMIT $1 FOR UPDATE OF t SKIP LOCKED"
+);
+
+/// Sweeper stage 3: dispatched for longer than $6.
+pub(super) const FAIL_DISPATCH_TIMEOUTS: &str = fail_for_server_reason!(
+    "SELECT id FROM tasks WHERE status = 'DISPATCHED' AND dispatched_at < now() - $6::interval
+     LIMIT $1 FOR UPDATE SKIP LOCKED"
+);
+
+/// Sweeper stage 3: running past the task's own execution timeout.
+pub(super) const FAIL_EXECUTION_TIMEOUTS: &str = fail_for_server_reason!(
+    "SELECT id FROM tasks
+     WHERE status = 'RUNNING' AND execution_timeout_ms IS NOT NULL
+       AND started_at + make_interval(secs => execution_timeout_ms / 1000.0) < now()
+     LIMIT $1 FOR UPDATE SKIP LOCKED"
+);
+
+/// Only one replica sweeps at a time: the holder of this session-level advisory lock.
+pub(super) const TRY_LEAD_SWEEP: &str = "SELECT pg_try_advisory_lock($1), now()";
+
+pub(super) const END_SWEEP: &str = "SELECT pg_advisory_unlock($1)";
+
+/// Sweeper stage 1, part one: ONLINE runtimes silent for longer than $1.
+pub(super) const STALE_RUNTIMES: &str = "
+SELECT id FROM runtimes
+WHERE status = 'ONLINE' AND last_seen_at < now() - $1::interval
+ORDER BY last_seen_at
+LIMIT $2";
+
+/// Sweeper stage 1, part two: the same predicate again, so a heartbeat that landed since the
+/// first part vetoes the flip.
+pub(super) const MARK_OFFLINE: &str = "
+UPDATE runtimes SET status = 'OFFLINE', offline_since = now()
+WHERE id = ANY ($1) AND status = 'ONLINE' AND last_seen_at < now() - $2::interval
+RETURNING id";
+
+/// Sweeper stage 1: runtimes Redis knows to be alive although their row is stale.
+pub(super) const REFRESH_LAST_SEEN: &str = "
+UPDATE runtimes SET last_seen_at = now() WHERE id = ANY ($1) AND status = 'ONLINE'";
+
+/// Sweeper stage 4: QUEUED tasks pinned to a runtime OFFLINE for longer than $2. Not retried:
+/// nobody else may run them.
+pub(super) const FAIL_PINNED_ORPHANS: &str = concat!(
+    "
+WITH picked AS (
+    SELECT t.id FROM tasks t JOIN runtimes r ON r.id = t.runtime_id
+    WHERE t.status = 'QUEUED' AND r.status = 'OFFLINE' AND r.offline_since < now() - $2::interval
+    LIMIT $1 FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE tasks t SET
+    status         = 'FAILED',
+    failure_reason = 'RUNTIME_GONE',
+    error          = 'the pinned runtime has been offline for longer than the grace',
+    finished_at    = now()
+FROM picked p
+WHERE t.id = p.id AND t.status = 'QUEUED'
+RETURNING ",
+    task_move_columns!()
+);
+
+/// Sweeper stage 5: one task per (queue, pin) among those that became available in ($1, $2].
+pub(super) const BECAME_AVAILABLE: &str = concat!(
+    "
+SELECT DISTINCT ON (t.queue, t.runtime_id) ",
+    task_move_columns!(),
+    "
+FROM tasks t
+WHERE t.status = 'QUEUED' AND t.available_at > $1 AND t.available_at <= $2"
+);
+
+/// See `ClaimHorizon`: the served queues, the time left on the earliest own lease and the
+/// time until the next delayed task of those queues, in seconds on the database clock.
+pub(super) const CLAIM_HORIZON: &str = "
+SELECT r.queues,
+       (SELECT EXTRACT(EPOCH FROM min(t.lease_expires_at) - now())::float8
+        FROM tasks t WHERE t.claimed_by = r.id AND t.status = 'DISPATCHED') AS own_lease_secs,
+       (SELECT EXTRACT(EPOCH FROM min(next.available_at) - now())::float8
+        FROM unnest(r.queues) AS served(name)
+        CROSS JOIN LATERAL (
+            SELECT t.available_at FROM tasks t
+            WHERE t.status = 'QUEUED' AND t.queue = served.name AND t.available_at > now()
+            ORDER BY t.available_at
+            LIMIT 1
+        ) next) AS next_available_secs
+FROM runtimes r WHERE r.id = $1";

@@ -1,0 +1,254 @@
+//! The sweeper's stages on PostgreSQL (spec §6). Every stage works in batches: one statement
+//! picks up to `batch_size` rows `FOR UPDATE SKIP LOCKED` and changes them with its predicates
+//! re-checked, repeated until a batch comes back short.
+//!
+//! One replica sweeps at a time: the one holding a session-level advisory lock on the
+//! connection the sweep runs on. That connection is closed afterwards rather than returned to
+//! the pool, so the lock is released however the sweep ends (error, or cancelled mid-way).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgExecutor, PgPool, Postgres};
+use uuid::Uuid;
+
+use super::errors::plain;
+use super::rows::{self, MoveRow};
+use super::sql;
+use crate::domain::{FailureReason, Result, RuntimeId};
+use crate::store::{LivenessOracle, StorePolicy, SweepPolicy, SweepReport, TaskMove};
+
+/// The advisory lock key of the sweep ("leasehol" in ASCII).
+const SWEEP_LOCK_KEY: i64 = 0x6c65_6173_6568_6f6c;
+
+/// Most batches one stage runs in one sweep, so a sweep always ends; what is left waits for
+/// the next tick.
+const MAX_BATCHES_PER_STAGE: usize = 64;
+
+/// The stage-specific parameter ($6) of a server-side failure statement.
+#[derive(Clone, Copy)]
+pub(super) enum StageArgument {
+    Runtime(Option<Uuid>),
+    Age(Duration),
+    Nothing,
+}
+
+pub(super) async fn run(
+    pool: &PgPool,
+    store_policy: &StorePolicy,
+    policy: &SweepPolicy,
+    oracle: &dyn LivenessOracle,
+    due_since: Option<DateTime<Utc>>,
+) -> Result<Option<SweepReport>> {
+    let mut conn = pool.acquire().await.map_err(plain)?;
+    conn.close_on_drop();
+    let (leading, swept_at): (bool, DateTime<Utc>) = sqlx::query_as(sql::TRY_LEAD_SWEEP)
+        .bind(SWEEP_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(plain)?;
+    if !leading {
+        return Ok(None);
+    }
+    let mut sweep = Sweep {
+        conn,
+        store_policy,
+        policy,
+    };
+    let mut report = SweepReport {
+        swept_at: Some(swept_at),
+        ..SweepReport::default()
+    };
+    report.marked_offline = sweep.mark_stale_runtimes_offline(oracle).await?;
+    report.runtime_offline = sweep
+        .fail_in_batches(
+            sql::FAIL_OFFLINE_RUNTIME_TASKS,
+            FailureReason::RuntimeOffline,
+            "the runtime holding the task went offline",
+            StageArgument::Nothing,
+        )
+        .await?;
+    report.timed_out = sweep
+        .fail_in_batches(
+            sql::FAIL_DISPATCH_TIMEOUTS,
+            FailureReason::DispatchTimeout,
+            "the task was dispatched but not started within the dispatch timeout",
+            StageArgument::Age(policy.dispatch_timeout),
+        )
+        .await?;
+    report.timed_out.extend(
+        sweep
+            .fail_in_batches(
+                sql::FAIL_EXECUTION_TIMEOUTS,
+                FailureReason::ExecutionTimeout,
+                "the task ran longer than its execution timeout",
+                StageArgument::Nothing,
+            )
+            .await?,
+    );
+    report.runtime_gone = sweep.fail_pinned_orphans().await?;
+    if let Some(since) = due_since {
+        report.became_available = sweep.became_available(since, swept_at).await?;
+    }
+    // Released explicitly so the next sweep (here or on another replica) can start at once;
+    // closing the connection would release it too, but not before this returns.
+    sqlx::query(sql::END_SWEEP)
+        .bind(SWEEP_LOCK_KEY)
+        .execute(&mut *sweep.conn)
+        .await
+        .map_err(plain)?;
+    Ok(Some(report))
+}
+
+struct Sweep<'a> {
+    /// Holds the advisory lock.
+    conn: PoolConnection<Postgres>,
+    store_policy: &'a StorePolicy,
+    policy: &'a SweepPolicy,
+}
+
+impl Sweep<'_> {
+    fn batch_size(&self) -> i64 {
+        i64::from(self.policy.batch_size.max(1))
+    }
+
+    /// Stage 1. Between finding stale runtimes and flipping them, Redis is asked who is alive;
+    /// the flip re-checks staleness, so a heartbeat that landed meanwhile vetoes it. A runtime
+    /// Redis vouches for gets its `last_seen_at` refreshed instead.
+    async fn mark_stale_runtimes_offline(
+        &mut self,
+        oracle: &dyn LivenessOracle,
+    ) -> Result<Vec<RuntimeId>> {
+        let mut marked = Vec::new();
+        for _ in 0..MAX_BATCHES_PER_STAGE {
+            let stale: Vec<Uuid> = sqlx::query_scalar(sql::STALE_RUNTIMES)
+                .bind(self.policy.offline_after)
+                .bind(self.batch_size())
+                .fetch_all(&mut *self.conn)
+                .await
+                .map_err(plain)?;
+            let stale: Vec<RuntimeId> = stale.into_iter().map(RuntimeId::from_uuid).collect();
+            let alive = oracle.alive(&stale).await;
+            let (alive, dead): (Vec<RuntimeId>, Vec<RuntimeId>) =
+                stale.iter().partition(|id| alive.contains(id));
+            self.refresh_last_seen(&alive).await?;
+            let flipped: Vec<Uuid> = sqlx::query_scalar(sql::MARK_OFFLINE)
+                .bind(uuids(&dead))
+                .bind(self.policy.offline_after)
+                .fetch_all(&mut *self.conn)
+                .await
+                .map_err(plain)?;
+            marked.extend(flipped.into_iter().map(RuntimeId::from_uuid));
+            if (stale.len() as i64) < self.batch_size() {
+                break;
+            }
+        }
+        Ok(marked)
+    }
+
+    async fn refresh_last_seen(&mut self, alive: &[RuntimeId]) -> Result<()> {
+        if alive.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(sql::REFRESH_LAST_SEEN)
+            .bind(uuids(alive))
+            .execute(&mut *self.conn)
+            .await
+            .map_err(plain)?;
+        Ok(())
+    }
+
+    async fn fail_in_batches(
+        &mut self,
+        statement: &'static str,
+        reason: FailureReason,
+        error: &str,
+        argument: StageArgument,
+    ) -> Result<Vec<TaskMove>> {
+        let mut moved = Vec::new();
+        let batch_size = self.batch_size();
+        for _ in 0..MAX_BATCHES_PER_STAGE {
+            let batch = fail_for_server_reason(
+                &mut *self.conn,
+                self.store_policy,
+                statement,
+                reason,
+                error,
+                argument,
+                batch_size,
+            )
+            .await?;
+            let short = (batch.len() as i64) < batch_size;
+            moved.extend(batch);
+            if short {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Stage 4.
+    async fn fail_pinned_orphans(&mut self) -> Result<Vec<TaskMove>> {
+        let mut moved = Vec::new();
+        for _ in 0..MAX_BATCHES_PER_STAGE {
+            let rows: Vec<MoveRow> = sqlx::query_as(sql::FAIL_PINNED_ORPHANS)
+                .bind(self.batch_size())
+                .bind(self.policy.pinned_orphan_grace)
+                .fetch_all(&mut *self.conn)
+                .await
+                .map_err(plain)?;
+            let short = (rows.len() as i64) < self.batch_size();
+            moved.extend(rows::moves(rows)?);
+            if short {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Stage 5.
+    async fn became_available(
+        &mut self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<TaskMove>> {
+        let rows: Vec<MoveRow> = sqlx::query_as(sql::BECAME_AVAILABLE)
+            .bind(since)
+            .bind(until)
+            .fetch_all(&mut *self.conn)
+            .await
+            .map_err(plain)?;
+        rows::moves(rows)
+    }
+}
+
+/// One batch of a `sql::fail_for_server_reason!` statement.
+pub(super) async fn fail_for_server_reason<'c>(
+    executor: impl PgExecutor<'c>,
+    store_policy: &StorePolicy,
+    statement: &'static str,
+    reason: FailureReason,
+    error: &str,
+    argument: StageArgument,
+    limit: i64,
+) -> Result<Vec<TaskMove>> {
+    let backoff = store_policy.retry_backoff;
+    let query = sqlx::query_as(statement)
+        .bind(limit)
+        .bind(backoff.base.as_secs_f64() * 1000.0)
+        .bind(backoff.max.as_secs_f64() * 1000.0)
+        .bind(reason.as_str())
+        .bind(error);
+    let query = match argument {
+        StageArgument::Runtime(runtime) => query.bind(runtime),
+        StageArgument::Age(age) => query.bind(age),
+        StageArgument::Nothing => query,
+    };
+    let rows: Vec<MoveRow> = query.fetch_all(executor).await.map_err(plain)?;
+    rows::moves(rows)
+}
+
+fn uuids(ids: &[RuntimeId]) -> Vec<Uuid> {
+    ids.iter().map(|id| id.as_uuid()).collect()
+}
