@@ -17,4 +17,5 @@ mod lifecycle;
 mod listing;
 mod liveness;
 mod races;
+mod redis;
 mod service;
