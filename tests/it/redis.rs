@@ -389,3 +389,51 @@ async fn losing_redis_keeps_everything_working_and_it_is_used_again_when_back(
     warm(&server, &redis.url(), &runtime).await;
     lease_cycle(&server, &runtime).await;
 }
+
+/// The whole chain in real time, with short durations: the background sweeper, Redis keys
+/// expiring, a heartbeating runtime kept ONLINE and a silent one's work retried on it.
+#[sqlx::test]
+async fn a_silent_runtime_is_detected_by_the_background_sweeper(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = redis_url();
+    let server = TestServer::start_with(pool, connect, |config| {
+        with_redis(url.clone())(config);
+        config.offline_after = Duration::from_millis(900);
+        config.liveness_ttl = Duration::from_millis(400);
+        config.heartbeat_interval = Duration::from_millis(100);
+        config.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    wait_until_redis_is_used(&server).await;
+    let silent = server.register("silent", &["q"]).await;
+    let beating = server.register("beating", &["q"]).await;
+    server.enqueue_to("q").await;
+    let claimed = server.claim_one(&silent).await;
+    server.start_task(&claimed).await.unwrap();
+
+    let mut retried = None;
+    for _ in 0..50 {
+        server.heartbeat(&beating).await;
+        if let Some(task) = server.claim(&beating, Some(1)).await.pop() {
+            retried = Some(task);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let retried = retried.expect("the silent runtime's task was never retried");
+    assert_eq!(task_id(&retried), task_id(&claimed));
+    let task = retried.task.unwrap();
+    assert_eq!(task.failure_reason(), pb::FailureReason::RuntimeOffline);
+    assert_eq!(task.attempt, 2);
+    assert_eq!(
+        server.runtime_status(&silent).await,
+        pb::RuntimeStatus::Offline
+    );
+    assert_eq!(
+        server.runtime_status(&beating).await,
+        pb::RuntimeStatus::Online
+    );
+}
