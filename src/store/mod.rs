@@ -316,3 +316,37 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Duration = Duration::from_secs(180);
+
+    fn horizon(own_lease: Option<u64>, next_available: Option<u64>) -> ClaimHorizon {
+        ClaimHorizon {
+            queues: vec!["q".into()],
+            own_lease: own_lease.map(Duration::from_secs),
+            next_available: next_available.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn a_verdict_is_trusted_until_the_earliest_of_lease_delay_and_cap() {
+        assert_eq!(horizon(None, None).trust_for(CAP), Some(CAP));
+        assert_eq!(
+            horizon(Some(30), Some(90)).trust_for(CAP),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            horizon(None, Some(5)).trust_for(CAP),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(horizon(Some(600), None).trust_for(CAP), Some(CAP));
+    }
+
+    #[test]
+    fn a_lease_that_already_passed_means_no_verdict() {
+        assert_eq!(horizon(Some(0), Some(90)).trust_for(CAP), None);
+    }
+}

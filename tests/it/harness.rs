@@ -301,6 +301,19 @@ impl TestServer {
         }
     }
 
+    /// DeregisterRuntime; answers how many claims were requeued.
+    pub async fn deregister(&self, runtime_id: &str) -> u32 {
+        self.worker
+            .clone()
+            .deregister_runtime(pb::DeregisterRuntimeRequest {
+                runtime_id: runtime_id.into(),
+            })
+            .await
+            .expect("deregister runtime")
+            .into_inner()
+            .requeued
+    }
+
     /// Runs one sweep now, as the background sweeper would.
     pub async fn sweep(&self) -> SweepReport {
         self.coordinator

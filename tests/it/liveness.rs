@@ -35,17 +35,9 @@ async fn deregistering_requeues_unstarted_claims_at_once(backend: Backend) {
     let claimed = server.claim(&runtime, Some(2)).await;
     server.start_task(&claimed[0]).await.unwrap();
 
-    let response = server
-        .worker
-        .clone()
-        .deregister_runtime(pb::DeregisterRuntimeRequest {
-            runtime_id: runtime.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let requeued = server.deregister(&runtime).await;
 
-    assert_eq!(response.requeued, 1);
+    assert_eq!(requeued, 1);
     assert_eq!(
         server.runtime_status(&runtime).await,
         pb::RuntimeStatus::Offline
@@ -113,14 +105,7 @@ async fn runtimes_are_listed_by_status(backend: Backend) {
     let server = start(backend).await;
     let staying = server.register("b-staying", &["q"]).await;
     let leaving = server.register("a-leaving", &["q"]).await;
-    server
-        .worker
-        .clone()
-        .deregister_runtime(pb::DeregisterRuntimeRequest {
-            runtime_id: leaving.clone(),
-        })
-        .await
-        .unwrap();
+    server.deregister(&leaving).await;
 
     let names = |runtimes: Vec<pb::Runtime>| -> Vec<String> {
         runtimes.into_iter().map(|runtime| runtime.name).collect()
@@ -264,14 +249,7 @@ async fn dispatch_and_execution_timeouts_fail_and_retry(backend: Backend) {
 async fn a_pinned_task_of_a_long_gone_runtime_ends_runtime_gone(backend: Backend) {
     let server = start(backend).await;
     let gone = server.register("gone", &["q"]).await;
-    server
-        .worker
-        .clone()
-        .deregister_runtime(pb::DeregisterRuntimeRequest {
-            runtime_id: gone.clone(),
-        })
-        .await
-        .unwrap();
+    server.deregister(&gone).await;
     let pinned = server
         .enqueue(pb::EnqueueTaskRequest {
             runtime_id: gone.clone(),
