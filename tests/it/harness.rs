@@ -91,10 +91,12 @@ pub struct TestServer {
     served: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The configuration tests run with: the defaults, with a short shutdown grace and no
-/// background sweeps (tests that need the sweeper sweep explicitly, or shorten the interval).
+/// The configuration tests run with: the defaults, with a short shutdown grace, no background
+/// sweeps (tests that need the sweeper sweep explicitly, or shorten the interval) and no
+/// Redis, even when REDIS_URL is set for the suite (tests about Redis opt in).
 pub fn test_config() -> Config {
     let mut config = Config::defaults();
+    config.redis_url = None;
     config.shutdown_grace = Duration::from_millis(500);
     config.sweep_interval = Duration::from_secs(24 * 60 * 60);
     config
