@@ -30,6 +30,9 @@ use crate::sweeper;
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an HTTP/2 keepalive ping may go unanswered before the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Room for a message's other fields beyond the payload limit.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 /// tonic's own default limit; never go below it.
@@ -80,6 +83,8 @@ impl App {
                 pinned_orphan_grace: config.pinned_orphan_grace,
                 batch_size: config.sweep_batch_size,
             },
+            stream_keepalive: config.stream_keepalive,
+            stream_poll_interval: config.stream_poll_interval,
         };
         warn_about_liveness_chain(&config);
         let redis = config
@@ -119,7 +124,12 @@ impl App {
         let stopping = CancellationToken::new();
         let background = self.spawn_background(stopping.child_token()).await;
         set_health(&health, ServingStatus::Serving).await;
-        tokio::spawn(flip_health_on_shutdown(shutdown, health, stopping.clone()));
+        tokio::spawn(drain_on_shutdown(
+            shutdown,
+            health,
+            self.coordinator.draining().clone(),
+            stopping.clone(),
+        ));
 
         let address = listener.local_addr()?;
         // A payload at --max-payload-bytes must reach the handler, which then applies the
@@ -127,6 +137,10 @@ impl App {
         let message_limit = (self.config.max_payload_bytes + MESSAGE_OVERHEAD_BYTES)
             .max(DEFAULT_MESSAGE_LIMIT_BYTES);
         let server = Server::builder()
+            // Idle connections stay open through proxies, and dead ones (whose claim streams
+            // must give their claims back) are noticed.
+            .http2_keepalive_interval(Some(self.config.stream_keepalive))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
@@ -169,8 +183,11 @@ impl App {
     async fn spawn_background(&self, stop: CancellationToken) -> tokio_util::sync::DropGuard {
         if let Some(redis) = self.coordinator.redis() {
             redis.connect_now().await;
-            let (redis, stop) = (redis.clone(), stop.clone());
-            tokio::spawn(async move { redis.watch(stop).await });
+            let (watched, stop_watch) = (redis.clone(), stop.clone());
+            tokio::spawn(async move { watched.watch(stop_watch).await });
+            let coordinator = self.coordinator.clone();
+            let (redis, stop_relay) = (redis.clone(), stop.clone());
+            tokio::spawn(async move { coordinator.relay_wakeups(redis, stop_relay).await });
         }
         tokio::spawn(sweeper::run(
             self.coordinator.clone(),
@@ -220,15 +237,19 @@ pub fn store_policy(config: &Config) -> StorePolicy {
     }
 }
 
-async fn flip_health_on_shutdown(
+/// The drain, in order: health NOT_SERVING (probes see it before the listener closes, so load
+/// balancers stop routing here), `draining` on every claim stream (each then ends and gives
+/// back its unstarted claims) and long-polls answered, then the listener closes while in-flight
+/// calls get `--shutdown-grace`.
+async fn drain_on_shutdown(
     shutdown: impl Future<Output = ()>,
     health: HealthReporter,
+    draining: CancellationToken,
     stopping: CancellationToken,
 ) {
     shutdown.await;
-    // Probes see NOT_SERVING before the listener closes, so load balancers stop routing here
-    // while in-flight calls finish.
     set_health(&health, ServingStatus::NotServing).await;
+    draining.cancel();
     stopping.cancel();
 }
 

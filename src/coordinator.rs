@@ -1,7 +1,8 @@
 //! The service layer: every RPC's rules that depend on configuration (batch caps, lease
 //! clamps, size limits, defaults), in front of the store. The one place that combines the
-//! store with liveness and the empty-claim cache: after every change that commits, the
-//! versions it touches are bumped ([`Coordinator::announce`]).
+//! store with liveness, the empty-claim cache and wake-ups: after every change that commits,
+//! the topics it touched are announced ([`Coordinator::announce`]): their cache versions are
+//! bumped, then waiters here and on other replicas are woken.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -9,8 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::advisory::claim_cache::VersionKey;
-use crate::advisory::{ClaimCache, Liveness, RedisLink};
+use crate::advisory::{Cancellation, ClaimCache, Liveness, RedisLink, WakeRelay};
 use crate::domain::{
     ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
     TaskId, TaskStatus, validate,
@@ -19,6 +19,9 @@ use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
     QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
+use crate::wakeups::{Notifier, Subscription, Topic, topics_of};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Most tasks one ClaimTask call hands out.
 pub const MAX_CLAIM_BATCH: u32 = 32;
@@ -26,6 +29,11 @@ pub const MAX_CLAIM_BATCH: u32 = 32;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Longest a ClaimTask waits for work (`wait`).
+pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
+/// A long-polling claim gives up this long before the caller's deadline, so its empty answer
+/// arrives in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// Most counters one ReportUsage call may carry.
 pub const MAX_USAGE_COUNTERS: usize = 256;
 
@@ -37,6 +45,10 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub liveness_ttl: Duration,
     pub sweep: SweepPolicy,
+    /// How often an idle claim stream hears a keepalive.
+    pub stream_keepalive: Duration,
+    /// The fallback re-check of waiting claims (streams and long-polls) when no wake-up came.
+    pub stream_poll_interval: Duration,
 }
 
 /// What a runtime learns when it registers.
@@ -53,6 +65,10 @@ pub struct Coordinator {
     redis: Option<Arc<RedisLink>>,
     liveness: Liveness,
     claim_cache: ClaimCache,
+    notifier: Arc<Notifier>,
+    relay: WakeRelay,
+    /// Cancelled when the server starts draining: claim streams say `draining` and end.
+    draining: CancellationToken,
 }
 
 impl Coordinator {
@@ -69,6 +85,9 @@ impl Coordinator {
                 settings.sweep.offline_after,
             ),
             claim_cache: ClaimCache::new(redis.clone()),
+            notifier: Notifier::new(),
+            relay: WakeRelay::default(),
+            draining: CancellationToken::new(),
             redis,
             store,
             settings,
@@ -104,7 +123,7 @@ impl Coordinator {
         self.liveness.flushed(runtime.id).await;
         self.claim_cache.learn_queues(runtime.id, &runtime.queues);
         // Its queues may have changed: no verdict computed for the old ones may stand.
-        self.announce_keys(BTreeSet::from([VersionKey::Runtime(runtime.id)]))
+        self.announce_topics(BTreeSet::from([Topic::Runtime(runtime.id)]), &[])
             .await;
         tracing::info!(runtime_id = %runtime.id, name = %runtime.name, "runtime registered");
         Ok(Registration {
@@ -172,7 +191,7 @@ impl Coordinator {
         } else {
             None
         };
-        self.note_claim_as_heartbeat(runtime_id).await?;
+        self.note_claim_as_sign_of_life(runtime_id).await;
         if snapshot
             .as_ref()
             .is_some_and(|snapshot| snapshot.says_empty())
@@ -187,11 +206,11 @@ impl Coordinator {
                 budget,
             })
             .await?;
-        let mut touched = version_keys(&outcome.preflight);
+        let mut touched = topics_of(&outcome.preflight);
         if !outcome.claimed.is_empty() {
-            touched.insert(VersionKey::Runtime(runtime_id));
+            touched.insert(Topic::Runtime(runtime_id));
         }
-        self.announce_keys(touched).await;
+        self.announce_topics(touched, &[]).await;
         if outcome.claimed.is_empty() && max_tasks > 0 && self.claim_cache.is_active() {
             let horizon = self.store.claim_horizon(runtime_id).await?;
             self.claim_cache
@@ -201,16 +220,94 @@ impl Coordinator {
         Ok(outcome.claimed)
     }
 
-    /// A claim is a sign of life too. With Redis, it refreshes the liveness key (and
-    /// `last_seen_at` when that is due); without, heartbeats alone keep `last_seen_at`.
-    async fn note_claim_as_heartbeat(&self, runtime_id: RuntimeId) -> Result<()> {
-        if self.redis.as_ref().is_some_and(|redis| redis.is_healthy())
-            && !self.liveness.beat(runtime_id).await
-        {
-            self.store.heartbeat(runtime_id).await?;
-            self.liveness.flushed(runtime_id).await;
+    /// ClaimTask with `wait`: claims at once, and when nothing is claimable waits (up to
+    /// min(wait, 30s), ending before the caller's deadline) for a wake-up or the poll interval,
+    /// then claims again.
+    pub async fn claim_waiting(
+        &self,
+        runtime_id: RuntimeId,
+        max_tasks: Option<u32>,
+        wait: Duration,
+        budget: Option<Duration>,
+    ) -> Result<Vec<ClaimedTask>> {
+        let wait = budget.map_or(wait, |budget| {
+            wait.min(budget.saturating_sub(DEADLINE_MARGIN))
+        });
+        let wait = wait.min(MAX_CLAIM_WAIT);
+        if wait.is_zero() || max_tasks == Some(0) {
+            return self.claim(runtime_id, max_tasks, budget).await;
         }
-        Ok(())
+        let started = tokio::time::Instant::now();
+        let until = started + wait;
+        // Subscribed before the first claim, so a change committed after it wakes us.
+        let subscription = self.subscribe(runtime_id).await?;
+        loop {
+            let budget_left = budget.map(|budget| budget.saturating_sub(started.elapsed()));
+            let claimed = self.claim(runtime_id, max_tasks, budget_left).await?;
+            if !claimed.is_empty() || tokio::time::Instant::now() >= until {
+                return Ok(claimed);
+            }
+            let recheck =
+                tokio::time::Instant::now() + jittered(self.settings.stream_poll_interval);
+            tokio::select! {
+                () = subscription.woken() => {}
+                () = tokio::time::sleep_until(recheck.min(until)) => {}
+                // Shutting down: answer now rather than hold the drain.
+                () = self.draining.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Wake-ups for what `runtime_id` can claim: its queues and its pin set.
+    pub async fn subscribe(&self, runtime_id: RuntimeId) -> Result<Subscription> {
+        let queues = match self.claim_cache.known_queues(runtime_id) {
+            Some(queues) => queues.to_vec(),
+            None => {
+                let horizon = self.store.claim_horizon(runtime_id).await?;
+                self.claim_cache.learn_queues(runtime_id, &horizon.queues);
+                horizon.queues
+            }
+        };
+        let mut topics: Vec<Topic> = queues.into_iter().map(Topic::Queue).collect();
+        topics.push(Topic::Runtime(runtime_id));
+        Ok(self.notifier.subscribe(topics))
+    }
+
+    /// Cancellations of the tasks `runtime_id` holds, for one claim stream.
+    pub fn hold_cancellations(&self, runtime_id: RuntimeId) -> mpsc::Receiver<TaskId> {
+        self.notifier.hold(runtime_id)
+    }
+
+    /// T4': a claim stream ended; the claims pushed on it that were not started go back to
+    /// QUEUED at once. Returns how many.
+    pub async fn expire_stream_claims(
+        &self,
+        runtime_id: RuntimeId,
+        claims: &[(TaskId, ClaimToken)],
+    ) -> Result<usize> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let expired = self.store.expire_claims(runtime_id, claims).await?;
+        self.announce(&expired).await;
+        Ok(expired.len())
+    }
+
+    /// Delivers other replicas' wake-ups and cancellations here until `stop`.
+    pub async fn relay_wakeups(&self, redis: Arc<RedisLink>, stop: CancellationToken) {
+        self.relay.run(redis, self.notifier.clone(), stop).await;
+    }
+
+    /// Cancelled when the server begins draining.
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    /// A claim is a sign of life too: it refreshes the runtime's liveness key. It never writes
+    /// `last_seen_at` (heartbeats do), so idle claims and streams cost PostgreSQL nothing; a
+    /// runtime that claims but never heartbeats still goes OFFLINE.
+    async fn note_claim_as_sign_of_life(&self, runtime_id: RuntimeId) {
+        self.liveness.beat(runtime_id).await;
     }
 
     /// One sweep (spec §6); `None` when another replica is sweeping.
@@ -220,19 +317,27 @@ impl Coordinator {
             .sweep(&self.settings.sweep, &self.liveness, due_since)
             .await?;
         if let Some(report) = &report {
-            self.announce_keys(version_keys(report.moves())).await;
+            self.announce(report.moves()).await;
         }
         Ok(report)
     }
 
-    /// Tells everyone that these tasks moved: bumps the versions they touch. Call after the
-    /// change committed.
+    /// Tells everyone that these tasks moved. Call after the change committed.
     async fn announce<'a>(&self, moves: impl IntoIterator<Item = &'a TaskMove>) {
-        self.announce_keys(version_keys(moves)).await;
+        self.announce_topics(topics_of(moves), &[]).await;
     }
 
-    async fn announce_keys(&self, keys: BTreeSet<VersionKey>) {
-        self.claim_cache.bump(keys).await;
+    /// Bumps the versions of `topics` (Redis), then wakes their waiters and pushes
+    /// `cancellations`, on this replica and (through Redis) on the others.
+    async fn announce_topics(&self, topics: BTreeSet<Topic>, cancellations: &[Cancellation]) {
+        if let Some(redis) = &self.redis {
+            redis.announce(&self.relay, &topics, cancellations).await;
+        }
+        self.notifier.wake(&topics);
+        for cancellation in cancellations {
+            self.notifier
+                .cancelled(cancellation.runtime, cancellation.task);
+        }
     }
 
     async fn announce_task(&self, task: &Task) {
@@ -344,9 +449,19 @@ impl Coordinator {
         self.store.list_tasks(filter, after, page_size).await
     }
 
+    /// A cancelled task that was held (it still carries its claim's token) is pushed as
+    /// `cancelled` to its runtime's claim streams.
     pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         let task = self.store.cancel(task_id).await?;
-        self.announce_task(&task).await;
+        let cancellation = match (task.status, task.claim_token, task.claimed_by) {
+            (TaskStatus::Cancelled, Some(_), Some(runtime)) => Some(Cancellation {
+                runtime,
+                task: task.id,
+            }),
+            _ => None,
+        };
+        let topics = topics_of([&TaskMove::from(&task)]);
+        self.announce_topics(topics, cancellation.as_slice()).await;
         Ok(task)
     }
 
@@ -358,12 +473,13 @@ impl Coordinator {
     pub async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
         validate::queue_name("queue", queue)?;
         let info = self.store.update_queue(queue, update).await?;
-        self.announce_keys(BTreeSet::from([VersionKey::Queue(queue.to_owned())]))
+        self.announce_topics(BTreeSet::from([Topic::Queue(queue.to_owned())]), &[])
             .await;
         Ok(info)
     }
 }
 
-fn version_keys<'a>(moves: impl IntoIterator<Item = &'a TaskMove>) -> BTreeSet<VersionKey> {
-    moves.into_iter().flat_map(VersionKey::for_move).collect()
+/// `interval` ± 20%, so waiters that started together do not re-check together.
+pub fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }

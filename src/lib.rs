@@ -14,3 +14,4 @@ pub mod shutdown;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod wakeups;

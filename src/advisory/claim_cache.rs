@@ -20,26 +20,11 @@ use std::time::Duration;
 
 use super::{RedisLink, VERSION_TTL, millis, random_version};
 use crate::domain::RuntimeId;
-use crate::store::{ClaimHorizon, TaskMove};
+use crate::store::ClaimHorizon;
+use crate::wakeups::Topic;
 
 /// The longest a "nothing claimable" verdict is trusted.
 pub const VERDICT_TTL: Duration = Duration::from_secs(180);
-
-/// A version that changes when work may have become claimable.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum VersionKey {
-    Queue(String),
-    /// The runtime's pin set, and its own claims.
-    Runtime(RuntimeId),
-}
-
-impl VersionKey {
-    /// What a task's move touches: its queue (capacity, keys, unpinned work) and its pin.
-    pub fn for_move(moved: &TaskMove) -> impl Iterator<Item = VersionKey> {
-        std::iter::once(VersionKey::Queue(moved.queue.clone()))
-            .chain(moved.pinned_to.map(VersionKey::Runtime))
-    }
-}
 
 /// The versions a claim read before asking PostgreSQL, and the verdict stored at that time.
 #[derive(Clone, Debug)]
@@ -78,6 +63,11 @@ impl ClaimCache {
     /// The runtime serves these queues (sorted), as the store just said.
     pub fn learn_queues(&self, runtime: RuntimeId, queues: &[String]) {
         self.served_queues().insert(runtime, queues.into());
+    }
+
+    /// The queues `runtime` serves, when this replica has seen them.
+    pub fn known_queues(&self, runtime: RuntimeId) -> Option<Arc<[String]>> {
+        self.served_queues().get(&runtime).cloned()
     }
 
     /// One MGET: the verdict and the current versions. `None` without a healthy Redis or
@@ -132,30 +122,6 @@ impl ClaimCache {
         redis.query::<()>(command).await;
     }
 
-    /// Replaces these versions, invalidating every verdict that recorded them. Call after the
-    /// change committed. A failed bump degrades the link, and recovering starts a new epoch.
-    pub async fn bump(&self, keys: BTreeSet<VersionKey>) {
-        let Some(redis) = &self.redis else {
-            return;
-        };
-        if keys.is_empty() {
-            return;
-        }
-        let mut pipeline = redis::pipe();
-        for key in &keys {
-            pipeline
-                .cmd("SET")
-                .arg(version_key(redis, key))
-                .arg(random_version())
-                .arg("PX")
-                .arg(millis(VERSION_TTL))
-                .ignore();
-        }
-        redis
-            .call(|mut connection| async move { pipeline.query_async::<()>(&mut connection).await })
-            .await;
-    }
-
     fn served_queues(&self) -> std::sync::MutexGuard<'_, HashMap<RuntimeId, Arc<[String]>>> {
         self.served
             .lock()
@@ -163,14 +129,28 @@ impl ClaimCache {
     }
 }
 
+/// Adds to `pipeline` the replacement of these topics' versions, which invalidates every
+/// verdict that recorded them. Run it after the change committed.
+pub fn add_bumps(redis: &RedisLink, pipeline: &mut redis::Pipeline, topics: &BTreeSet<Topic>) {
+    for topic in topics {
+        pipeline
+            .cmd("SET")
+            .arg(version_key(redis, topic))
+            .arg(random_version())
+            .arg("PX")
+            .arg(millis(VERSION_TTL))
+            .ignore();
+    }
+}
+
 fn verdict_key(redis: &RedisLink, runtime: RuntimeId) -> String {
     redis.key(format_args!("empty:{runtime}"))
 }
 
-fn version_key(redis: &RedisLink, key: &VersionKey) -> String {
-    match key {
-        VersionKey::Queue(queue) => redis.key(format_args!("ver:q:{queue}")),
-        VersionKey::Runtime(runtime) => redis.key(format_args!("ver:rt:{runtime}")),
+fn version_key(redis: &RedisLink, topic: &Topic) -> String {
+    match topic {
+        Topic::Queue(queue) => redis.key(format_args!("ver:q:{queue}")),
+        Topic::Runtime(runtime) => redis.key(format_args!("ver:rt:{runtime}")),
     }
 }
 
@@ -180,9 +160,9 @@ fn version_keys<'a>(
     runtime: RuntimeId,
     queues: &'a [String],
 ) -> impl Iterator<Item = String> + 'a {
-    std::iter::once(version_key(redis, &VersionKey::Runtime(runtime))).chain(
+    std::iter::once(version_key(redis, &Topic::Runtime(runtime))).chain(
         queues
             .iter()
-            .map(|queue| version_key(redis, &VersionKey::Queue(queue.clone()))),
+            .map(|queue| version_key(redis, &Topic::Queue(queue.clone()))),
     )
 }

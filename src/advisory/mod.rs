@@ -8,6 +8,7 @@
 //! once. Recovering starts a new cache epoch, which invalidates every verdict stored before:
 //! version bumps may have been lost while Redis was out of reach.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,11 +17,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisResult};
 use tokio_util::sync::CancellationToken;
 
+use crate::wakeups::Topic;
+
 pub mod claim_cache;
 pub mod liveness;
+pub mod relay;
 
 pub use claim_cache::ClaimCache;
 pub use liveness::Liveness;
+pub use relay::{Cancellation, WakeRelay};
 
 /// How often a degraded link tries Redis again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,6 +35,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const VERSION_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 pub struct RedisLink {
+    /// For the pub/sub subscription, which needs a connection of its own.
+    client: redis::Client,
     connection: ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -45,12 +52,38 @@ impl RedisLink {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
         Ok(RedisLink {
-            connection: ConnectionManager::new_lazy_with_config(client, config)?,
+            connection: ConnectionManager::new_lazy_with_config(client.clone(), config)?,
+            client,
             prefix: prefix.to_owned(),
             timeout,
             // Not yet: the first probe starts an epoch, then the link is used.
             healthy: AtomicBool::new(false),
         })
+    }
+
+    fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// After a change committed: replaces the versions of the topics it touched, then
+    /// publishes them (and cancellations) to the other replicas, in that order and in one
+    /// round trip.
+    pub async fn announce(
+        &self,
+        relay: &WakeRelay,
+        topics: &BTreeSet<Topic>,
+        cancellations: &[Cancellation],
+    ) {
+        if topics.is_empty() && cancellations.is_empty() {
+            return;
+        }
+        let mut pipeline = redis::pipe();
+        claim_cache::add_bumps(self, &mut pipeline, topics);
+        relay.add_publish(self, &mut pipeline, topics, cancellations);
+        self.call(
+            |mut connection| async move { pipeline.query_async::<()>(&mut connection).await },
+        )
+        .await;
     }
 
     pub fn prefix(&self) -> &str {

@@ -27,6 +27,8 @@ pub enum Error {
     StoreUnavailable(#[source] BoxError),
     #[error("the request's deadline passed before the claim committed")]
     DeadlineExceeded,
+    #[error("the server is shutting down; reconnect to another replica")]
+    Draining,
     #[error("internal error")]
     Internal(#[source] BoxError),
 }

@@ -1,6 +1,7 @@
 //! The gRPC surface: generated code, one module per service, and the error mapping.
 
 mod admin;
+mod claim_stream;
 mod convert;
 mod deadline;
 mod page_token;

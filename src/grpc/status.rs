@@ -50,6 +50,11 @@ impl From<Error> for Status {
                 message,
                 error_info("DEADLINE_EXCEEDED", []),
             ),
+            Error::Draining => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                error_info("SERVER_DRAINING", []),
+            ),
             // The source (driver text, SQL) was logged where it arose; the client gets nothing
             // of it.
             Error::Internal(_) => Status::with_error_details(

@@ -10,7 +10,7 @@ use crate::coordinator::Coordinator;
 use crate::store::NewRuntime;
 
 use super::pb::{self, worker_service_server::WorkerService};
-use super::{convert, deadline, status};
+use super::{claim_stream, convert, deadline};
 
 pub struct WorkerApi {
     coordinator: Arc<Coordinator>,
@@ -87,11 +87,10 @@ impl WorkerService for WorkerApi {
         let budget = deadline::budget(request.metadata());
         let request = request.into_inner();
         let runtime_id = convert::runtime_id("runtime_id", &request.runtime_id)?;
-        // Validated for the contract's sake; long-polling arrives with streaming claims.
-        convert::duration("wait", request.wait)?;
+        let wait = convert::duration("wait", request.wait)?.unwrap_or_default();
         let claimed = self
             .coordinator
-            .claim(runtime_id, request.max_tasks, budget)
+            .claim_waiting(runtime_id, request.max_tasks, wait, budget)
             .await?;
         Ok(Response::new(pb::ClaimTaskResponse {
             tasks: claimed.into_iter().map(convert::claimed_task).collect(),
@@ -102,9 +101,15 @@ impl WorkerService for WorkerApi {
 
     async fn stream_claims(
         &self,
-        _request: Request<Streaming<pb::StreamClaimsRequest>>,
+        request: Request<Streaming<pb::StreamClaimsRequest>>,
     ) -> Result<Response<Self::StreamClaimsStream>, Status> {
-        Err(status::unimplemented("StreamClaims"))
+        let mut inbound = request.into_inner();
+        let session = claim_stream::open(&self.coordinator, &mut inbound).await?;
+        let (outbound, responses) = tokio::sync::mpsc::channel(claim_stream::OUTBOUND_BUFFER);
+        tokio::spawn(session.run(inbound, outbound));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(responses),
+        )))
     }
 
     async fn start_task(

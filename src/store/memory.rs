@@ -194,8 +194,21 @@ impl State {
             })
             .map(|task| task.id)
             .collect();
-        let mut moved = Vec::with_capacity(expired.len());
-        for task_id in expired {
+        expired
+            .into_iter()
+            .map(|task_id| self.expire_claim(task_id, policy, now))
+            .collect()
+    }
+
+    /// Ends a DISPATCHED task's claim as a lease expiry: back to QUEUED, or FAILED by the
+    /// poison guard (T10).
+    fn expire_claim(
+        &mut self,
+        task_id: TaskId,
+        policy: &StorePolicy,
+        now: DateTime<Utc>,
+    ) -> TaskMove {
+        {
             let task = self.task_mut(task_id);
             task.lease_expirations += 1;
             task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
@@ -215,9 +228,8 @@ impl State {
                 TaskStatus::Queued
             };
             self.set_status(task_id, status);
-            moved.push(TaskMove::from(&*self.task_mut(task_id)));
         }
-        moved
+        TaskMove::from(&*self.task_mut(task_id))
     }
 
     /// T2: the same selection as `leasehold_claim`: the best `max_tasks` candidates, then at
@@ -642,6 +654,30 @@ impl TaskStore for MemoryStore {
         // Claiming here is instantaneous and cannot outlive the caller's budget.
         let claimed = state.claim(&runtime, request.max_tasks, self.policy.lease_duration, now);
         Ok(ClaimOutcome { claimed, preflight })
+    }
+
+    async fn expire_claims(
+        &self,
+        runtime_id: RuntimeId,
+        claims: &[(TaskId, ClaimToken)],
+    ) -> Result<Vec<TaskMove>> {
+        let now = self.now();
+        let mut state = self.state();
+        let unstarted: Vec<TaskId> = claims
+            .iter()
+            .filter(|(task_id, token)| {
+                state.tasks.get(task_id).is_some_and(|task| {
+                    task.claimed_by == Some(runtime_id)
+                        && task.claim_token == Some(*token)
+                        && task.status == TaskStatus::Dispatched
+                })
+            })
+            .map(|(task_id, _)| *task_id)
+            .collect();
+        Ok(unstarted
+            .into_iter()
+            .map(|task_id| state.expire_claim(task_id, &self.policy, now))
+            .collect())
     }
 
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {

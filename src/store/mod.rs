@@ -258,6 +258,14 @@ pub trait TaskStore: Send + Sync + 'static {
     /// then the claim (T2), as one atomic change.
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
 
+    /// T4': these claims (pushed on a claim stream that ended) end as lease expiries, each
+    /// only while its task is still DISPATCHED under that token. Returns the tasks moved.
+    async fn expire_claims(
+        &self,
+        runtime_id: RuntimeId,
+        claims: &[(TaskId, ClaimToken)],
+    ) -> Result<Vec<TaskMove>>;
+
     /// See [`ClaimHorizon`].
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
 

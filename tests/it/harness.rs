@@ -303,6 +303,17 @@ impl TestServer {
         }
     }
 
+    pub async fn describe_queue(&self, queue: &str) -> pb::DescribeQueueResponse {
+        self.admin
+            .clone()
+            .describe_queue(pb::DescribeQueueRequest {
+                queue: queue.into(),
+            })
+            .await
+            .expect("describe queue")
+            .into_inner()
+    }
+
     /// DeregisterRuntime; answers how many claims were requeued.
     pub async fn deregister(&self, runtime_id: &str) -> u32 {
         self.worker

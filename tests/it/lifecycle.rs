@@ -472,7 +472,22 @@ async fn a_heartbeat_brings_an_offline_runtime_back_online(
     assert!(chrono::Utc::now() - last_seen < chrono::Duration::seconds(30));
 }
 
+async fn durations_finer_than_a_microsecond_are_accepted(backend: Backend) {
+    let server = backend.start().await;
+    let task = server
+        .enqueue(pb::EnqueueTaskRequest {
+            delay: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1,
+            }),
+            ..task_in("q")
+        })
+        .await;
+    assert_eq!(status_of(&task), pb::TaskStatus::Queued);
+}
+
 conformance!(
+    durations_finer_than_a_microsecond_are_accepted,
     a_task_goes_from_enqueue_to_completed,
     start_replayed_with_the_same_token_returns_the_running_row,
     complete_and_fail_replays_succeed_with_the_current_row,

@@ -19,3 +19,4 @@ mod liveness;
 mod races;
 mod redis;
 mod service;
+mod streams;

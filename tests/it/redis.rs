@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::harness::{TestServer, status_of, task_id, task_in};
 
 /// The Redis the test suite runs against (scripts/services.sh provides one).
-fn redis_url() -> String {
+pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
@@ -37,7 +37,7 @@ async fn start(pool: PgPoolOptions, connect: PgConnectOptions) -> TestServer {
     server
 }
 
-async fn wait_until_redis_is_used(server: &TestServer) {
+pub async fn wait_until_redis_is_used(server: &TestServer) {
     let redis = server.coordinator.redis().expect("redis configured");
     for _ in 0..100 {
         if redis.is_healthy() {

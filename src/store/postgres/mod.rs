@@ -30,6 +30,12 @@ use errors::{Context, classify, plain};
 use rows::{FenceSnapshot, HorizonRow, MoveRow, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
 use sweep::StageArgument;
 
+/// A duration as PostgreSQL's INTERVAL can hold it: whole microseconds (sqlx refuses to
+/// encode finer ones).
+fn interval(duration: Duration) -> Duration {
+    Duration::from_micros(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// The migrations, embedded in the binary and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -141,7 +147,7 @@ impl PgStore {
                 let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(sql::EXTEND_LEASE)
                     .bind(task)
                     .bind(token)
-                    .bind(*extend_by)
+                    .bind(interval(*extend_by))
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(plain)?;
@@ -292,9 +298,9 @@ impl TaskStore for PgStore {
         let rows: Vec<TaskRow> = sqlx::query_as(sql::CLAIM)
             .bind(request.runtime_id.as_uuid())
             .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
-            .bind(self.policy.lease_duration)
+            .bind(interval(self.policy.lease_duration))
             .bind(i64::from(self.policy.max_lease_expirations))
-            .bind(request.budget)
+            .bind(request.budget.map(interval))
             .fetch_all(&self.pool)
             .await
             .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
@@ -310,6 +316,26 @@ impl TaskStore for PgStore {
             }
         }
         Ok(outcome)
+    }
+
+    async fn expire_claims(
+        &self,
+        runtime_id: RuntimeId,
+        claims: &[(TaskId, ClaimToken)],
+    ) -> Result<Vec<TaskMove>> {
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims
+            .iter()
+            .map(|(task_id, token)| (task_id.as_uuid(), token.as_uuid()))
+            .unzip();
+        let rows: Vec<MoveRow> = sqlx::query_as(sql::EXPIRE_CLAIMS)
+            .bind(runtime_id.as_uuid())
+            .bind(ids)
+            .bind(tokens)
+            .bind(i64::from(self.policy.max_lease_expirations))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(plain)?;
+        rows::moves(rows)
     }
 
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {
@@ -452,7 +478,7 @@ impl TaskStore for PgStore {
             .bind(i64::from(task.max_attempts))
             .bind(&task.idempotency_key)
             .bind(execution_timeout_ms)
-            .bind(task.delay)
+            .bind(interval(task.delay))
             .fetch_optional(&self.pool)
             .await
             .map_err(|error| classify(error, context))?;

@@ -14,6 +14,7 @@ use sqlx::{PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
 use super::errors::plain;
+use super::interval;
 use super::rows::{self, MoveRow};
 use super::sql;
 use crate::domain::{FailureReason, Result, RuntimeId};
@@ -123,7 +124,7 @@ impl Sweep<'_> {
         let mut marked = Vec::new();
         for _ in 0..MAX_BATCHES_PER_STAGE {
             let stale: Vec<Uuid> = sqlx::query_scalar(sql::STALE_RUNTIMES)
-                .bind(self.policy.offline_after)
+                .bind(interval(self.policy.offline_after))
                 .bind(self.batch_size())
                 .fetch_all(&mut *self.conn)
                 .await
@@ -135,7 +136,7 @@ impl Sweep<'_> {
             self.refresh_last_seen(&alive).await?;
             let flipped: Vec<Uuid> = sqlx::query_scalar(sql::MARK_OFFLINE)
                 .bind(uuids(&dead))
-                .bind(self.policy.offline_after)
+                .bind(interval(self.policy.offline_after))
                 .fetch_all(&mut *self.conn)
                 .await
                 .map_err(plain)?;
@@ -194,7 +195,7 @@ impl Sweep<'_> {
         for _ in 0..MAX_BATCHES_PER_STAGE {
             let rows: Vec<MoveRow> = sqlx::query_as(sql::FAIL_PINNED_ORPHANS)
                 .bind(self.batch_size())
-                .bind(self.policy.pinned_orphan_grace)
+                .bind(interval(self.policy.pinned_orphan_grace))
                 .fetch_all(&mut *self.conn)
                 .await
                 .map_err(plain)?;
@@ -242,7 +243,7 @@ pub(super) async fn fail_for_server_reason<'c>(
         .bind(error);
     let query = match argument {
         StageArgument::Runtime(runtime) => query.bind(runtime),
-        StageArgument::Age(age) => query.bind(age),
+        StageArgument::Age(age) => query.bind(interval(age)),
         StageArgument::Nothing => query,
     };
     let rows: Vec<MoveRow> = query.fetch_all(executor).await.map_err(plain)?;

@@ -1,0 +1,285 @@
+//! One `StreamClaims` session (spec §5): claims pushed under credit-based flow control.
+//!
+//! The worker opens with `open {runtime_id, credits}` and grants more with `credit {n}`; every
+//! pushed claim consumes one credit, so pushes never outrun the grants. While credits remain
+//! and nothing is claimable, the session waits for a wake-up, a jittered re-check every
+//! `--stream-poll-interval`, or the earliest expiry of a lease it pushed. When the session ends
+//! for any reason (the worker closed it, the connection broke, the server is draining), the
+//! claims it pushed that were not started go back to QUEUED at once (T4').
+//!
+//! Each session is one task and a few small buffers; an idle one touches neither PostgreSQL
+//! (with Redis, its re-checks are answered from the empty-claim cache) nor the CPU.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::{Status, Streaming};
+
+use crate::coordinator::{Coordinator, MAX_CLAIM_BATCH, jittered};
+use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
+use crate::wakeups::Subscription;
+
+use super::convert;
+use super::pb::{
+    self, stream_claims_request::Msg as Inbound, stream_claims_response::Msg as Outbound,
+};
+
+/// Responses waiting to be written to the worker. Claims never exceed the credits granted,
+/// so this only bounds keepalives and cancellations behind a slow reader.
+pub(super) const OUTBOUND_BUFFER: usize = 64;
+
+/// Credits a worker may hold unused; grants beyond this are capped.
+const MAX_CREDITS: u64 = 100_000;
+
+pub(super) type Sender = mpsc::Sender<std::result::Result<pb::StreamClaimsResponse, Status>>;
+
+/// Reads the `open` message and prepares the session; errors end the call before it starts.
+pub(super) async fn open(
+    coordinator: &Arc<Coordinator>,
+    inbound: &mut Streaming<pb::StreamClaimsRequest>,
+) -> Result<Session> {
+    if coordinator.draining().is_cancelled() {
+        return Err(Error::Draining);
+    }
+    let first = inbound
+        .message()
+        .await
+        .map_err(|_| Error::invalid("open", "the stream ended before its first message"))?;
+    let Some(pb::StreamClaimsRequest {
+        msg: Some(Inbound::Open(open)),
+    }) = first
+    else {
+        return Err(Error::invalid("open", "the first message must be open"));
+    };
+    let runtime_id = convert::runtime_id("open.runtime_id", &open.runtime_id)?;
+    let subscription = coordinator.subscribe(runtime_id).await?;
+    Ok(Session {
+        coordinator: coordinator.clone(),
+        runtime_id,
+        credits: u64::from(open.credits),
+        subscription,
+        cancellations: coordinator.hold_cancellations(runtime_id),
+        pushed: VecDeque::new(),
+    })
+}
+
+pub(super) struct Session {
+    coordinator: Arc<Coordinator>,
+    runtime_id: RuntimeId,
+    /// Granted and not yet used.
+    credits: u64,
+    subscription: Subscription,
+    cancellations: mpsc::Receiver<TaskId>,
+    /// Claims pushed on this stream whose lease has not passed yet, oldest first: the ones a
+    /// broken stream must give back. Older ones were either started or are the preflight's.
+    pushed: VecDeque<PushedClaim>,
+}
+
+struct PushedClaim {
+    task_id: TaskId,
+    token: ClaimToken,
+    lease_expires_at: DateTime<Utc>,
+}
+
+/// Why the session loop stopped.
+enum End {
+    /// The worker closed its side, or the connection broke.
+    WorkerGone,
+    Draining,
+    Failed(Status),
+}
+
+impl Session {
+    pub(super) async fn run(
+        mut self,
+        mut inbound: Streaming<pb::StreamClaimsRequest>,
+        outbound: Sender,
+    ) {
+        let end = self.serve(&mut inbound, &outbound).await;
+        match end {
+            End::Draining => {
+                let _ = outbound
+                    .send(Ok(response(Outbound::Draining(pb::Draining {}))))
+                    .await;
+            }
+            End::Failed(status) => {
+                let _ = outbound.send(Err(status)).await;
+            }
+            End::WorkerGone => {}
+        }
+        self.give_back_unstarted().await;
+        // The response stream ends when `outbound` drops here, after the claims went back.
+    }
+
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<pb::StreamClaimsRequest>,
+        outbound: &Sender,
+    ) -> End {
+        let settings = *self.coordinator.settings();
+        let mut keepalive = tokio::time::interval_at(
+            Instant::now() + settings.stream_keepalive,
+            settings.stream_keepalive,
+        );
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let draining = self.coordinator.draining().clone();
+        let mut want_claims = true;
+        let mut recheck = Instant::now();
+        loop {
+            if want_claims && self.credits > 0 {
+                match self.push_claims(outbound).await {
+                    Ok(PushOutcome::More) => continue,
+                    Ok(PushOutcome::NothingMore) => {
+                        want_claims = false;
+                        recheck = self.next_recheck(settings.stream_poll_interval);
+                    }
+                    Ok(PushOutcome::WorkerGone) => return End::WorkerGone,
+                    Err(Error::RuntimeNotFound(id)) => {
+                        return End::Failed(Error::RuntimeNotFound(id).into());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, runtime_id = %self.runtime_id, "stream claim failed; retrying after the poll interval");
+                        want_claims = false;
+                        recheck = Instant::now() + jittered(settings.stream_poll_interval);
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                () = draining.cancelled() => return End::Draining,
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => match self.receive(request) {
+                        Ok(granted) => want_claims |= granted,
+                        Err(status) => return End::Failed(status),
+                    },
+                    Ok(None) | Err(_) => return End::WorkerGone,
+                },
+                Some(task_id) = self.cancellations.recv() => {
+                    let cancelled = Outbound::Cancelled(pb::TaskCancelled { task_id: task_id.to_string() });
+                    if outbound.send(Ok(response(cancelled))).await.is_err() {
+                        return End::WorkerGone;
+                    }
+                }
+                () = self.subscription.woken(), if self.credits > 0 => want_claims = true,
+                () = tokio::time::sleep_until(recheck), if self.credits > 0 && !want_claims => {
+                    want_claims = true;
+                }
+                _ = keepalive.tick() => {
+                    let beat = Outbound::Keepalive(pb::Keepalive {
+                        server_time: Some(convert::timestamp(Utc::now())),
+                    });
+                    if outbound.send(Ok(response(beat))).await.is_err() {
+                        return End::WorkerGone;
+                    }
+                }
+                () = outbound.closed() => return End::WorkerGone,
+            }
+        }
+    }
+
+    /// Handles one worker message; `true` when it granted credits.
+    fn receive(&mut self, request: pb::StreamClaimsRequest) -> std::result::Result<bool, Status> {
+        match request.msg {
+            Some(Inbound::Credit(grant)) => {
+                self.credits = (self.credits + u64::from(grant.n)).min(MAX_CREDITS);
+                Ok(grant.n > 0)
+            }
+            // A receipt only: the claim stays this stream's until it is started.
+            Some(Inbound::Ack(_)) => Ok(false),
+            Some(Inbound::Open(_)) => {
+                Err(Error::invalid("open", "the stream is already open").into())
+            }
+            None => Err(Error::invalid("msg", "empty message").into()),
+        }
+    }
+
+    /// Claims up to the credits left (one batch) and pushes them.
+    async fn push_claims(&mut self, outbound: &Sender) -> Result<PushOutcome> {
+        self.forget_passed_leases();
+        let asked = u32::try_from(self.credits.min(u64::from(MAX_CLAIM_BATCH))).unwrap_or(1);
+        let claimed = self
+            .coordinator
+            .claim(self.runtime_id, Some(asked), None)
+            .await?;
+        let got = claimed.len();
+        for claim in claimed {
+            self.credits -= 1;
+            self.pushed.push_back(PushedClaim {
+                task_id: claim.task.id,
+                token: claim.claim_token,
+                lease_expires_at: claim.lease_expires_at,
+            });
+            if outbound.send(Ok(pushed(claim))).await.is_err() {
+                return Ok(PushOutcome::WorkerGone);
+            }
+        }
+        Ok(if got == asked as usize && self.credits > 0 {
+            PushOutcome::More
+        } else {
+            PushOutcome::NothingMore
+        })
+    }
+
+    /// When to look again without a wake-up: after the poll interval, or when the earliest
+    /// lease pushed here passes (its requeue is this runtime's preflight's to do).
+    fn next_recheck(&self, poll_interval: std::time::Duration) -> Instant {
+        let poll = Instant::now() + jittered(poll_interval);
+        let lease = self.pushed.iter().map(|claim| claim.lease_expires_at).min();
+        match lease.and_then(|at| (at - Utc::now()).to_std().ok()) {
+            Some(left) => poll.min(Instant::now() + left),
+            None => poll,
+        }
+    }
+
+    fn forget_passed_leases(&mut self) {
+        let now = Utc::now();
+        while self
+            .pushed
+            .front()
+            .is_some_and(|claim| claim.lease_expires_at < now)
+        {
+            self.pushed.pop_front();
+        }
+    }
+
+    /// T4': whatever was pushed here and not started goes back to QUEUED now.
+    async fn give_back_unstarted(&mut self) {
+        self.forget_passed_leases();
+        let claims: Vec<(TaskId, ClaimToken)> = self
+            .pushed
+            .drain(..)
+            .map(|claim| (claim.task_id, claim.token))
+            .collect();
+        match self
+            .coordinator
+            .expire_stream_claims(self.runtime_id, &claims)
+            .await
+        {
+            Ok(0) => {}
+            Ok(requeued) => {
+                tracing::info!(runtime_id = %self.runtime_id, requeued, "claim stream ended; unstarted claims requeued")
+            }
+            Err(error) => {
+                tracing::warn!(%error, runtime_id = %self.runtime_id, "claim stream ended; its unstarted claims wait for their leases to pass")
+            }
+        }
+    }
+}
+
+enum PushOutcome {
+    /// A full batch went out and credits remain: claim again at once.
+    More,
+    NothingMore,
+    WorkerGone,
+}
+
+fn response(msg: Outbound) -> pb::StreamClaimsResponse {
+    pb::StreamClaimsResponse { msg: Some(msg) }
+}
+
+fn pushed(claim: ClaimedTask) -> pb::StreamClaimsResponse {
+    response(Outbound::Claimed(convert::claimed_task(claim)))
+}

@@ -1,0 +1,436 @@
+//! Streaming claims (spec §5), long-polling claims and the drain, against real servers.
+
+use std::time::{Duration, Instant};
+
+use leasehold::grpc::pb;
+use leasehold::grpc::pb::stream_claims_request::Msg as Inbound;
+use leasehold::grpc::pb::stream_claims_response::Msg as Outbound;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming};
+
+use crate::harness::{Backend, TestServer, assert_error, status_of, task_id, task_in};
+
+/// Long enough that only a wake-up (never the fallback re-check) can deliver within a test.
+const NO_POLLING: Duration = Duration::from_secs(3600);
+/// How long a test waits for something that should come promptly.
+const PROMPTLY: Duration = Duration::from_secs(2);
+/// How long a test watches for something that must not come.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// The worker's side of one StreamClaims call.
+pub struct ClaimStream {
+    requests: Option<mpsc::Sender<pb::StreamClaimsRequest>>,
+    responses: Streaming<pb::StreamClaimsResponse>,
+}
+
+impl ClaimStream {
+    pub async fn open(server: &TestServer, runtime_id: &str, credits: u32) -> ClaimStream {
+        Self::try_open(server, runtime_id, credits)
+            .await
+            .expect("open a claim stream")
+    }
+
+    pub async fn try_open(
+        server: &TestServer,
+        runtime_id: &str,
+        credits: u32,
+    ) -> Result<ClaimStream, Status> {
+        let open = Inbound::Open(pb::OpenStream {
+            runtime_id: runtime_id.into(),
+            credits,
+        });
+        Self::start(server, open).await
+    }
+
+    /// Starts a stream whose first message is `first`.
+    pub async fn start(server: &TestServer, first: Inbound) -> Result<ClaimStream, Status> {
+        let (requests, outgoing) = mpsc::channel(16);
+        requests
+            .send(pb::StreamClaimsRequest { msg: Some(first) })
+            .await
+            .unwrap();
+        let responses = server
+            .worker
+            .clone()
+            .stream_claims(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        Ok(ClaimStream {
+            requests: Some(requests),
+            responses,
+        })
+    }
+
+    pub async fn grant(&self, n: u32) {
+        self.send(Inbound::Credit(pb::GrantCredit { n })).await;
+    }
+
+    pub async fn send(&self, msg: Inbound) {
+        let requests = self.requests.as_ref().expect("stream still open");
+        requests
+            .send(pb::StreamClaimsRequest { msg: Some(msg) })
+            .await
+            .unwrap();
+    }
+
+    /// The next message other than a keepalive, within `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Outbound> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.responses.message())
+                .await
+                .ok()?;
+            match message {
+                Ok(Some(pb::StreamClaimsResponse {
+                    msg: Some(Outbound::Keepalive(_)),
+                })) => continue,
+                Ok(Some(response)) => return response.msg,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    pub async fn next_claimed(&mut self) -> pb::ClaimedTask {
+        match self.next(PROMPTLY).await {
+            Some(Outbound::Claimed(claimed)) => claimed,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    /// Asserts nothing but keepalives arrives for a while.
+    pub async fn expect_quiet(&mut self) {
+        if let Some(message) = self.next(QUIET).await {
+            panic!("expected nothing, got {message:?}");
+        }
+    }
+
+    /// Every raw message (keepalives included) until `within` passes or the stream ends.
+    async fn raw_messages(&mut self, within: Duration) -> Vec<Outbound> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut messages = Vec::new();
+        while let Ok(Ok(Some(response))) =
+            tokio::time::timeout_at(deadline, self.responses.message()).await
+        {
+            messages.extend(response.msg);
+        }
+        messages
+    }
+}
+
+async fn start(backend: Backend) -> TestServer {
+    backend
+        .start_with(|config| {
+            config.stream_poll_interval = NO_POLLING;
+            config.retry_backoff_base = Duration::ZERO;
+        })
+        .await
+}
+
+async fn credits_bound_the_claims_in_flight(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("streamer", &["q"]).await;
+    for _ in 0..5 {
+        server.enqueue_to("q").await;
+    }
+    let mut stream = ClaimStream::open(&server, &runtime, 2).await;
+
+    stream.next_claimed().await;
+    stream.next_claimed().await;
+    stream.expect_quiet().await;
+
+    stream.grant(1).await;
+    stream.next_claimed().await;
+    stream.expect_quiet().await;
+
+    let counts = server.describe_queue("q").await.counts.unwrap();
+    assert_eq!((counts.dispatched, counts.queued), (3, 2));
+}
+
+async fn an_enqueue_wakes_a_waiting_stream(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("waiting", &["q"]).await;
+    let mut stream = ClaimStream::open(&server, &runtime, 1).await;
+    stream.expect_quiet().await;
+
+    let task = server.enqueue_to("q").await;
+    let claimed = stream.next_claimed().await;
+
+    assert_eq!(task_id(&claimed), task.id);
+}
+
+async fn an_idle_stream_hears_keepalives(backend: Backend) {
+    let server = backend
+        .start_with(|config| config.stream_keepalive = Duration::from_millis(100))
+        .await;
+    let runtime = server.register("idle", &["q"]).await;
+    let mut stream = ClaimStream::open(&server, &runtime, 1).await;
+
+    let messages = stream.raw_messages(Duration::from_millis(650)).await;
+
+    let keepalives = messages
+        .iter()
+        .filter(
+            |message| matches!(message, Outbound::Keepalive(beat) if beat.server_time.is_some()),
+        )
+        .count();
+    assert!(keepalives >= 3, "{messages:?}");
+}
+
+async fn a_broken_stream_gives_back_its_unstarted_claims(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("fragile", &["q"]).await;
+    server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    let mut stream = ClaimStream::open(&server, &runtime, 2).await;
+    let started = stream.next_claimed().await;
+    let unstarted = stream.next_claimed().await;
+    server.start_task(&started).await.unwrap();
+
+    drop(stream);
+
+    let requeued = wait_for_status(&server, task_id(&unstarted), pb::TaskStatus::Queued).await;
+    assert_eq!(requeued.lease_expirations, 1);
+    let late = server.start_task(&unstarted).await.unwrap_err();
+    assert_error(&late, Code::FailedPrecondition, "LEASE_EXPIRED");
+    let running = server.get_task(task_id(&started)).await;
+    assert_eq!(status_of(&running), pb::TaskStatus::Running);
+}
+
+async fn a_cancellation_reaches_the_holding_stream(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("holder", &["q"]).await;
+    server.enqueue_to("q").await;
+    let mut stream = ClaimStream::open(&server, &runtime, 1).await;
+    let claimed = stream.next_claimed().await;
+    server.start_task(&claimed).await.unwrap();
+
+    server
+        .tasks
+        .clone()
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task_id(&claimed).into(),
+        })
+        .await
+        .unwrap();
+
+    match stream.next(PROMPTLY).await {
+        Some(Outbound::Cancelled(cancelled)) => assert_eq!(cancelled.task_id, task_id(&claimed)),
+        other => panic!("expected a cancellation, got {other:?}"),
+    }
+}
+
+async fn a_stream_must_open_for_a_known_runtime(backend: Backend) {
+    let server = start(backend).await;
+    let credit_first = ClaimStream::start(&server, Inbound::Credit(pb::GrantCredit { n: 1 }))
+        .await
+        .err()
+        .expect("a stream that does not open is refused");
+    assert_error(&credit_first, Code::InvalidArgument, "INVALID_FIELD");
+
+    let unknown = ClaimStream::try_open(&server, &uuid::Uuid::new_v4().to_string(), 1)
+        .await
+        .err()
+        .expect("an unknown runtime is refused");
+    assert_error(&unknown, Code::NotFound, "RUNTIME_NOT_FOUND");
+}
+
+async fn a_long_poll_returns_as_soon_as_a_task_is_enqueued(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("patient", &["q"]).await;
+    let mut worker = server.worker.clone();
+    let started = Instant::now();
+    let waiting = tokio::spawn({
+        let runtime = runtime.clone();
+        async move {
+            worker
+                .claim_task(pb::ClaimTaskRequest {
+                    runtime_id: runtime,
+                    max_tasks: Some(1),
+                    wait: Some(prost_types::Duration {
+                        seconds: 20,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .tasks
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let task = server.enqueue_to("q").await;
+
+    let claimed = waiting.await.unwrap();
+
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(task_id(&claimed[0]), task.id);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+async fn a_long_poll_ends_empty_before_the_callers_deadline(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("bounded", &["q"]).await;
+    let mut request = tonic::Request::new(pb::ClaimTaskRequest {
+        runtime_id: runtime.clone(),
+        max_tasks: Some(1),
+        wait: Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+    });
+    request.set_timeout(Duration::from_millis(600));
+    let started = Instant::now();
+
+    let response = server.worker.clone().claim_task(request).await.unwrap();
+
+    assert!(response.into_inner().tasks.is_empty());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    assert!(waited < Duration::from_millis(600), "{waited:?}");
+}
+
+async fn draining_tells_streams_and_gives_back_their_claims(backend: Backend) {
+    let mut server = start(backend).await;
+    let runtime = server.register("drained", &["q"]).await;
+    server.enqueue_to("q").await;
+    let mut stream = ClaimStream::open(&server, &runtime, 1).await;
+    let claimed = stream.next_claimed().await;
+    let store = server.store();
+
+    server.begin_shutdown();
+
+    match stream.next(PROMPTLY).await {
+        Some(Outbound::Draining(_)) => {}
+        other => panic!("expected draining, got {other:?}"),
+    }
+    assert!(
+        stream.next(PROMPTLY).await.is_none(),
+        "the stream ends after draining"
+    );
+    let task = store
+        .get_task(leasehold::domain::TaskId::parse(task_id(&claimed)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(task.status, leasehold::domain::TaskStatus::Queued);
+}
+
+conformance!(
+    credits_bound_the_claims_in_flight,
+    an_enqueue_wakes_a_waiting_stream,
+    an_idle_stream_hears_keepalives,
+    a_broken_stream_gives_back_its_unstarted_claims,
+    a_cancellation_reaches_the_holding_stream,
+    a_stream_must_open_for_a_known_runtime,
+    a_long_poll_returns_as_soon_as_a_task_is_enqueued,
+    a_long_poll_ends_empty_before_the_callers_deadline,
+    draining_tells_streams_and_gives_back_their_claims,
+);
+
+async fn wait_for_status(server: &TestServer, task_id: &str, status: pb::TaskStatus) -> pb::Task {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let task = server.get_task(task_id).await;
+        if status_of(&task) == status {
+            return task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task still {:?}",
+            status_of(&task)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Enqueues on `producer` and times until `stream` receives the claim, `samples` times.
+async fn wakeup_latencies(
+    producer: &TestServer,
+    stream: &mut ClaimStream,
+    samples: usize,
+) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let enqueued_at = Instant::now();
+        let task = producer.enqueue_to("q").await;
+        let claimed = stream.next_claimed().await;
+        latencies.push(enqueued_at.elapsed());
+        assert_eq!(task_id(&claimed), task.id);
+        stream.grant(1).await;
+    }
+    latencies.sort();
+    latencies
+}
+
+fn summary(latencies: &[Duration]) -> String {
+    format!(
+        "median {:?}, max {:?} over {}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+        latencies.len()
+    )
+}
+
+/// Two replicas, one database, one Redis: an enqueue on A wakes a stream held by B, and a
+/// cancellation on A reaches it. Streams never poll here, so only a wake-up can deliver.
+/// Prints the enqueue → claimed latency on one replica and across two.
+#[sqlx::test]
+async fn wake_ups_and_cancellations_cross_replicas(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let prefix = format!("leasehold-test-{}", uuid::Uuid::new_v4());
+    let configure = |config: &mut leasehold::config::Config| {
+        config.redis_url = Some(crate::redis::redis_url());
+        config.redis_key_prefix = prefix.clone();
+        config.stream_poll_interval = NO_POLLING;
+    };
+    let a = TestServer::start_with(pool.clone(), connect.clone(), configure).await;
+    let b = TestServer::start_with(pool, connect, configure).await;
+    crate::redis::wait_until_redis_is_used(&a).await;
+    crate::redis::wait_until_redis_is_used(&b).await;
+    let runtime = b.register("on-b", &["q"]).await;
+    let mut stream = ClaimStream::open(&b, &runtime, 1).await;
+
+    // The first one may wait for B's subscription to be in place.
+    let first = a.enqueue_to("q").await;
+    match stream.next(Duration::from_secs(10)).await {
+        Some(Outbound::Claimed(claimed)) => assert_eq!(task_id(&claimed), first.id),
+        other => panic!("B's stream was not woken by A's enqueue: {other:?}"),
+    }
+    stream.grant(1).await;
+
+    let across = wakeup_latencies(&a, &mut stream, 100).await;
+    let local = wakeup_latencies(&b, &mut stream, 100).await;
+    println!("wake-up latency, one replica: {}", summary(&local));
+    println!("wake-up latency, across two replicas: {}", summary(&across));
+
+    let held = stream.next_claimed_after(&a, task_in("q")).await;
+    a.tasks
+        .clone()
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task_id(&held).into(),
+        })
+        .await
+        .unwrap();
+    match stream.next(PROMPTLY).await {
+        Some(Outbound::Cancelled(cancelled)) => assert_eq!(cancelled.task_id, task_id(&held)),
+        other => panic!("the cancellation on A did not reach B's stream: {other:?}"),
+    }
+}
+
+impl ClaimStream {
+    /// Enqueues `task` on `producer` and returns the claim this stream receives for it.
+    async fn next_claimed_after(
+        &mut self,
+        producer: &TestServer,
+        task: pb::EnqueueTaskRequest,
+    ) -> pb::ClaimedTask {
+        let task = producer.enqueue(task).await;
+        let claimed = self.next_claimed().await;
+        assert_eq!(task_id(&claimed), task.id);
+        claimed
+    }
+}
