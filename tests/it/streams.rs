@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 use leasehold::grpc::pb;
 use leasehold::grpc::pb::stream_claims_request::Msg as Inbound;
 use leasehold::grpc::pb::stream_claims_response::Msg as Outbound;
+use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::harness::{Backend, TestServer, assert_error, status_of, task_id, task_in};
@@ -27,7 +29,15 @@ pub struct ClaimStream {
 
 impl ClaimStream {
     pub async fn open(server: &TestServer, runtime_id: &str, credits: u32) -> ClaimStream {
-        Self::try_open(server, runtime_id, credits)
+        Self::open_on(server.worker.clone(), runtime_id, credits).await
+    }
+
+    pub async fn open_on(
+        worker: WorkerServiceClient<Channel>,
+        runtime_id: &str,
+        credits: u32,
+    ) -> ClaimStream {
+        Self::start(worker, open_message(runtime_id, credits))
             .await
             .expect("open a claim stream")
     }
@@ -37,23 +47,20 @@ impl ClaimStream {
         runtime_id: &str,
         credits: u32,
     ) -> Result<ClaimStream, Status> {
-        let open = Inbound::Open(pb::OpenStream {
-            runtime_id: runtime_id.into(),
-            credits,
-        });
-        Self::start(server, open).await
+        Self::start(server.worker.clone(), open_message(runtime_id, credits)).await
     }
 
     /// Starts a stream whose first message is `first`.
-    pub async fn start(server: &TestServer, first: Inbound) -> Result<ClaimStream, Status> {
+    pub async fn start(
+        mut worker: WorkerServiceClient<Channel>,
+        first: Inbound,
+    ) -> Result<ClaimStream, Status> {
         let (requests, outgoing) = mpsc::channel(16);
         requests
             .send(pb::StreamClaimsRequest { msg: Some(first) })
             .await
             .unwrap();
-        let responses = server
-            .worker
-            .clone()
+        let responses = worker
             .stream_claims(ReceiverStream::new(outgoing))
             .await?
             .into_inner();
@@ -117,6 +124,13 @@ impl ClaimStream {
         }
         messages
     }
+}
+
+fn open_message(runtime_id: &str, credits: u32) -> Inbound {
+    Inbound::Open(pb::OpenStream {
+        runtime_id: runtime_id.into(),
+        credits,
+    })
 }
 
 async fn start(backend: Backend) -> TestServer {
@@ -223,10 +237,13 @@ async fn a_cancellation_reaches_the_holding_stream(backend: Backend) {
 
 async fn a_stream_must_open_for_a_known_runtime(backend: Backend) {
     let server = start(backend).await;
-    let credit_first = ClaimStream::start(&server, Inbound::Credit(pb::GrantCredit { n: 1 }))
-        .await
-        .err()
-        .expect("a stream that does not open is refused");
+    let credit_first = ClaimStream::start(
+        server.worker.clone(),
+        Inbound::Credit(pb::GrantCredit { n: 1 }),
+    )
+    .await
+    .err()
+    .expect("a stream that does not open is refused");
     assert_error(&credit_first, Code::InvalidArgument, "INVALID_FIELD");
 
     let unknown = ClaimStream::try_open(&server, &uuid::Uuid::new_v4().to_string(), 1)
