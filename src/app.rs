@@ -189,6 +189,9 @@ impl App {
             let (redis, stop_relay) = (redis.clone(), stop.clone());
             tokio::spawn(async move { coordinator.relay_wakeups(redis, stop_relay).await });
         }
+        let coordinator = self.coordinator.clone();
+        let stop_due = stop.clone();
+        tokio::spawn(async move { coordinator.announce_due_tasks(stop_due).await });
         tokio::spawn(sweeper::run(
             self.coordinator.clone(),
             self.config.sweep_interval,

@@ -19,7 +19,7 @@ use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
     QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
-use crate::wakeups::{Notifier, Subscription, Topic, topics_of};
+use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, topics_of};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +66,7 @@ pub struct Coordinator {
     liveness: Liveness,
     claim_cache: ClaimCache,
     notifier: Arc<Notifier>,
+    due: DueWakeups,
     relay: WakeRelay,
     /// Cancelled when the server starts draining: claim streams say `draining` and end.
     draining: CancellationToken,
@@ -86,6 +87,7 @@ impl Coordinator {
             ),
             claim_cache: ClaimCache::new(redis.clone()),
             notifier: Notifier::new(),
+            due: DueWakeups::default(),
             relay: WakeRelay::default(),
             draining: CancellationToken::new(),
             redis,
@@ -322,9 +324,31 @@ impl Coordinator {
         Ok(report)
     }
 
-    /// Tells everyone that these tasks moved. Call after the change committed.
+    /// Tells everyone that these tasks moved. Call after the change committed. A task that
+    /// becomes claimable only later (delay, retry backoff) is announced again then.
     async fn announce<'a>(&self, moves: impl IntoIterator<Item = &'a TaskMove>) {
-        self.announce_topics(topics_of(moves), &[]).await;
+        let now = Utc::now();
+        let mut topics = BTreeSet::new();
+        for moved in moves {
+            topics.extend(Topic::for_move(moved));
+            if moved.status == TaskStatus::Queued
+                && let Ok(later) = (moved.available_at - now).to_std()
+                && !later.is_zero()
+            {
+                self.due.schedule(later, Topic::for_move(moved));
+            }
+        }
+        self.announce_topics(topics, &[]).await;
+    }
+
+    /// Announces delayed tasks as they come due, until `stop`.
+    pub async fn announce_due_tasks(&self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                topics = self.due.next_due() => self.announce_topics(topics, &[]).await,
+            }
+        }
     }
 
     /// Bumps the versions of `topics` (Redis), then wakes their waiters and pushes

@@ -7,10 +7,12 @@
 //! Each waiter has one `Notify`, so a wake-up that arrives while the waiter is busy claiming is
 //! kept as a permit rather than lost.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use crate::domain::{RuntimeId, TaskId};
 use crate::store::TaskMove;
@@ -103,6 +105,62 @@ impl Notifier {
     }
 }
 
+/// Granularity of [`DueWakeups`]: tasks coming due within one slot share one wake-up.
+const DUE_SLOT: Duration = Duration::from_millis(10);
+
+/// Wake-ups owed later: a delayed or backed-off task becomes claimable when its time comes,
+/// with no write to announce it. One background loop announces them as they come due; they are
+/// grouped in 10ms slots, so memory grows with distinct moments, not with tasks. (A restart
+/// forgets them; the sweeper's stage 5 and the poll interval remain.)
+pub struct DueWakeups {
+    origin: Instant,
+    /// Slot (multiples of `DUE_SLOT` after `origin`) → topics.
+    slots: Mutex<BTreeMap<u64, BTreeSet<Topic>>>,
+    changed: Notify,
+}
+
+impl Default for DueWakeups {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            slots: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl DueWakeups {
+    /// Owes a wake-up of `topics` `after` from now.
+    pub fn schedule(&self, after: Duration, topics: impl IntoIterator<Item = Topic>) {
+        let since_origin = self.origin.elapsed() + after;
+        // Rounded up: never early.
+        let slot = u64::try_from(since_origin.as_millis().div_ceil(DUE_SLOT.as_millis()))
+            .unwrap_or(u64::MAX);
+        lock(&self.slots).entry(slot).or_default().extend(topics);
+        self.changed.notify_one();
+    }
+
+    /// Waits until the earliest owed wake-up comes due; returns every topic due by then.
+    pub async fn next_due(&self) -> BTreeSet<Topic> {
+        loop {
+            let earliest = lock(&self.slots).keys().next().copied();
+            let Some(slot) = earliest else {
+                self.changed.notified().await;
+                continue;
+            };
+            let due_at = self.origin + DUE_SLOT * u32::try_from(slot).unwrap_or(u32::MAX);
+            tokio::select! {
+                () = tokio::time::sleep_until(due_at) => {}
+                () = self.changed.notified() => continue,
+            }
+            let mut slots = lock(&self.slots);
+            let later = slots.split_off(&(slot + 1));
+            let due = std::mem::replace(&mut *slots, later);
+            return due.into_values().flatten().collect();
+        }
+    }
+}
+
 pub struct Subscription {
     notifier: Arc<Notifier>,
     notify: Arc<Notify>,
@@ -162,6 +220,19 @@ mod tests {
         let woken =
             tokio::time::timeout(std::time::Duration::from_millis(50), subscription.woken()).await;
         assert!(woken.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn owed_wake_ups_come_due_in_order_and_not_early() {
+        let due = DueWakeups::default();
+        due.schedule(Duration::from_secs(5), [queue("late")]);
+        due.schedule(Duration::from_secs(1), [queue("early")]);
+        let started = Instant::now();
+
+        assert_eq!(due.next_due().await, BTreeSet::from([queue("early")]));
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert_eq!(due.next_due().await, BTreeSet::from([queue("late")]));
+        assert!(started.elapsed() >= Duration::from_secs(5));
     }
 
     #[test]

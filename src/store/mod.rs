@@ -81,6 +81,8 @@ pub struct TaskMove {
     pub pinned_to: Option<RuntimeId>,
     /// The state it moved to.
     pub status: TaskStatus,
+    /// When a QUEUED task becomes claimable (later than now for a delay or a retry backoff).
+    pub available_at: DateTime<Utc>,
 }
 
 impl From<&Task> for TaskMove {
@@ -90,6 +92,7 @@ impl From<&Task> for TaskMove {
             queue: task.queue.clone(),
             pinned_to: task.runtime_id,
             status: task.status,
+            available_at: task.available_at,
         }
     }
 }

@@ -174,6 +174,27 @@ async fn an_enqueue_wakes_a_waiting_stream(backend: Backend) {
     assert_eq!(task_id(&claimed), task.id);
 }
 
+async fn a_delayed_task_wakes_a_stream_when_it_comes_due(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("early", &["q"]).await;
+    let mut stream = ClaimStream::open(&server, &runtime, 1).await;
+    let task = server
+        .enqueue(pb::EnqueueTaskRequest {
+            delay: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+            ..task_in("q")
+        })
+        .await;
+    let enqueued_at = Instant::now();
+
+    let claimed = stream.next_claimed().await;
+
+    assert_eq!(task_id(&claimed), task.id);
+    assert!(enqueued_at.elapsed() >= Duration::from_millis(250));
+}
+
 async fn an_idle_stream_hears_keepalives(backend: Backend) {
     let server = backend
         .start_with(|config| config.stream_keepalive = Duration::from_millis(100))
@@ -340,6 +361,7 @@ async fn draining_tells_streams_and_gives_back_their_claims(backend: Backend) {
 conformance!(
     credits_bound_the_claims_in_flight,
     an_enqueue_wakes_a_waiting_stream,
+    a_delayed_task_wakes_a_stream_when_it_comes_due,
     an_idle_stream_hears_keepalives,
     a_broken_stream_gives_back_its_unstarted_claims,
     a_cancellation_reaches_the_holding_stream,

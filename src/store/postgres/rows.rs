@@ -84,6 +84,7 @@ pub(super) struct MoveRow {
     queue: String,
     runtime_id: Option<Uuid>,
     status: String,
+    available_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -102,6 +103,7 @@ impl TryFrom<MoveRow> for TaskMove {
             queue: row.queue,
             pinned_to: row.runtime_id.map(RuntimeId::from_uuid),
             status: TaskStatus::parse(&row.status).ok_or_else(|| corrupt("status", &row.status))?,
+            available_at: row.available_at,
         })
     }
 }

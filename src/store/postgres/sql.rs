@@ -145,7 +145,7 @@ ON CONFLICT (name) DO UPDATE SET
 /// The columns of a `TaskMove`.
 macro_rules! task_move_columns {
     () => {
-        "t.id, t.queue, t.runtime_id, t.status"
+        "t.id, t.queue, t.runtime_id, t.status, t.available_at"
     };
 }
 
