@@ -489,6 +489,14 @@ impl Coordinator {
         Ok(task)
     }
 
+    /// Redrive (T9).
+    pub async fn retry_task(&self, task_id: TaskId) -> Result<Task> {
+        let task = self.store.retry_task(task_id).await?;
+        self.announce_task(&task).await;
+        tracing::info!(%task_id, "task redriven");
+        Ok(task)
+    }
+
     pub async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
         validate::queue_name("queue", queue)?;
         self.store.describe_queue(queue).await

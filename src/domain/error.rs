@@ -29,6 +29,8 @@ pub enum Error {
     DeadlineExceeded,
     #[error("the server is shutting down; reconnect to another replica")]
     Draining,
+    #[error("only a FAILED or CANCELLED task can be retried (task {task_id}, status {})", .status.as_str())]
+    NotRetryable { task_id: TaskId, status: TaskStatus },
     #[error("internal error")]
     Internal(#[source] BoxError),
 }

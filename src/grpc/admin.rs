@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 use crate::coordinator::Coordinator;
 use crate::store::QueueUpdate;
 
+use super::convert;
 use super::pb::{self, admin_service_server::AdminService};
-use super::{convert, status};
 
 pub struct AdminApi {
     coordinator: Arc<Coordinator>,
@@ -62,8 +62,12 @@ impl AdminService for AdminApi {
 
     async fn retry_task(
         &self,
-        _request: Request<pb::RetryTaskRequest>,
+        request: Request<pb::RetryTaskRequest>,
     ) -> Result<Response<pb::RetryTaskResponse>, Status> {
-        Err(status::unimplemented("RetryTask"))
+        let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let task = self.coordinator.retry_task(task_id).await?;
+        Ok(Response::new(pb::RetryTaskResponse {
+            task: Some(convert::task(task)),
+        }))
     }
 }

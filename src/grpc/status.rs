@@ -50,6 +50,17 @@ impl From<Error> for Status {
                 message,
                 error_info("DEADLINE_EXCEEDED", []),
             ),
+            Error::NotRetryable { task_id, status } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                error_info(
+                    "TASK_NOT_RETRYABLE",
+                    [
+                        ("task_id", task_id.to_string()),
+                        ("status", task_status_name(status).to_owned()),
+                    ],
+                ),
+            ),
             Error::Draining => Status::with_error_details(
                 Code::Unavailable,
                 message,

@@ -970,6 +970,34 @@ impl TaskStore for MemoryStore {
         Ok(state.task(task_id)?.clone())
     }
 
+    async fn retry_task(&self, task_id: TaskId) -> Result<Task> {
+        let now = self.now();
+        let mut state = self.state();
+        let status = state.task(task_id)?.status;
+        if !matches!(status, TaskStatus::Failed | TaskStatus::Cancelled) {
+            return Err(Error::NotRetryable { task_id, status });
+        }
+        let task = state.task_mut(task_id);
+        if let Some(token) = task.claim_token.take() {
+            task.previous_claim = Some(PreviousClaim {
+                token,
+                end: ClaimEnd::Requeued,
+            });
+        }
+        task.attempt = 1;
+        task.lease_expirations = 0;
+        task.available_at = now;
+        task.dispatched_at = None;
+        task.started_at = None;
+        task.finished_at = None;
+        task.lease_expires_at = None;
+        task.result = None;
+        task.error = None;
+        task.failure_reason = None;
+        state.set_status(task_id, TaskStatus::Queued);
+        Ok(state.task(task_id)?.clone())
+    }
+
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
         let state = self.state();
         let settings = state.settings(queue);

@@ -323,6 +323,10 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Active tasks become CANCELLED; a terminal task is returned unchanged.
     async fn cancel(&self, task_id: TaskId) -> Result<Task>;
 
+    /// T9, redrive: a FAILED or CANCELLED task goes back to QUEUED as new (attempt 1, no
+    /// lease expirations, no error or result); anything else is `NotRetryable`.
+    async fn retry_task(&self, task_id: TaskId) -> Result<Task>;
+
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
 
     async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;

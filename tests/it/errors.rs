@@ -248,10 +248,10 @@ async fn internal_errors_never_carry_database_text(pool: PgPoolOptions, connect:
 async fn later_rpcs_answer_unimplemented_with_error_info(backend: Backend) {
     let server = backend.start().await;
     let status = server
-        .admin
+        .tasks
         .clone()
-        .retry_task(pb::RetryTaskRequest {
-            task_id: uuid::Uuid::new_v4().to_string(),
+        .enqueue_tasks(pb::EnqueueTasksRequest {
+            requests: vec![task_in("q")],
         })
         .await
         .unwrap_err();

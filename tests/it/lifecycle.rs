@@ -486,7 +486,65 @@ async fn durations_finer_than_a_microsecond_are_accepted(backend: Backend) {
     assert_eq!(status_of(&task), pb::TaskStatus::Queued);
 }
 
+async fn retry_task_redrives_failed_and_cancelled_tasks_only(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server.register("r", &["q"]).await;
+    let failing = server
+        .enqueue(pb::EnqueueTaskRequest {
+            max_attempts: 1,
+            ..task_in("q")
+        })
+        .await;
+    let claimed = server.claim_one(&runtime).await;
+    server.start_task(&claimed).await.unwrap();
+    assert!(!server.fail(&claimed, true).await.unwrap().will_retry);
+    let cancelled = server.enqueue_to("q").await;
+    server
+        .tasks
+        .clone()
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: cancelled.id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut admin = server.admin.clone();
+
+    for task_id in [&failing.id, &cancelled.id] {
+        let redriven = admin
+            .retry_task(pb::RetryTaskRequest {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(status_of(&redriven), pb::TaskStatus::Queued);
+        assert_eq!((redriven.attempt, redriven.error.as_str()), (1, ""));
+    }
+    let late = server.complete(&claimed, b"late").await.unwrap_err();
+    assert_error(&late, Code::FailedPrecondition, "CLAIM_SUPERSEDED");
+    let again = server.claim(&runtime, Some(2)).await;
+    assert_eq!(again.len(), 2);
+
+    let refused = admin
+        .retry_task(pb::RetryTaskRequest {
+            task_id: task_id(&again[0]).into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&refused, Code::FailedPrecondition, "TASK_NOT_RETRYABLE");
+    let unknown = admin
+        .retry_task(pb::RetryTaskRequest {
+            task_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&unknown, Code::NotFound, "TASK_NOT_FOUND");
+}
+
 conformance!(
+    retry_task_redrives_failed_and_cancelled_tasks_only,
     durations_finer_than_a_microsecond_are_accepted,
     a_task_goes_from_enqueue_to_completed,
     start_replayed_with_the_same_token_returns_the_running_row,

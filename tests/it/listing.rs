@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use leasehold::grpc::pb::{self, TaskStatus};
 use tonic::Code;
 
-use crate::harness::{Backend, assert_error};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::harness::{Backend, TestServer, assert_error};
 
 async fn list_tasks_pages_through_every_match_exactly_once(backend: Backend) {
     let server = backend.start().await;
@@ -120,3 +122,29 @@ conformance!(
     list_tasks_filters_by_status_and_runtime,
     describe_queue_counts_tasks_per_status,
 );
+
+/// DescribeQueue must not scan the tasks table: with sequential scans priced out, the plan
+/// still needs none (every part has an index).
+#[sqlx::test]
+async fn describe_queue_reads_indexes_not_the_table(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect).await;
+    server.enqueue_to("q").await;
+    let mut connection = server.pool().acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+    let explain = format!(
+        "EXPLAIN (FORMAT TEXT) {}",
+        leasehold::store::postgres::statements::DESCRIBE_QUEUE.replace("$1", "'q'")
+    );
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .fetch_all(&mut *connection)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on tasks"), "{plan}");
+}

@@ -30,6 +30,12 @@ use errors::{Context, classify, plain};
 use rows::{FenceSnapshot, HorizonRow, MoveRow, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
 use sweep::StageArgument;
 
+/// Statements tests examine with EXPLAIN.
+#[doc(hidden)]
+pub mod statements {
+    pub const DESCRIBE_QUEUE: &str = super::sql::DESCRIBE_QUEUE;
+}
+
 /// A duration as PostgreSQL's INTERVAL can hold it: whole microseconds (sqlx refuses to
 /// encode finer ones).
 fn interval(duration: Duration) -> Duration {
@@ -557,6 +563,17 @@ impl TaskStore for PgStore {
         Err(Error::Internal(
             "cancel kept racing with concurrent changes".into(),
         ))
+    }
+
+    async fn retry_task(&self, task_id: TaskId) -> Result<Task> {
+        if let Some(task) = self.fetch_task(sql::RETRY_TASK, task_id).await? {
+            return Ok(task);
+        }
+        let task = self.get_task(task_id).await?;
+        Err(Error::NotRetryable {
+            task_id,
+            status: task.status,
+        })
     }
 
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {

@@ -121,18 +121,40 @@ UPDATE tasks SET status = 'CANCELLED', finished_at = now(), failure_reason = 'CA
 WHERE id = $1 AND status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
 RETURNING *";
 
+/// T9. The finishing claim's token (kept on a FAILED/CANCELLED row) is remembered as ended
+/// by requeue, so its late writes get CLAIM_SUPERSEDED.
+pub(super) const RETRY_TASK: &str = "
+UPDATE tasks SET
+    status               = 'QUEUED',
+    attempt              = 1,
+    lease_expirations    = 0,
+    available_at         = now(),
+    dispatched_at        = NULL,
+    started_at           = NULL,
+    finished_at          = NULL,
+    lease_expires_at     = NULL,
+    result               = NULL,
+    error                = NULL,
+    failure_reason       = NULL,
+    previous_claim_token = COALESCE(claim_token, previous_claim_token),
+    previous_claim_end   = CASE WHEN claim_token IS NULL THEN previous_claim_end ELSE 'REQUEUED' END,
+    claim_token          = NULL
+WHERE id = $1 AND status IN ('FAILED', 'CANCELLED')
+RETURNING *";
+
+/// One index range per status (`tasks_queue_status`) and the first entry of
+/// `tasks_oldest_queued`: no scan of the table.
 pub(super) const DESCRIBE_QUEUE: &str = "
 SELECT
     COALESCE((SELECT max_concurrent FROM queues WHERE name = $1), 0) AS max_concurrent,
     COALESCE((SELECT paused FROM queues WHERE name = $1), false)     AS paused,
-    count(*) FILTER (WHERE status = 'QUEUED')     AS queued,
-    count(*) FILTER (WHERE status = 'DISPATCHED') AS dispatched,
-    count(*) FILTER (WHERE status = 'RUNNING')    AS running,
-    count(*) FILTER (WHERE status = 'COMPLETED')  AS completed,
-    count(*) FILTER (WHERE status = 'FAILED')     AS failed,
-    count(*) FILTER (WHERE status = 'CANCELLED')  AS cancelled,
-    min(created_at) FILTER (WHERE status = 'QUEUED') AS oldest_queued_at
-FROM tasks WHERE queue = $1";
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'QUEUED')     AS queued,
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'DISPATCHED') AS dispatched,
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'RUNNING')    AS running,
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'COMPLETED')  AS completed,
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'FAILED')     AS failed,
+    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'CANCELLED')  AS cancelled,
+    (SELECT min(created_at) FROM tasks WHERE queue = $1 AND status = 'QUEUED') AS oldest_queued_at";
 
 pub(super) const UPDATE_QUEUE: &str = "
 INSERT INTO queues (name, max_concurrent, paused)
