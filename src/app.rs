@@ -21,7 +21,7 @@ use crate::domain::RetryBackoff;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::task_service_server::TaskServiceServer;
 use crate::grpc::pb::worker_service_server::WorkerServiceServer;
-use crate::grpc::{AdminApi, TaskApi, WorkerApi, pb};
+use crate::grpc::{AdminApi, ObserveLayer, TaskApi, WorkerApi, pb};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
@@ -115,6 +115,9 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        if let Some(address) = self.config.metrics_listen {
+            crate::telemetry::serve_metrics(address)?;
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         self.coordinator
@@ -141,6 +144,7 @@ impl App {
             // must give their claims back) are noticed.
             .http2_keepalive_interval(Some(self.config.stream_keepalive))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .layer(ObserveLayer)
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)

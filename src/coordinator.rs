@@ -15,6 +15,7 @@ use crate::domain::{
     ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
     TaskId, TaskStatus, validate,
 };
+use crate::store::measured::MeasuredStore;
 use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
     QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
@@ -68,6 +69,8 @@ pub struct Coordinator {
     notifier: Arc<Notifier>,
     due: DueWakeups,
     relay: WakeRelay,
+    /// Queues whose depth gauges this replica has set.
+    gauged_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Cancelled when the server starts draining: claim streams say `draining` and end.
     draining: CancellationToken,
 }
@@ -79,6 +82,7 @@ impl Coordinator {
         settings: Settings,
         redis: Option<Arc<RedisLink>>,
     ) -> Self {
+        let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store));
         Self {
             liveness: Liveness::new(
                 redis.clone(),
@@ -88,6 +92,7 @@ impl Coordinator {
             claim_cache: ClaimCache::new(redis.clone()),
             notifier: Notifier::new(),
             due: DueWakeups::default(),
+            gauged_queues: std::sync::Mutex::default(),
             relay: WakeRelay::default(),
             draining: CancellationToken::new(),
             redis,
@@ -160,6 +165,7 @@ impl Coordinator {
 
     pub async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
         let recovered = self.store.recover_orphans(runtime_id).await?;
+        count_server_failures("RUNTIME_RECOVERY", &recovered.moved);
         self.announce(&recovered.moved).await;
         tracing::info!(
             %runtime_id,
@@ -208,6 +214,8 @@ impl Coordinator {
                 budget,
             })
             .await?;
+        count_preflight(&outcome.preflight);
+        metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
         let mut touched = topics_of(&outcome.preflight);
         if !outcome.claimed.is_empty() {
             touched.insert(Topic::Runtime(runtime_id));
@@ -291,6 +299,13 @@ impl Coordinator {
             return Ok(0);
         }
         let expired = self.store.expire_claims(runtime_id, claims).await?;
+        for moved in &expired {
+            let cause = match moved.status {
+                TaskStatus::Failed => "poison",
+                _ => "stream_break",
+            };
+            metrics::counter!("leasehold_lease_expiries_total", "cause" => cause).increment(1);
+        }
         self.announce(&expired).await;
         Ok(expired.len())
     }
@@ -319,9 +334,48 @@ impl Coordinator {
             .sweep(&self.settings.sweep, &self.liveness, due_since)
             .await?;
         if let Some(report) = &report {
+            count_server_failures("RUNTIME_OFFLINE", &report.runtime_offline);
+            count_server_failures("TIMEOUT", &report.timed_out);
+            count_server_failures("RUNTIME_GONE", &report.runtime_gone);
             self.announce(report.moves()).await;
+            self.refresh_queue_gauges().await;
         }
         Ok(report)
+    }
+
+    /// Queue depth gauges, refreshed by the sweeping replica only (one query per sweep, not
+    /// one per scrape). Queues that emptied are set to zero.
+    async fn refresh_queue_gauges(&self) {
+        let depths = match self.store.queue_depths().await {
+            Ok(depths) => depths,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read queue depths");
+                return;
+            }
+        };
+        let mut reported = self
+            .gauged_queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let emptied: Vec<String> = reported
+            .iter()
+            .filter(|queue| !depths.iter().any(|depth| &depth.queue == *queue))
+            .cloned()
+            .collect();
+        for queue in emptied {
+            set_queue_gauges(&queue, 0, 0, 0, None);
+            reported.remove(&queue);
+        }
+        for depth in depths {
+            set_queue_gauges(
+                &depth.queue,
+                depth.queued,
+                depth.dispatched,
+                depth.running,
+                depth.oldest_queued_age,
+            );
+            reported.insert(depth.queue);
+        }
     }
 
     /// Tells everyone that these tasks moved. Call after the change committed. A task that
@@ -369,7 +423,9 @@ impl Coordinator {
     }
 
     pub async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
-        self.store.start(task_id, token).await
+        let task = self.store.start(task_id, token).await?;
+        metrics::counter!("leasehold_task_starts_total").increment(1);
+        Ok(task)
     }
 
     /// `extend_by`: absent or zero = the lease duration, which is also its maximum.
@@ -394,6 +450,7 @@ impl Coordinator {
     ) -> Result<Task> {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
         let task = self.store.complete(task_id, token, result).await?;
+        metrics::counter!("leasehold_task_completions_total").increment(1);
         self.announce_task(&task).await;
         Ok(task)
     }
@@ -412,6 +469,7 @@ impl Coordinator {
             jitter: rand::random::<f64>(),
         };
         let outcome = self.store.fail(task_id, token, failure).await?;
+        count_failure("TASK_ERROR", outcome.will_retry);
         self.announce_task(&outcome.task).await;
         Ok(outcome)
     }
@@ -514,4 +572,47 @@ impl Coordinator {
 /// `interval` ± 20%, so waiters that started together do not re-check together.
 pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+fn count_preflight(moves: &[TaskMove]) {
+    for moved in moves {
+        let cause = if moved.status == TaskStatus::Failed {
+            "poison"
+        } else {
+            "preflight"
+        };
+        metrics::counter!("leasehold_lease_expiries_total", "cause" => cause).increment(1);
+    }
+}
+
+fn count_failure(reason: &'static str, retried: bool) {
+    metrics::counter!("leasehold_task_failures_total", "reason" => reason).increment(1);
+    if retried {
+        metrics::counter!("leasehold_task_retries_total", "reason" => reason).increment(1);
+    }
+}
+
+fn count_server_failures(reason: &'static str, moves: &[TaskMove]) {
+    for moved in moves {
+        count_failure(reason, moved.status == TaskStatus::Queued);
+    }
+}
+
+fn set_queue_gauges(
+    queue: &str,
+    queued: u64,
+    dispatched: u64,
+    running: u64,
+    oldest_queued_age: Option<Duration>,
+) {
+    for (status, count) in [
+        ("QUEUED", queued),
+        ("DISPATCHED", dispatched),
+        ("RUNNING", running),
+    ] {
+        metrics::gauge!("leasehold_queue_tasks", "queue" => queue.to_owned(), "status" => status)
+            .set(count as f64);
+    }
+    metrics::gauge!("leasehold_queue_oldest_queued_age_seconds", "queue" => queue.to_owned())
+        .set(oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
 }

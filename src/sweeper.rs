@@ -27,14 +27,33 @@ pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: Cancel
         match coordinator.sweep(due_since).await {
             Ok(Some(report)) => {
                 log(&report);
+                count(&report);
                 due_since = report.swept_at;
             }
-            Ok(None) => due_since = None,
+            Ok(None) => {
+                metrics::counter!("leasehold_sweeps_total", "outcome" => "skipped").increment(1);
+                due_since = None;
+            }
             Err(error) => {
+                metrics::counter!("leasehold_sweeps_total", "outcome" => "failed").increment(1);
                 tracing::warn!(%error, "sweep failed; trying again next tick");
                 due_since = None;
             }
         }
+    }
+}
+
+/// `leasehold_sweeps_total{outcome="led"}` and rows per stage.
+fn count(report: &SweepReport) {
+    metrics::counter!("leasehold_sweeps_total", "outcome" => "led").increment(1);
+    for (stage, rows) in [
+        ("mark_offline", report.marked_offline.len()),
+        ("runtime_offline", report.runtime_offline.len()),
+        ("timeouts", report.timed_out.len()),
+        ("runtime_gone", report.runtime_gone.len()),
+        ("became_available", report.became_available.len()),
+    ] {
+        metrics::counter!("leasehold_sweeper_rows_total", "stage" => stage).increment(rows as u64);
     }
 }
 

@@ -11,12 +11,19 @@ use crate::domain::{
 
 use super::pb;
 
+/// Also records the id on the RPC's span (see `observe`), so every log line of the call
+/// names its task.
 pub(crate) fn task_id(field: &str, text: &str) -> Result<TaskId> {
-    required_uuid(field, text, TaskId::parse)
+    let task_id = required_uuid(field, text, TaskId::parse)?;
+    tracing::Span::current().record("task_id", tracing::field::display(task_id));
+    Ok(task_id)
 }
 
+/// Also records the id on the RPC's span.
 pub(crate) fn runtime_id(field: &str, text: &str) -> Result<RuntimeId> {
-    required_uuid(field, text, RuntimeId::parse)
+    let runtime_id = required_uuid(field, text, RuntimeId::parse)?;
+    tracing::Span::current().record("runtime_id", tracing::field::display(runtime_id));
+    Ok(runtime_id)
 }
 
 /// An optional runtime id: empty means none.

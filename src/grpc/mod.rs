@@ -4,12 +4,14 @@ mod admin;
 mod claim_stream;
 mod convert;
 mod deadline;
+mod observe;
 mod page_token;
 pub mod status;
 mod tasks;
 mod worker;
 
 pub use admin::AdminApi;
+pub use observe::ObserveLayer;
 pub use tasks::TaskApi;
 pub use worker::WorkerApi;
 

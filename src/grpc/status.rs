@@ -87,6 +87,7 @@ fn refused_status(refused: &RefusedWrite, message: String) -> Status {
         Refusal::TaskCancelled => (Code::FailedPrecondition, "TASK_CANCELLED"),
         Refusal::TaskTerminal => (Code::FailedPrecondition, "TASK_TERMINAL"),
     };
+    metrics::counter!("leasehold_stale_token_rejections_total", "reason" => reason).increment(1);
     let mut metadata = vec![
         ("task_id", refused.task_id.to_string()),
         ("status", task_status_name(refused.status).to_owned()),

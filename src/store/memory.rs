@@ -19,8 +19,8 @@ use crate::domain::{
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueUpdate, Recovered, StorePolicy,
-    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
+    StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 pub struct MemoryStore {
@@ -968,6 +968,37 @@ impl TaskStore for MemoryStore {
             state.set_status(task_id, TaskStatus::Cancelled);
         }
         Ok(state.task(task_id)?.clone())
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
+        let now = self.now();
+        let state = self.state();
+        let mut depths: BTreeMap<&str, QueueDepth> = BTreeMap::new();
+        for task in state
+            .tasks
+            .values()
+            .filter(|task| !task.status.is_terminal())
+        {
+            let depth = depths
+                .entry(task.queue.as_str())
+                .or_insert_with(|| QueueDepth {
+                    queue: task.queue.clone(),
+                    queued: 0,
+                    dispatched: 0,
+                    running: 0,
+                    oldest_queued_age: None,
+                });
+            match task.status {
+                TaskStatus::Queued => {
+                    depth.queued += 1;
+                    let age = (now - task.created_at).to_std().unwrap_or_default();
+                    depth.oldest_queued_age = depth.oldest_queued_age.max(Some(age));
+                }
+                TaskStatus::Dispatched => depth.dispatched += 1,
+                _ => depth.running += 1,
+            }
+        }
+        Ok(depths.into_values().collect())
     }
 
     async fn retry_task(&self, task_id: TaskId) -> Result<Task> {

@@ -14,6 +14,7 @@ use crate::domain::{
     Task, TaskId, TaskStatus,
 };
 
+pub mod measured;
 pub mod memory;
 pub mod postgres;
 
@@ -231,6 +232,16 @@ pub struct TaskPage {
     pub next: Option<PageCursor>,
 }
 
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub queued: u64,
+    pub dispatched: u64,
+    pub running: u64,
+    /// How long the oldest QUEUED task has waited.
+    pub oldest_queued_age: Option<Duration>,
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QueueUpdate {
     pub max_concurrent: Option<u32>,
@@ -330,6 +341,10 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
 
     async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
+
+    /// Active tasks per queue (queues without any are left out), for the depth gauges the
+    /// sweeping replica refreshes.
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
 }
 
 #[cfg(test)]

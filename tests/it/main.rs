@@ -16,6 +16,7 @@ mod errors;
 mod lifecycle;
 mod listing;
 mod liveness;
+mod metrics;
 mod process;
 mod races;
 mod redis;

@@ -17,8 +17,8 @@ use crate::domain::{
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueUpdate, Recovered, StorePolicy,
-    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
+    StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 mod errors;
@@ -563,6 +563,25 @@ impl TaskStore for PgStore {
         Err(Error::Internal(
             "cancel kept racing with concurrent changes".into(),
         ))
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
+        let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(sql::QUEUE_DEPTHS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(plain)?;
+        rows.into_iter()
+            .map(|(queue, queued, dispatched, running, oldest)| {
+                Ok(QueueDepth {
+                    queue,
+                    queued: to_u64("count", queued)?,
+                    dispatched: to_u64("count", dispatched)?,
+                    running: to_u64("count", running)?,
+                    oldest_queued_age: oldest
+                        .and_then(|secs| Duration::try_from_secs_f64(secs.max(0.0)).ok()),
+                })
+            })
+            .collect()
     }
 
     async fn retry_task(&self, task_id: TaskId) -> Result<Task> {

@@ -156,6 +156,17 @@ SELECT
     (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'CANCELLED')  AS cancelled,
     (SELECT min(created_at) FROM tasks WHERE queue = $1 AND status = 'QUEUED') AS oldest_queued_at";
 
+pub(super) const QUEUE_DEPTHS: &str = "
+SELECT queue,
+       count(*) FILTER (WHERE status = 'QUEUED')     AS queued,
+       count(*) FILTER (WHERE status = 'DISPATCHED') AS dispatched,
+       count(*) FILTER (WHERE status = 'RUNNING')    AS running,
+       EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'QUEUED'))::float8
+           AS oldest_queued_secs
+FROM tasks
+WHERE status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
+GROUP BY queue";
+
 pub(super) const UPDATE_QUEUE: &str = "
 INSERT INTO queues (name, max_concurrent, paused)
 VALUES ($1, COALESCE($2, 0), COALESCE($3, false))

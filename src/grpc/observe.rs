@@ -1,0 +1,137 @@
+//! Every RPC, observed in one place (a tower layer in front of all services): a tracing span
+//! named `rpc` carrying the method (handlers record `task_id` and `runtime_id` into it as
+//! they parse them), and the request count and latency by method and status code.
+//!
+//! The code is read from the response headers: tonic answers every error as a trailers-only
+//! response, whose `grpc-status` travels in the headers; a success carries it in the trailers
+//! only, so no header means OK. For a stream, the figures describe its opening.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderMap, Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, ResBody> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let method = method_label(request.uri().path());
+        let span =
+            tracing::info_span!("rpc", method = %method, task_id = Empty, runtime_id = Empty);
+        let started = Instant::now();
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let result = response.await;
+                let code = match &result {
+                    Ok(response) => code_name(response.headers()),
+                    Err(_) => "UNKNOWN",
+                };
+                metrics::counter!("leasehold_rpc_requests_total", "method" => method.clone(), "code" => code)
+                    .increment(1);
+                metrics::histogram!("leasehold_rpc_duration_seconds", "method" => method, "code" => code)
+                    .record(started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// `/leasehold.v1.WorkerService/ClaimTask` → `WorkerService/ClaimTask`.
+fn method_label(path: &str) -> String {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => {
+            let service = service.rsplit('.').next().unwrap_or(service);
+            format!("{service}/{method}")
+        }
+        None => path.to_owned(),
+    }
+}
+
+/// The canonical name of the `grpc-status` in `headers` (absent = OK).
+fn code_name(headers: &HeaderMap) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    let Some(status) = headers.get("grpc-status") else {
+        return "OK";
+    };
+    status
+        .to_str()
+        .ok()
+        .and_then(|status| status.parse::<usize>().ok())
+        .and_then(|status| NAMES.get(status).copied())
+        .unwrap_or("UNKNOWN")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_labelled_by_service_and_rpc() {
+        assert_eq!(
+            method_label("/leasehold.v1.WorkerService/ClaimTask"),
+            "WorkerService/ClaimTask"
+        );
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Health/Check");
+    }
+
+    #[test]
+    fn codes_come_from_the_grpc_status_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(code_name(&headers), "OK");
+        headers.insert("grpc-status", "9".parse().unwrap());
+        assert_eq!(code_name(&headers), "FAILED_PRECONDITION");
+    }
+}

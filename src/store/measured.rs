@@ -1,0 +1,82 @@
+//! A store that times every call of the store it wraps:
+//! `leasehold_store_call_duration_seconds{operation, outcome}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{
+    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
+    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+};
+use crate::domain::{
+    ClaimToken, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
+};
+
+pub struct MeasuredStore {
+    inner: Arc<dyn TaskStore>,
+}
+
+impl MeasuredStore {
+    pub fn new(inner: Arc<dyn TaskStore>) -> Self {
+        Self { inner }
+    }
+}
+
+fn record<T>(operation: &'static str, started: Instant, result: &Result<T>) {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(
+        "leasehold_store_call_duration_seconds",
+        "operation" => operation,
+        "outcome" => outcome
+    )
+    .record(started.elapsed().as_secs_f64());
+}
+
+/// Each method forwards to the wrapped store and records how long it took.
+macro_rules! measured {
+    ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+        #[async_trait]
+        impl TaskStore for MeasuredStore {
+            $(
+                async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    let started = Instant::now();
+                    let result = self.inner.$name($($arg),*).await;
+                    record(stringify!($name), started, &result);
+                    result
+                }
+            )*
+        }
+    };
+}
+
+measured! {
+    fn ping(&self) -> Result<()>;
+    fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime>;
+    fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
+    fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
+    fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
+    fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>>;
+    fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
+    fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
+    fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
+    fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
+    fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task>;
+    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration) -> Result<DateTime<Utc>>;
+    fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
+    fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure) -> Result<FailOutcome>;
+    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>) -> Result<()>;
+    fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
+    fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
+    fn get_task(&self, task_id: TaskId) -> Result<Task>;
+    fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
+    fn cancel(&self, task_id: TaskId) -> Result<Task>;
+    fn retry_task(&self, task_id: TaskId) -> Result<Task>;
+    fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
+    fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
+    fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
+}
