@@ -109,3 +109,18 @@ ensure_services() {
   fi
   export DATABASE_URL REDIS_URL
 }
+
+# A Python with kubernetes-validate, for the manifest check (tests/it/deploy.rs). Lives in
+# target/python; exports LEASEHOLD_PYTHON.
+ensure_python_tools() {
+  local venv="$LEASEHOLD_ROOT/target/python"
+  if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+      install_debian_packages python3-venv
+    fi
+    log "installing kubernetes-validate into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate pyyaml
+  fi
+  export LEASEHOLD_PYTHON="$venv/bin/python"
+}

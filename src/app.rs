@@ -38,7 +38,12 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 /// tonic's own default limit; never go below it.
 const DEFAULT_MESSAGE_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 
-/// Health names: "" is the whole server, the rest are the leasehold services.
+/// The health name a liveness probe asks for: SERVING from start-up to exit, whatever the
+/// store or a drain does, so neither gets a pod restarted.
+pub const LIVENESS_HEALTH_SERVICE: &str = "liveness";
+
+/// Health names: "" is the whole server, the rest are the leasehold services. All follow
+/// readiness: SERVING once the store answered, NOT_SERVING from the moment a drain begins.
 const HEALTH_SERVICES: [&str; 4] = [
     "",
     <WorkerServiceServer<WorkerApi> as NamedService>::NAME,
@@ -120,6 +125,9 @@ impl App {
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
+        health
+            .set_service_status(LIVENESS_HEALTH_SERVICE, ServingStatus::Serving)
+            .await;
         self.coordinator
             .ready()
             .await
