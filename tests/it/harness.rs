@@ -434,6 +434,20 @@ impl TestServer {
     }
 }
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A wire duration of `millis` milliseconds.
+pub fn wire_millis(millis: u64) -> prost_types::Duration {
+    prost_types::Duration::try_from(Duration::from_millis(millis)).unwrap()
+}
+
 pub fn task_in(queue: &str) -> pb::EnqueueTaskRequest {
     pb::EnqueueTaskRequest {
         queue: queue.into(),

@@ -215,10 +215,7 @@ async fn dispatch_and_execution_timeouts_fail_and_retry(backend: Backend) {
     let unstarted = server.enqueue_to("q").await;
     let bounded = server
         .enqueue(pb::EnqueueTaskRequest {
-            execution_timeout: Some(prost_types::Duration {
-                seconds: 10,
-                nanos: 0,
-            }),
+            execution_timeout: Some(crate::harness::wire_millis(10000)),
             ..task_in("q")
         })
         .await;

@@ -1,6 +1,5 @@
 //! Prometheus metrics on `--metrics-listen`, scraped over real HTTP during lease cycles.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,11 +37,7 @@ async fn lease_cycle(server: &TestServer, runtime: &str) {
 }
 
 async fn counters_move_during_lease_cycles(backend: Backend) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::harness::free_port();
     let address = format!("127.0.0.1:{port}");
     let server = backend
         .start_with(|config| config.metrics_listen = Some(address.parse().unwrap()))

@@ -1,7 +1,6 @@
 //! The real `leasehold` binary as a separate process: what only a process shows (signals, exit
 //! status, its own memory and database traffic).
 
-use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,11 +24,7 @@ struct ServerProcess {
 impl ServerProcess {
     /// Starts the binary with `args` and no database or Redis unless `env` names them.
     async fn start(args: &[&str], env: &[(&str, String)]) -> ServerProcess {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::harness::free_port();
         let address = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
         command

@@ -2,7 +2,6 @@
 //! PostgreSQL work and never hides a task, liveness keys outvote a stale `last_seen_at`, and
 //! losing Redis costs nothing but the savings.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -287,11 +286,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start() -> PrivateRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::harness::free_port();
         let mut redis = PrivateRedis {
             port,
             process: None,

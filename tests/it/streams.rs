@@ -286,10 +286,7 @@ async fn a_long_poll_returns_as_soon_as_a_task_is_enqueued(backend: Backend) {
                 .claim_task(pb::ClaimTaskRequest {
                     runtime_id: runtime,
                     max_tasks: Some(1),
-                    wait: Some(prost_types::Duration {
-                        seconds: 20,
-                        nanos: 0,
-                    }),
+                    wait: Some(crate::harness::wire_millis(20000)),
                 })
                 .await
                 .unwrap()
@@ -317,10 +314,7 @@ async fn a_long_poll_ends_empty_before_the_callers_deadline(backend: Backend) {
     let mut request = tonic::Request::new(pb::ClaimTaskRequest {
         runtime_id: runtime.clone(),
         max_tasks: Some(1),
-        wait: Some(prost_types::Duration {
-            seconds: 10,
-            nanos: 0,
-        }),
+        wait: Some(crate::harness::wire_millis(10000)),
     });
     request.set_timeout(Duration::from_millis(600));
     let started = Instant::now();
