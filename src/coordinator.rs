@@ -30,6 +30,8 @@ pub const MAX_CLAIM_BATCH: u32 = 32;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Most tasks one EnqueueTasks call may carry.
+pub const MAX_ENQUEUE_BATCH: usize = 1000;
 /// Longest a ClaimTask waits for work (`wait`).
 pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// A long-polling claim gives up this long before the caller's deadline, so its empty answer
@@ -496,18 +498,68 @@ impl Coordinator {
         self.store.task_status(task_id).await
     }
 
-    pub async fn enqueue(&self, mut task: NewTask) -> Result<Enqueued> {
+    /// Validates a task to enqueue and fills its defaults.
+    fn prepare(&self, mut task: NewTask) -> Result<NewTask> {
         validate::queue_name("queue", &task.queue)?;
         validate::payload_size("payload", &task.payload, self.settings.max_payload_bytes)?;
         if task.max_attempts == 0 {
             task.max_attempts = DEFAULT_MAX_ATTEMPTS;
         }
+        Ok(task)
+    }
+
+    pub async fn enqueue(&self, task: NewTask) -> Result<Enqueued> {
+        let task = self.prepare(task)?;
         let enqueued = self.store.enqueue(task).await?;
         if !enqueued.deduplicated {
             self.announce_task(&enqueued.task).await;
         }
         tracing::debug!(task_id = %enqueued.task.id, deduplicated = enqueued.deduplicated, "enqueued");
         Ok(enqueued)
+    }
+
+    /// EnqueueTasks: the valid items are stored in one atomic change; every item gets its own
+    /// result, in order (an item that failed to parse arrives as its error).
+    pub async fn enqueue_batch(
+        &self,
+        items: Vec<Result<NewTask>>,
+    ) -> Result<Vec<Result<Enqueued>>> {
+        if items.len() > MAX_ENQUEUE_BATCH {
+            return Err(Error::invalid(
+                "requests",
+                format!("at most {MAX_ENQUEUE_BATCH} tasks per call"),
+            ));
+        }
+        let mut results: Vec<Option<Result<Enqueued>>> = Vec::with_capacity(items.len());
+        let mut valid = Vec::new();
+        for item in items {
+            match item.and_then(|task| self.prepare(task)) {
+                Ok(task) => {
+                    valid.push(task);
+                    results.push(None);
+                }
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        let mut stored = self.store.enqueue_batch(valid).await?.into_iter();
+        let results: Vec<Result<Enqueued>> = results
+            .into_iter()
+            .map(|result| {
+                result.or_else(|| stored.next()).unwrap_or_else(|| {
+                    Err(Error::Internal(
+                        "the store answered fewer results than tasks".into(),
+                    ))
+                })
+            })
+            .collect();
+        let fresh: Vec<TaskMove> = results
+            .iter()
+            .filter_map(|result| result.as_ref().ok())
+            .filter(|enqueued| !enqueued.deduplicated)
+            .map(|enqueued| TaskMove::from(&enqueued.task))
+            .collect();
+        self.announce(&fresh).await;
+        Ok(results)
     }
 
     pub async fn get_task(&self, task_id: TaskId) -> Result<Task> {

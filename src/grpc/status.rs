@@ -98,16 +98,6 @@ fn refused_status(refused: &RefusedWrite, message: String) -> Status {
     Status::with_error_details(code, message, error_info(reason, metadata))
 }
 
-/// For RPCs whose implementation arrives in a later release; the wire contract is already
-/// stable.
-pub fn unimplemented(rpc: &str) -> Status {
-    Status::with_error_details(
-        Code::Unimplemented,
-        format!("{rpc} is not implemented yet"),
-        error_info("UNIMPLEMENTED", [("rpc", rpc.to_owned())]),
-    )
-}
-
 fn error_info(
     reason: &str,
     metadata: impl IntoIterator<Item = (&'static str, String)>,
@@ -117,4 +107,15 @@ fn error_info(
         .map(|(key, value)| (key.to_owned(), value))
         .collect();
     ErrorDetails::with_error_info(reason, DOMAIN, metadata)
+}
+
+/// The `google.rpc.Status` a tonic status carries on the wire (code, message and the error
+/// details), for errors reported inside a response, such as one item of EnqueueTasks.
+pub fn rpc_status(status: Status) -> tonic_types::pb::Status {
+    use prost::Message as _;
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
 }

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
 use crate::domain::{Result, validate};
-use crate::store::{NewTask, TaskFilter};
+use crate::store::{Enqueued, NewTask, TaskFilter};
 
 use super::pb::{self, task_service_server::TaskService};
 use super::{convert, page_token, status};
@@ -35,6 +35,21 @@ fn new_task(request: pb::EnqueueTaskRequest) -> Result<NewTask> {
         priority: request.priority,
         max_attempts: request.max_attempts,
     })
+}
+
+fn enqueue_result(result: Result<Enqueued>) -> pb::EnqueueTasksResult {
+    match result {
+        Ok(enqueued) => pb::EnqueueTasksResult {
+            task: Some(convert::task(enqueued.task)),
+            deduplicated: enqueued.deduplicated,
+            error: None,
+        },
+        Err(error) => pb::EnqueueTasksResult {
+            task: None,
+            deduplicated: false,
+            error: Some(status::rpc_status(Status::from(error))),
+        },
+    }
 }
 
 fn task_filter(request: &pb::ListTasksRequest) -> Result<TaskFilter> {
@@ -67,9 +82,18 @@ impl TaskService for TaskApi {
 
     async fn enqueue_tasks(
         &self,
-        _request: Request<pb::EnqueueTasksRequest>,
+        request: Request<pb::EnqueueTasksRequest>,
     ) -> Result<Response<pb::EnqueueTasksResponse>, Status> {
-        Err(status::unimplemented("EnqueueTasks"))
+        let items = request
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(new_task)
+            .collect();
+        let results = self.coordinator.enqueue_batch(items).await?;
+        Ok(Response::new(pb::EnqueueTasksResponse {
+            results: results.into_iter().map(enqueue_result).collect(),
+        }))
     }
 
     async fn get_task(

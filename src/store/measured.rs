@@ -72,6 +72,7 @@ measured! {
     fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>) -> Result<()>;
     fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
     fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
+    fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
     fn get_task(&self, task_id: TaskId) -> Result<Task>;
     fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
     fn cancel(&self, task_id: TaskId) -> Result<Task>;

@@ -350,6 +350,61 @@ impl State {
         self.set_status(task_id, TaskStatus::Queued);
     }
 
+    /// T1, or the existing task when the idempotency key is taken in the queue.
+    fn enqueue(&mut self, new: NewTask, now: DateTime<Utc>) -> Result<Enqueued> {
+        let state = self;
+        if let Some(key) = &new.idempotency_key
+            && let Some(existing) = state.idempotency.get(&(new.queue.clone(), key.clone()))
+        {
+            return Ok(Enqueued {
+                task: state.task(*existing)?.clone(),
+                deduplicated: true,
+            });
+        }
+        if let Some(pin) = new.pinned_to
+            && !state.runtimes.contains_key(&pin)
+        {
+            return Err(Error::RuntimeNotFound(pin));
+        }
+        let task = Task {
+            id: TaskId::new_random(),
+            queue: new.queue,
+            runtime_id: new.pinned_to,
+            concurrency_key: new.concurrency_key,
+            priority: new.priority,
+            payload: new.payload,
+            metadata: new.metadata,
+            status: TaskStatus::Queued,
+            attempt: 1,
+            max_attempts: new.max_attempts,
+            lease_expirations: 0,
+            claimed_by: None,
+            claim_token: None,
+            previous_claim: None,
+            idempotency_key: new.idempotency_key,
+            execution_timeout: new.execution_timeout,
+            created_at: now,
+            available_at: now + to_chrono(new.delay),
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            result: None,
+            error: None,
+            failure_reason: None,
+        };
+        if let Some(key) = &task.idempotency_key {
+            state
+                .idempotency
+                .insert((task.queue.clone(), key.clone()), task.id);
+        }
+        state.tasks.insert(task.id, task.clone());
+        Ok(Enqueued {
+            task,
+            deduplicated: false,
+        })
+    }
+
     /// Tasks claimed by `runtime_id` whose status passes `held`.
     fn held_by(&self, runtime_id: RuntimeId, held: impl Fn(TaskStatus) -> bool) -> Vec<TaskId> {
         self.tasks
@@ -858,57 +913,16 @@ impl TaskStore for MemoryStore {
 
     async fn enqueue(&self, new: NewTask) -> Result<Enqueued> {
         let now = self.now();
+        self.state().enqueue(new, now)
+    }
+
+    async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>> {
+        let now = self.now();
         let mut state = self.state();
-        if let Some(key) = &new.idempotency_key
-            && let Some(existing) = state.idempotency.get(&(new.queue.clone(), key.clone()))
-        {
-            return Ok(Enqueued {
-                task: state.task(*existing)?.clone(),
-                deduplicated: true,
-            });
-        }
-        if let Some(pin) = new.pinned_to
-            && !state.runtimes.contains_key(&pin)
-        {
-            return Err(Error::RuntimeNotFound(pin));
-        }
-        let task = Task {
-            id: TaskId::new_random(),
-            queue: new.queue,
-            runtime_id: new.pinned_to,
-            concurrency_key: new.concurrency_key,
-            priority: new.priority,
-            payload: new.payload,
-            metadata: new.metadata,
-            status: TaskStatus::Queued,
-            attempt: 1,
-            max_attempts: new.max_attempts,
-            lease_expirations: 0,
-            claimed_by: None,
-            claim_token: None,
-            previous_claim: None,
-            idempotency_key: new.idempotency_key,
-            execution_timeout: new.execution_timeout,
-            created_at: now,
-            available_at: now + to_chrono(new.delay),
-            dispatched_at: None,
-            started_at: None,
-            finished_at: None,
-            lease_expires_at: None,
-            result: None,
-            error: None,
-            failure_reason: None,
-        };
-        if let Some(key) = &task.idempotency_key {
-            state
-                .idempotency
-                .insert((task.queue.clone(), key.clone()), task.id);
-        }
-        state.tasks.insert(task.id, task.clone());
-        Ok(Enqueued {
-            task,
-            deduplicated: false,
-        })
+        Ok(tasks
+            .into_iter()
+            .map(|new| state.enqueue(new, now))
+            .collect())
     }
 
     async fn get_task(&self, task_id: TaskId) -> Result<Task> {

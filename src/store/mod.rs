@@ -322,6 +322,10 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
 
+    /// Several enqueues in one atomic change; one result per task, in order. A task pinned to
+    /// an unknown runtime gets its own `RuntimeNotFound` and does not stop the others.
+    async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
+
     async fn get_task(&self, task_id: TaskId) -> Result<Task>;
 
     async fn list_tasks(

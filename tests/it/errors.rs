@@ -245,19 +245,6 @@ async fn internal_errors_never_carry_database_text(pool: PgPoolOptions, connect:
     assert!(!status.message().contains("failure_reason"));
 }
 
-async fn later_rpcs_answer_unimplemented_with_error_info(backend: Backend) {
-    let server = backend.start().await;
-    let status = server
-        .tasks
-        .clone()
-        .enqueue_tasks(pb::EnqueueTasksRequest {
-            requests: vec![task_in("q")],
-        })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::Unimplemented, "UNIMPLEMENTED");
-}
-
 async fn a_payload_limit_above_the_transport_default_is_honoured(backend: Backend) {
     let limit = 5 * 1024 * 1024;
     let server = backend
@@ -332,7 +319,6 @@ conformance!(
     starting_a_task_running_under_another_token_is_already_exists,
     completing_a_task_that_was_never_started_is_refused,
     writes_on_a_finished_task_by_another_way_are_terminal,
-    later_rpcs_answer_unimplemented_with_error_info,
     a_payload_limit_above_the_transport_default_is_honoured,
     registering_without_a_name_or_a_valid_queue_is_invalid,
 );

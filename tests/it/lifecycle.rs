@@ -543,7 +543,88 @@ async fn retry_task_redrives_failed_and_cancelled_tasks_only(backend: Backend) {
     assert_error(&unknown, Code::NotFound, "TASK_NOT_FOUND");
 }
 
+/// The reason of the ErrorInfo in a `google.rpc.Status`.
+fn error_reason(status: &tonic_types::pb::Status) -> String {
+    use prost::Message as _;
+    status
+        .details
+        .iter()
+        .find(|detail| detail.type_url.ends_with("google.rpc.ErrorInfo"))
+        .and_then(|detail| tonic_types::pb::ErrorInfo::decode(detail.value.as_slice()).ok())
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+async fn enqueue_tasks_answers_every_item_in_order(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server.register("r", &["q"]).await;
+    let keyed = |key: &str| pb::EnqueueTaskRequest {
+        idempotency_key: key.into(),
+        ..task_in("q")
+    };
+    let earlier = server.enqueue(keyed("earlier")).await;
+    let requests = vec![
+        task_in("q"),
+        task_in("not a queue!"),
+        pb::EnqueueTaskRequest {
+            runtime_id: uuid::Uuid::new_v4().to_string(),
+            ..task_in("q")
+        },
+        keyed("k"),
+        keyed("k"),
+        keyed("earlier"),
+        pb::EnqueueTaskRequest {
+            runtime_id: runtime.clone(),
+            ..task_in("q")
+        },
+    ];
+
+    let results = server
+        .tasks
+        .clone()
+        .enqueue_tasks(pb::EnqueueTasksRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+
+    assert_eq!(results.len(), 7);
+    let stored = |index: usize| results[index].task.clone().expect("a stored task");
+    assert!(results[0].error.is_none() && !results[0].deduplicated);
+    let invalid = results[1].error.as_ref().expect("an error");
+    assert_eq!(invalid.code, Code::InvalidArgument as i32);
+    assert_eq!(error_reason(invalid), "INVALID_FIELD");
+    let unknown_pin = results[2].error.as_ref().expect("an error");
+    assert_eq!(unknown_pin.code, Code::NotFound as i32);
+    assert_eq!(error_reason(unknown_pin), "RUNTIME_NOT_FOUND");
+    assert!(!results[3].deduplicated);
+    assert!(results[4].deduplicated);
+    assert_eq!(stored(4).id, stored(3).id);
+    assert!(results[5].deduplicated);
+    assert_eq!(stored(5).id, earlier.id);
+    assert_eq!(stored(6).runtime_id, runtime);
+    // Three new tasks plus the earlier one are claimable.
+    assert_eq!(server.claim(&runtime, Some(10)).await.len(), 4);
+}
+
+async fn enqueue_tasks_refuses_more_than_a_thousand(backend: Backend) {
+    let server = backend.start().await;
+    let status = server
+        .tasks
+        .clone()
+        .enqueue_tasks(pb::EnqueueTasksRequest {
+            requests: vec![task_in("q"); 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+    let counts = server.describe_queue("q").await.counts.unwrap();
+    assert_eq!(counts.queued, 0);
+}
+
 conformance!(
+    enqueue_tasks_answers_every_item_in_order,
+    enqueue_tasks_refuses_more_than_a_thousand,
     retry_task_redrives_failed_and_cancelled_tasks_only,
     durations_finer_than_a_microsecond_are_accepted,
     a_task_goes_from_enqueue_to_completed,

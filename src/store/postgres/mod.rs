@@ -1,7 +1,7 @@
 //! The PostgreSQL store. Each operation is one statement on its happy path; a fenced write
 //! that matched no row costs one more read to say why (or to answer a replay).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -175,6 +175,39 @@ impl PgStore {
             .map_err(plain)?;
         let snapshot = snapshot.ok_or(Error::TaskNotFound(task_id))?;
         Ok((snapshot.task.try_into()?, snapshot.db_now))
+    }
+
+    /// The tasks already holding the idempotency keys of `tasks` that were not inserted.
+    async fn existing_by_idempotency_key(
+        &self,
+        tasks: &[NewTask],
+        inserted: &HashMap<TaskId, Task>,
+    ) -> Result<HashMap<(String, String), Task>> {
+        let inserted_keys: HashSet<(&str, &str)> = inserted
+            .values()
+            .filter_map(|task| Some((task.queue.as_str(), task.idempotency_key.as_deref()?)))
+            .collect();
+        let (queues, keys): (Vec<String>, Vec<String>) = tasks
+            .iter()
+            .filter_map(|task| Some((task.queue.clone(), task.idempotency_key.clone()?)))
+            .filter(|(queue, key)| !inserted_keys.contains(&(queue.as_str(), key.as_str())))
+            .unzip();
+        if queues.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<TaskRow> = sqlx::query_as(sql::BY_IDEMPOTENCY_KEYS)
+            .bind(&queues)
+            .bind(&keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(plain)?;
+        rows.into_iter()
+            .map(|row| {
+                let task = Task::try_from(row)?;
+                let key = task.idempotency_key.clone().unwrap_or_default();
+                Ok(((task.queue.clone(), key), task))
+            })
+            .collect()
     }
 
     async fn require_runtime(&self, runtime_id: RuntimeId) -> Result<()> {
@@ -510,6 +543,68 @@ impl TaskStore for PgStore {
         })
     }
 
+    async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>> {
+        let ids: Vec<TaskId> = tasks.iter().map(|_| TaskId::new_random()).collect();
+        let mut tx = self.pool.begin().await.map_err(plain)?;
+        let pins: Vec<Uuid> = tasks
+            .iter()
+            .filter_map(|task| task.pinned_to.map(|pin| pin.as_uuid()))
+            .collect();
+        let known: Vec<Uuid> = sqlx::query_scalar(sql::KNOWN_RUNTIMES)
+            .bind(&pins)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(plain)?;
+        let insertable = |task: &NewTask| {
+            task.pinned_to
+                .is_none_or(|pin| known.contains(&pin.as_uuid()))
+        };
+        let batch = BatchColumns::of(tasks.iter().zip(&ids).filter(|(task, _)| insertable(task)));
+        let inserted: Vec<TaskRow> = batch
+            .bind(sqlx::query_as(sql::ENQUEUE_BATCH))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(plain)?;
+        tx.commit().await.map_err(plain)?;
+        let mut inserted: HashMap<TaskId, Task> = inserted
+            .into_iter()
+            .map(|row| Task::try_from(row).map(|task| (task.id, task)))
+            .collect::<Result<_>>()?;
+        // Tasks an item deduplicates to: stored earlier, or by an earlier item of this batch.
+        let mut existing = self.existing_by_idempotency_key(&tasks, &inserted).await?;
+        for task in inserted.values() {
+            if let Some(key) = &task.idempotency_key {
+                existing.insert((task.queue.clone(), key.clone()), task.clone());
+            }
+        }
+        Ok(tasks
+            .iter()
+            .zip(ids)
+            .map(|(task, id)| {
+                if let Some(task) = inserted.remove(&id) {
+                    return Ok(Enqueued {
+                        task,
+                        deduplicated: false,
+                    });
+                }
+                let key = task
+                    .idempotency_key
+                    .clone()
+                    .map(|key| (task.queue.clone(), key));
+                match (key.and_then(|key| existing.get(&key)), task.pinned_to) {
+                    (Some(found), _) => Ok(Enqueued {
+                        task: found.clone(),
+                        deduplicated: true,
+                    }),
+                    (None, Some(pin)) if !insertable(task) => Err(Error::RuntimeNotFound(pin)),
+                    (None, _) => Err(Error::Internal(
+                        "a batch item was neither stored nor deduplicated".into(),
+                    )),
+                }
+            })
+            .collect())
+    }
+
     async fn get_task(&self, task_id: TaskId) -> Result<Task> {
         self.fetch_task(sql::GET_TASK, task_id)
             .await?
@@ -626,6 +721,65 @@ impl TaskStore for PgStore {
             .await
             .map_err(plain)?;
         self.describe_queue(queue).await
+    }
+}
+
+/// ENQUEUE_BATCH's parameters: one array per column.
+#[derive(Default)]
+struct BatchColumns {
+    ids: Vec<Uuid>,
+    queues: Vec<String>,
+    pins: Vec<Option<Uuid>>,
+    concurrency_keys: Vec<Option<String>>,
+    priorities: Vec<i32>,
+    payloads: Vec<Vec<u8>>,
+    metadata: Vec<Json<BTreeMap<String, String>>>,
+    max_attempts: Vec<i64>,
+    idempotency_keys: Vec<Option<String>>,
+    execution_timeouts_ms: Vec<Option<i64>>,
+    delays_ms: Vec<f64>,
+}
+
+impl BatchColumns {
+    fn of<'a>(tasks: impl Iterator<Item = (&'a NewTask, &'a TaskId)>) -> Self {
+        let mut columns = BatchColumns::default();
+        for (task, id) in tasks {
+            columns.ids.push(id.as_uuid());
+            columns.queues.push(task.queue.clone());
+            columns.pins.push(task.pinned_to.map(|pin| pin.as_uuid()));
+            columns.concurrency_keys.push(task.concurrency_key.clone());
+            columns.priorities.push(task.priority);
+            columns.payloads.push(task.payload.clone());
+            columns.metadata.push(Json(task.metadata.clone()));
+            columns.max_attempts.push(i64::from(task.max_attempts));
+            columns.idempotency_keys.push(task.idempotency_key.clone());
+            columns.execution_timeouts_ms.push(
+                task.execution_timeout
+                    .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+            );
+            columns
+                .delays_ms
+                .push(interval(task.delay).as_secs_f64() * 1000.0);
+        }
+        columns
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, TaskRow, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, TaskRow, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.queues)
+            .bind(self.pins)
+            .bind(self.concurrency_keys)
+            .bind(self.priorities)
+            .bind(self.payloads)
+            .bind(self.metadata)
+            .bind(self.max_attempts)
+            .bind(self.idempotency_keys)
+            .bind(self.execution_timeouts_ms)
+            .bind(self.delays_ms)
     }
 }
 

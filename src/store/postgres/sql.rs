@@ -101,6 +101,28 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, 'QUEUED', 1, $8, 0, $9, $10, now(), now() + 
 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *";
 
+pub(super) const KNOWN_RUNTIMES: &str = "SELECT id FROM runtimes WHERE id = ANY ($1)";
+
+/// ENQUEUE for many tasks at once: one row per array position.
+pub(super) const ENQUEUE_BATCH: &str = "
+INSERT INTO tasks (id, queue, runtime_id, concurrency_key, priority, payload, metadata, status,
+                   attempt, max_attempts, lease_expirations, idempotency_key,
+                   execution_timeout_ms, created_at, available_at)
+SELECT n.id, n.queue, n.runtime_id, n.concurrency_key, n.priority, n.payload, n.metadata,
+       'QUEUED', 1, n.max_attempts, 0, n.idempotency_key, n.execution_timeout_ms, now(),
+       now() + make_interval(secs => n.delay_ms / 1000.0)
+FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::int4[], $6::bytea[],
+            $7::jsonb[], $8::int8[], $9::text[], $10::int8[], $11::float8[])
+     AS n(id, queue, runtime_id, concurrency_key, priority, payload, metadata, max_attempts,
+          idempotency_key, execution_timeout_ms, delay_ms)
+ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *";
+
+pub(super) const BY_IDEMPOTENCY_KEYS: &str = "
+SELECT t.* FROM tasks t
+JOIN unnest($1::text[], $2::text[]) AS k(queue, idempotency_key)
+  ON t.queue = k.queue AND t.idempotency_key = k.idempotency_key";
+
 pub(super) const BY_IDEMPOTENCY_KEY: &str =
     "SELECT * FROM tasks WHERE queue = $1 AND idempotency_key = $2";
 
