@@ -115,11 +115,15 @@ ensure_services() {
 ensure_python_tools() {
   local venv="$LEASEHOLD_ROOT/target/python"
   if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
-    if ! python3 -m venv --help >/dev/null 2>&1; then
+    command -v python3 >/dev/null 2>&1 || install_debian_packages python3
+    rm -rf "$venv"
+    # Debian's python3 creates venvs only with python3-venv (ensurepip) installed.
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
       install_debian_packages python3-venv
+      rm -rf "$venv"
+      python3 -m venv "$venv"
     fi
     log "installing kubernetes-validate into $venv"
-    python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate pyyaml
   fi
   export LEASEHOLD_PYTHON="$venv/bin/python"
