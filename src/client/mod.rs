@@ -1,0 +1,144 @@
+//! The Rust client: a typed connection to a leasehold server ([`Client`]) and a [`Worker`] that
+//! runs a [`Handler`] per claimed task and follows every rule of a well-behaved daemon.
+//!
+//! ```no_run
+//! use leasehold::client::{Client, Handler, TaskContext, TaskError, Worker, WorkerConfig};
+//!
+//! struct Echo;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for Echo {
+//!     async fn run(&self, task: &TaskContext) -> Result<Vec<u8>, TaskError> {
+//!         Ok(task.task().payload.clone())
+//!     }
+//! }
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::connect("http://127.0.0.1:50051")?;
+//! let config = WorkerConfig::new("echo-1", ["emails"]).concurrency(4);
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! Worker::new(client, config, Echo).run(shutdown).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod backoff;
+mod handler;
+mod task_run;
+mod worker;
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use crate::grpc::pb::admin_service_client::AdminServiceClient;
+use crate::grpc::pb::task_service_client::TaskServiceClient;
+use crate::grpc::pb::worker_service_client::WorkerServiceClient;
+
+pub use backoff::Backoff;
+pub use handler::{Handler, TaskContext, TaskError};
+pub use worker::{ClaimMode, Worker, WorkerConfig};
+
+/// What a boxed transport fails with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A transport failure. A named type rather than [`BoxError`] itself: the generated clients'
+/// `Into<BoxError>` bound is then met for every lifetime, which spawned tasks need.
+#[derive(Debug)]
+pub struct TransportError(pub BoxError);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// The HTTP/2 service every client call goes through: a tonic [`Channel`] by default, or any
+/// tower stack around one (retries, auth headers, fault injection in tests).
+pub type Transport = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    TransportError,
+>;
+
+/// A connection to one leasehold server (or a load balancer in front of several).
+/// Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    transport: Transport,
+}
+
+impl Client {
+    /// Connects lazily to `url` (`http://host:port`): the first call dials, and a broken
+    /// connection is re-dialled by the next call, so a worker may start before its server.
+    pub fn connect(url: impl Into<String>) -> Result<Client, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(url.into())?
+            .connect_timeout(Duration::from_secs(5))
+            // Pings keep idle claim streams alive through proxies and reveal dead peers.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(Client::from_channel(endpoint.connect_lazy()))
+    }
+
+    pub fn from_channel(channel: Channel) -> Client {
+        Client::from_transport(BoxCloneSyncService::new(channel.map_err(|error| TransportError(error.into()))))
+    }
+
+    pub fn from_transport(transport: Transport) -> Client {
+        Client { transport }
+    }
+
+    pub fn worker(&self) -> WorkerServiceClient<Transport> {
+        WorkerServiceClient::new(self.transport.clone())
+    }
+
+    pub fn tasks(&self) -> TaskServiceClient<Transport> {
+        TaskServiceClient::new(self.transport.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<Transport> {
+        AdminServiceClient::new(self.transport.clone())
+    }
+}
+
+/// The `google.rpc.ErrorInfo` reason of a leasehold error (`CLAIM_SUPERSEDED`,
+/// `RUNTIME_NOT_FOUND`, …); `None` for errors that carry none (transport failures).
+pub fn error_reason(status: &Status) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+}
+
+/// True when the call may have failed for reasons unrelated to the request (the server or the
+/// network), so the same call may be tried again. A transport failure surfaces as `UNKNOWN` or
+/// `UNAVAILABLE`.
+pub fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Cancelled
+    )
+}
+
+/// True when the server refused a claim-token write because the claim is no longer this
+/// worker's (superseded, expired, cancelled or already finished): the task is someone else's
+/// business now.
+pub fn is_claim_lost(status: &Status) -> bool {
+    matches!(status.code(), Code::FailedPrecondition | Code::AlreadyExists)
+}
