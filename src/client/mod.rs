@@ -92,7 +92,9 @@ impl Client {
     }
 
     pub fn from_channel(channel: Channel) -> Client {
-        Client::from_transport(BoxCloneSyncService::new(channel.map_err(|error| TransportError(error.into()))))
+        Client::from_transport(BoxCloneSyncService::new(
+            channel.map_err(|error| TransportError(error.into())),
+        ))
     }
 
     pub fn from_transport(transport: Transport) -> Client {
@@ -140,5 +142,8 @@ pub fn is_transient(status: &Status) -> bool {
 /// worker's (superseded, expired, cancelled or already finished): the task is someone else's
 /// business now.
 pub fn is_claim_lost(status: &Status) -> bool {
-    matches!(status.code(), Code::FailedPrecondition | Code::AlreadyExists)
+    matches!(
+        status.code(),
+        Code::FailedPrecondition | Code::AlreadyExists
+    )
 }

@@ -229,7 +229,10 @@ impl Worker {
 }
 
 /// Registers, retrying transient failures with backoff. `Ok(false)`: shutdown came first.
-async fn register_until_done(shared: &Shared, shutdown: &CancellationToken) -> Result<bool, Status> {
+async fn register_until_done(
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<bool, Status> {
     let (base, max) = shared.config.reconnect_backoff;
     let mut backoff = Backoff::new(base, max);
     loop {
@@ -259,7 +262,10 @@ async fn register(shared: &Shared) -> Result<(), Status> {
         })
         .await?
         .into_inner();
-    let runtime_id = response.runtime.map(|runtime| runtime.id).unwrap_or_default();
+    let runtime_id = response
+        .runtime
+        .map(|runtime| runtime.id)
+        .unwrap_or_default();
     let registration = Registration {
         heartbeat_interval: std_duration(response.heartbeat_interval, Duration::from_secs(15)),
         lease_duration: std_duration(response.lease_duration, Duration::from_secs(60)),
@@ -486,7 +492,10 @@ fn spawn_task(shared: &Arc<Shared>, claimed: pb::ClaimedTask, slot: OwnedSemapho
 async fn drain_in_flight(shared: &Shared) {
     shared.tasks.close();
     let grace = shared.config.shutdown_grace;
-    if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             still_running = shared.tasks.len(),
             "shutdown grace over; cancelling in-flight tasks"
@@ -501,10 +510,7 @@ async fn deregister(shared: &Shared) {
         runtime_id: shared.runtime_id(),
     };
     match shared.client.worker().deregister_runtime(request).await {
-        Ok(response) => tracing::info!(
-            requeued = response.into_inner().requeued,
-            "deregistered"
-        ),
+        Ok(response) => tracing::info!(requeued = response.into_inner().requeued, "deregistered"),
         Err(status) => tracing::warn!(error = %status.message(), "DeregisterRuntime failed"),
     }
 }

@@ -65,9 +65,7 @@ impl Backend {
             Backend::Memory => {
                 let mut config = test_config();
                 configure(&mut config);
-                let store = Arc::new(MemoryStore::new(store_policy(&config)));
-                let app = App::with_store(config, store.clone()).expect("app");
-                TestServer::serve(app, Store::Memory(store)).await
+                TestServer::serve(config, None, None).await
             }
         }
     }
@@ -85,6 +83,8 @@ pub struct TestServer {
     pub admin: AdminServiceClient<Channel>,
     pub channel: Channel,
     pub coordinator: Arc<Coordinator>,
+    pub address: std::net::SocketAddr,
+    config: Config,
     store: Store,
     store_policy: StorePolicy,
     stop: Option<oneshot::Sender<()>>,
@@ -121,18 +121,31 @@ impl TestServer {
             .expect("connect to the test database");
         let mut config = test_config();
         configure(&mut config);
-        let store = Arc::new(PgStore::new(pool.clone(), store_policy(&config)));
-        Self::serve(
-            App::with_store(config, store).expect("app"),
-            Store::Postgres(pool),
-        )
-        .await
+        Self::serve(config, Some(pool), None).await
     }
 
-    async fn serve(app: App, store: Store) -> TestServer {
+    /// Serves the database behind `pool`, or a fresh memory store, on `address` or on a free
+    /// port.
+    async fn serve(
+        config: Config,
+        pool: Option<PgPool>,
+        address: Option<std::net::SocketAddr>,
+    ) -> TestServer {
+        let policy = store_policy(&config);
+        let (store, task_store): (Store, Arc<dyn TaskStore>) = match pool {
+            Some(pool) => {
+                let task_store = Arc::new(PgStore::new(pool.clone(), policy));
+                (Store::Postgres(pool), task_store)
+            }
+            None => {
+                let memory = Arc::new(MemoryStore::new(policy));
+                (Store::Memory(memory.clone()), memory)
+            }
+        };
+        let app = App::with_store(config.clone(), task_store).expect("app");
         let coordinator = app.coordinator().clone();
         let store_policy = app.store_policy();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind(address.unwrap_or(([127, 0, 0, 1], 0).into())).await;
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(app.run_until_stopped(listener, async {
@@ -149,11 +162,25 @@ impl TestServer {
             admin: AdminServiceClient::new(channel.clone()),
             channel,
             coordinator,
+            address,
+            config,
             store,
             store_policy,
             stop: Some(stop),
             served: Some(served),
         }
+    }
+
+    /// Stops the server and starts a new one on the same address and database (the memory
+    /// store starts empty, as the embedded store does after a restart).
+    pub async fn restart(self) -> TestServer {
+        let (config, address) = (self.config.clone(), self.address);
+        let pool = match &self.store {
+            Store::Postgres(pool) => Some(pool.clone()),
+            Store::Memory(_) => None,
+        };
+        self.shutdown().await.expect("server stopped cleanly");
+        TestServer::serve(config, pool, Some(address)).await
     }
 
     /// Signals shutdown (as SIGTERM would) without waiting for the server to finish.
@@ -432,6 +459,17 @@ impl TestServer {
     pub async fn store_time(&self, runtime_id: &str) -> prost_types::Timestamp {
         self.heartbeat(runtime_id).await.server_time.unwrap()
     }
+}
+
+/// Binds `address`, retrying briefly while a just-stopped server's socket lingers.
+async fn bind(address: std::net::SocketAddr) -> tokio::net::TcpListener {
+    for _ in 0..50 {
+        if let Ok(listener) = tokio::net::TcpListener::bind(address).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot bind {address}");
 }
 
 /// A port nothing listens on right now.

@@ -23,3 +23,4 @@ mod races;
 mod redis;
 mod service;
 mod streams;
+mod worker_sdk;

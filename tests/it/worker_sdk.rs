@@ -1,0 +1,729 @@
+//! The Rust worker SDK (`leasehold::client::Worker`) against a real server, with the faults each
+//! daemon rule handles injected into the client's own transport: every call still goes over
+//! real gRPC to a real server; the transport only loses answers or refuses calls on cue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use leasehold::client::{
+    ClaimMode, Client, Handler, TaskContext, TaskError, TransportError, Worker, WorkerConfig,
+};
+use leasehold::grpc::pb;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use crate::harness::{Backend, TestServer, status_of, task_in};
+
+const QUEUE: &str = "sdk";
+const WORKER_NAME: &str = "sdk-worker";
+
+/// What the transport does to the next call of one method.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// The server handles the call but its answer is lost: the client sees UNAVAILABLE.
+    LoseAnswer,
+    /// The call never reaches the server: the client sees this code.
+    Refuse(Code),
+}
+
+/// The faults still to inject, per method, and every call made, in order.
+#[derive(Clone, Default)]
+struct Faults {
+    planned: Arc<Mutex<HashMap<String, VecDeque<Fault>>>>,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Faults {
+    fn inject(&self, method: &str, fault: Fault) {
+        let mut planned = self.planned.lock().unwrap();
+        planned.entry(method.into()).or_default().push_back(fault);
+    }
+
+    fn calls(&self, method: &str) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls.iter().filter(|call| *call == method).count()
+    }
+
+    /// Records a call of `method` and takes its next planned fault.
+    fn on_call(&self, method: &str) -> Option<Fault> {
+        self.calls.lock().unwrap().push(method.into());
+        let mut planned = self.planned.lock().unwrap();
+        planned.get_mut(method)?.pop_front()
+    }
+
+    fn client(&self, channel: Channel) -> Client {
+        Client::from_transport(BoxCloneSyncService::new(FaultyTransport {
+            channel,
+            faults: self.clone(),
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct FaultyTransport {
+    channel: Channel,
+    faults: Faults,
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl tower::Service<HttpRequest> for FaultyTransport {
+    type Response = HttpResponse;
+    type Error = TransportError;
+    type Future = BoxFuture<'static, Result<HttpResponse, TransportError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or("");
+        let fault = self.faults.on_call(method);
+        let channel = self.channel.clone();
+        Box::pin(async move {
+            if let Some(Fault::Refuse(code)) = fault {
+                return Ok(Status::new(code, "injected fault").into_http());
+            }
+            // A unary answer's headers come after the server's handler returned, so once they
+            // are here the call has taken effect.
+            let answer = channel
+                .oneshot(request)
+                .await
+                .map_err(|error| TransportError(error.into()))?;
+            match fault {
+                Some(Fault::LoseAnswer) => {
+                    Ok(Status::unavailable("injected: answer lost").into_http())
+                }
+                _ => Ok(answer),
+            }
+        })
+    }
+}
+
+type Step = Arc<
+    dyn Fn(pb::Task, CancellationToken) -> BoxFuture<'static, Result<Vec<u8>, TaskError>>
+        + Send
+        + Sync,
+>;
+
+/// A handler made of closures, recording every attempt `run` began and every counter it set.
+#[derive(Clone)]
+struct TestHandler {
+    prepare: Option<Step>,
+    run: Step,
+    runs: Arc<Mutex<Vec<(String, u32)>>>,
+}
+
+impl TestHandler {
+    fn new(
+        run: impl Fn(pb::Task, CancellationToken) -> BoxFuture<'static, Result<Vec<u8>, TaskError>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> TestHandler {
+        TestHandler {
+            prepare: None,
+            run: Arc::new(run),
+            runs: Arc::default(),
+        }
+    }
+
+    /// Completes every task with its payload.
+    fn echo() -> TestHandler {
+        TestHandler::new(|task, _| Box::pin(async move { Ok(task.payload) }))
+    }
+
+    fn preparing(
+        mut self,
+        prepare: impl Fn(pb::Task, CancellationToken) -> BoxFuture<'static, Result<Vec<u8>, TaskError>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> TestHandler {
+        self.prepare = Some(Arc::new(prepare));
+        self
+    }
+
+    fn attempts_run(&self) -> Vec<u32> {
+        self.runs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, attempt)| *attempt)
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for TestHandler {
+    async fn prepare(&self, task: &TaskContext) -> Result<(), TaskError> {
+        match &self.prepare {
+            Some(prepare) => prepare(task.task().clone(), task.cancelled().clone())
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    }
+
+    async fn run(&self, task: &TaskContext) -> Result<Vec<u8>, TaskError> {
+        let record = (task.task().id.clone(), task.task().attempt);
+        self.runs.lock().unwrap().push(record);
+        task.record_usage("runs", 1);
+        (self.run)(task.task().clone(), task.cancelled().clone()).await
+    }
+}
+
+/// Worker settings that make a test's timings short.
+fn quick_config(mode: ClaimMode) -> WorkerConfig {
+    let mut config = WorkerConfig::new(WORKER_NAME, [QUEUE])
+        .concurrency(2)
+        .claim_mode(mode)
+        .shutdown_grace(Duration::from_secs(5));
+    config.cancel_poll_interval = Duration::from_millis(50);
+    config.long_poll_wait = Duration::from_secs(1);
+    config.start_retry_pause = Duration::from_millis(20);
+    config.reconnect_backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    config
+}
+
+struct RunningWorker {
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), Status>>,
+}
+
+impl RunningWorker {
+    fn spawn(client: Client, config: WorkerConfig, handler: TestHandler) -> RunningWorker {
+        let shutdown = CancellationToken::new();
+        let worker = Worker::new(client, config, handler);
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        RunningWorker { shutdown, handle }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
+        stopped.expect("the worker stopped").unwrap().unwrap();
+    }
+}
+
+async fn server(pool: PgPoolOptions, connect: PgConnectOptions) -> TestServer {
+    TestServer::start(pool, connect).await
+}
+
+/// Polls the task until `done` holds (10 s at most) and returns it.
+async fn wait_for(
+    server: &TestServer,
+    task_id: &str,
+    done: impl Fn(&pb::Task) -> bool,
+) -> pb::Task {
+    for _ in 0..500 {
+        let task = server.get_task(task_id).await;
+        if done(&task) {
+            return task;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "task {task_id} never reached the expected state: {:?}",
+        server.get_task(task_id).await
+    );
+}
+
+async fn wait_for_status(server: &TestServer, task_id: &str, status: pb::TaskStatus) -> pb::Task {
+    wait_for(server, task_id, |task| status_of(task) == status).await
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn enqueue_payload(server: &TestServer, payload: &str) -> pb::Task {
+    let mut request = task_in(QUEUE);
+    request.payload = payload.as_bytes().to_vec();
+    server.enqueue(request).await
+}
+
+/// A handler that blocks in `run` until its task is cancelled, counting the cancellations seen.
+fn until_cancelled(seen: Arc<AtomicUsize>) -> TestHandler {
+    TestHandler::new(move |_, cancelled| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            cancelled.cancelled().await;
+            seen.fetch_add(1, Ordering::SeqCst);
+            Err(TaskError::retryable("stopped"))
+        })
+    })
+}
+
+async fn runtime_status(server: &TestServer) -> pb::RuntimeStatus {
+    let runtimes = server.runtimes(None).await;
+    let runtime = runtimes
+        .iter()
+        .find(|runtime| runtime.name == WORKER_NAME)
+        .unwrap();
+    pb::RuntimeStatus::try_from(runtime.status).unwrap()
+}
+
+#[sqlx::test]
+async fn the_worker_runs_each_task_once_and_reports_result_and_usage(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        TestHandler::echo(),
+    );
+    let mut tasks = Vec::new();
+    for n in 0..6 {
+        tasks.push(enqueue_payload(&server, &format!("job {n}")).await);
+    }
+    for task in &tasks {
+        let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+        assert_eq!(done.result, task.payload);
+        assert_eq!(done.attempt, 1);
+    }
+    worker.stop().await;
+    assert_eq!(faults.calls("RecoverOrphans"), 1);
+    assert_eq!(faults.calls("StartTask"), 6);
+    assert_eq!(
+        faults.calls("ReportUsage"),
+        6,
+        "usage is reported once per task"
+    );
+    assert_eq!(faults.calls("FailTask"), 0);
+    assert_eq!(faults.calls("DeregisterRuntime"), 1);
+    assert_eq!(runtime_status(&server).await, pb::RuntimeStatus::Offline);
+}
+
+#[sqlx::test]
+async fn the_worker_claims_only_into_free_slots(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = server(pool, connect).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let held = gate.clone();
+    let handler = TestHandler::new(move |task, _| {
+        let gate = held.clone();
+        Box::pin(async move {
+            gate.acquire().await.unwrap().forget();
+            Ok(task.payload)
+        })
+    });
+    let config = quick_config(ClaimMode::Stream).concurrency(1);
+    let worker = RunningWorker::spawn(
+        Client::from_channel(server.channel.clone()),
+        config,
+        handler,
+    );
+    let first = enqueue_payload(&server, "first").await;
+    let second = enqueue_payload(&server, "second").await;
+    wait_for_status(&server, &first.id, pb::TaskStatus::Running).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = server.get_task(&second.id).await;
+    assert_eq!(
+        status_of(&waiting),
+        pb::TaskStatus::Queued,
+        "one slot, one claim"
+    );
+    gate.add_permits(2);
+    wait_for_status(&server, &second.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+}
+
+async fn a_cancellation_reaches_the_running_handler(server: TestServer, mode: ClaimMode) {
+    let faults = Faults::default();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(mode),
+        until_cancelled(seen.clone()),
+    );
+    let task = enqueue_payload(&server, "long").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Running).await;
+    server
+        .tasks
+        .clone()
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap();
+    wait_until("the handler saw the cancellation", || {
+        seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        faults.calls("FailTask"),
+        0,
+        "a cancelled task is not failed"
+    );
+    assert_eq!(faults.calls("CompleteTask"), 0);
+    assert_eq!(
+        status_of(&server.get_task(&task.id).await),
+        pb::TaskStatus::Cancelled
+    );
+}
+
+#[sqlx::test]
+async fn a_stream_cancellation_reaches_the_running_handler(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    a_cancellation_reaches_the_running_handler(server(pool, connect).await, ClaimMode::Stream)
+        .await;
+}
+
+#[sqlx::test]
+async fn a_polled_cancellation_reaches_the_running_handler(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    a_cancellation_reaches_the_running_handler(server(pool, connect).await, ClaimMode::Unary).await;
+}
+
+#[sqlx::test]
+async fn a_lost_start_answer_is_retried_with_the_same_token(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    faults.inject("StartTask", Fault::LoseAnswer);
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        TestHandler::echo(),
+    );
+    let task = enqueue_payload(&server, "once").await;
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+    assert_eq!(done.attempt, 1);
+    assert_eq!(
+        faults.calls("StartTask"),
+        2,
+        "one retry, with the same token"
+    );
+    assert_eq!(faults.calls("FailTask"), 0);
+}
+
+#[sqlx::test]
+async fn when_both_start_answers_are_lost_the_task_status_decides(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    faults.inject("StartTask", Fault::LoseAnswer);
+    faults.inject("StartTask", Fault::LoseAnswer);
+    let handler = TestHandler::echo();
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler.clone(),
+    );
+    let task = enqueue_payload(&server, "started anyway").await;
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+    assert_eq!(faults.calls("StartTask"), 2);
+    assert_eq!(
+        faults.calls("GetTaskStatus"),
+        1,
+        "RUNNING at our attempt: the start landed"
+    );
+    assert_eq!(faults.calls("FailTask"), 0);
+    assert_eq!(handler.attempts_run(), vec![1]);
+    assert_eq!(done.result, b"started anyway");
+}
+
+#[sqlx::test]
+async fn a_start_that_keeps_failing_fails_the_task_with_its_token(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    // Neither start reaches the server, so the task is still DISPATCHED, not RUNNING.
+    faults.inject("StartTask", Fault::Refuse(Code::Unavailable));
+    faults.inject("StartTask", Fault::Refuse(Code::Unavailable));
+    let handler = TestHandler::echo();
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler.clone(),
+    );
+    let task = enqueue_payload(&server, "unlucky").await;
+    let retried = wait_for(&server, &task.id, |task| {
+        task.attempt == 2 || status_of(task) == pb::TaskStatus::Completed
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(faults.calls("FailTask"), 1);
+    assert!(retried.error.contains("StartTask failed"), "{retried:?}");
+    assert!(!handler.attempts_run().contains(&1), "attempt 1 never ran");
+}
+
+#[sqlx::test]
+async fn a_transient_error_on_complete_is_retried_and_never_becomes_a_failure(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    faults.inject("CompleteTask", Fault::Refuse(Code::Unavailable));
+    faults.inject("CompleteTask", Fault::LoseAnswer);
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        TestHandler::echo(),
+    );
+    let task = enqueue_payload(&server, "worth keeping").await;
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    // The replay after the lost answer must be answered with success, not counted as a failure.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    assert_eq!(faults.calls("CompleteTask"), 3);
+    assert_eq!(faults.calls("FailTask"), 0);
+    assert_eq!(done.result, b"worth keeping");
+}
+
+#[sqlx::test]
+async fn a_superseded_claim_is_dropped_without_failing_the_task(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let held = gate.clone();
+    let handler = TestHandler::echo().preparing(move |task, _| {
+        let gate = held.clone();
+        Box::pin(async move {
+            if task.attempt == 1 {
+                gate.acquire().await.unwrap().forget();
+            }
+            Ok(Vec::new())
+        })
+    });
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler.clone(),
+    );
+    let task = enqueue_payload(&server, "contested").await;
+    let claimed = wait_for_status(&server, &task.id, pb::TaskStatus::Dispatched).await;
+    // While attempt 1 prepares, its claim is superseded: the task is failed and retried.
+    let recovered = server
+        .worker
+        .clone()
+        .recover_orphans(pb::RecoverOrphansRequest {
+            runtime_id: claimed.claimed_by.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recovered.retried, 1);
+    gate.add_permits(1);
+    let done = wait_for(&server, &task.id, |task| {
+        status_of(task) == pb::TaskStatus::Completed
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(
+        handler.attempts_run(),
+        vec![2],
+        "the superseded attempt never ran"
+    );
+    assert_eq!(
+        faults.calls("FailTask"),
+        0,
+        "a lost claim is dropped, not failed"
+    );
+}
+
+#[sqlx::test]
+async fn a_long_prepare_keeps_its_lease(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.lease_duration = Duration::from_millis(300)
+    })
+    .await;
+    let faults = Faults::default();
+    let handler = TestHandler::echo().preparing(|_, _| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(Vec::new())
+        })
+    });
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler,
+    );
+    let task = enqueue_payload(&server, "slow start").await;
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.lease_expirations, 0);
+    assert!(
+        faults.calls("ExtendLease") >= 2,
+        "{} extensions",
+        faults.calls("ExtendLease")
+    );
+}
+
+#[sqlx::test]
+async fn shutdown_lets_in_flight_tasks_finish_then_deregisters(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let handler = TestHandler::new(|task, _| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok(task.payload)
+        })
+    });
+    let worker = RunningWorker::spawn(
+        Client::from_channel(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler,
+    );
+    let task = enqueue_payload(&server, "finish me").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Running).await;
+    worker.stop().await;
+    assert_eq!(
+        status_of(&server.get_task(&task.id).await),
+        pb::TaskStatus::Completed
+    );
+    assert_eq!(runtime_status(&server).await, pb::RuntimeStatus::Offline);
+}
+
+#[sqlx::test]
+async fn past_the_grace_in_flight_tasks_are_failed_for_a_retry(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let config = quick_config(ClaimMode::Stream).shutdown_grace(Duration::from_millis(200));
+    let worker = RunningWorker::spawn(
+        Client::from_channel(server.channel.clone()),
+        config,
+        until_cancelled(seen.clone()),
+    );
+    let task = enqueue_payload(&server, "never ends").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Running).await;
+    worker.stop().await;
+    assert_eq!(seen.load(Ordering::SeqCst), 1, "the handler was cancelled");
+    let retried = server.get_task(&task.id).await;
+    assert_eq!(status_of(&retried), pb::TaskStatus::Queued);
+    assert_eq!(retried.attempt, 2);
+    assert!(retried.error.contains("shutdown"), "{retried:?}");
+}
+
+#[sqlx::test]
+async fn the_worker_survives_a_server_restart_mid_stream(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let client = Client::connect(format!("http://{}", server.address)).unwrap();
+    let worker = RunningWorker::spawn(client, quick_config(ClaimMode::Stream), TestHandler::echo());
+    let before = enqueue_payload(&server, "before").await;
+    wait_for_status(&server, &before.id, pb::TaskStatus::Completed).await;
+    let server = server.restart().await;
+    let after = enqueue_payload(&server, "after").await;
+    wait_for_status(&server, &after.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_registers_again_when_the_server_forgot_it() {
+    // The embedded store starts empty after a restart: the runtime is unknown there.
+    let server = Backend::Memory.start().await;
+    let client = Client::connect(format!("http://{}", server.address)).unwrap();
+    let worker = RunningWorker::spawn(client, quick_config(ClaimMode::Stream), TestHandler::echo());
+    wait_until_registered(&server).await;
+    let server = server.restart().await;
+    let task = enqueue_payload(&server, "after amnesia").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+}
+
+async fn wait_until_registered(server: &TestServer) {
+    for _ in 0..500 {
+        if !server.runtimes(None).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker never registered");
+}
+
+#[sqlx::test]
+async fn orphans_of_an_earlier_life_are_recovered_at_start(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    // The same runtime, before a crash: it claimed a task and never finished it.
+    let runtime_id = server.register(WORKER_NAME, &[QUEUE]).await;
+    let task = enqueue_payload(&server, "orphaned").await;
+    server.claim_one(&runtime_id).await;
+    let handler = TestHandler::echo();
+    let worker = RunningWorker::spawn(
+        Client::from_channel(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        handler.clone(),
+    );
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+    assert_eq!(
+        done.attempt, 2,
+        "attempt 1 was failed as RUNTIME_RECOVERY and retried"
+    );
+    assert_eq!(handler.attempts_run(), vec![2]);
+}
+
+#[sqlx::test]
+async fn without_streaming_the_worker_falls_back_to_long_poll(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    faults.inject("StreamClaims", Fault::Refuse(Code::Unimplemented));
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        TestHandler::echo(),
+    );
+    let task = enqueue_payload(&server, "polled").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+    worker.stop().await;
+    assert_eq!(
+        faults.calls("StreamClaims"),
+        1,
+        "no second stream after UNIMPLEMENTED"
+    );
+    assert!(faults.calls("ClaimTask") >= 1);
+}
