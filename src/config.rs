@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cli;
+
 #[derive(Debug, Parser)]
 #[command(name = "leasehold", version, about = "gRPC lease-coordination service")]
 pub struct Cli {
@@ -17,6 +19,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the leasehold server.
     Serve(Box<Config>),
+    /// Run a worker daemon that executes a command per task: `leasehold worker --queue Q -- CMD`.
+    Worker(Box<cli::WorkerArgs>),
+    /// Enqueue, inspect, cancel and redrive tasks.
+    #[command(subcommand)]
+    Task(cli::TaskCommand),
+    /// Describe a queue, cap it, pause or resume it.
+    #[command(subcommand)]
+    Queue(cli::QueueCommand),
+    /// Inspect registered runtimes.
+    #[command(subcommand)]
+    Runtime(cli::RuntimeCommand),
 }
 
 fn duration(text: &str) -> Result<Duration, humantime::DurationError> {
@@ -127,14 +140,18 @@ pub enum LogFormat {
 impl Config {
     /// The defaults, as `leasehold serve` with no flags and no environment would see them.
     pub fn defaults() -> Self {
-        Cli::parse_from(["leasehold", "serve"]).into_config()
+        Cli::parse_from(["leasehold", "serve"])
+            .into_config()
+            .unwrap_or_else(|| unreachable!("`serve` parses to a server configuration"))
     }
 }
 
 impl Cli {
-    pub fn into_config(self) -> Config {
+    /// The server's configuration, when the command is `serve`.
+    pub fn into_config(self) -> Option<Config> {
         match self.command {
-            Command::Serve(config) => *config,
+            Command::Serve(config) => Some(*config),
+            _ => None,
         }
     }
 }
@@ -154,7 +171,7 @@ mod tests {
             "5m",
         ])
         .unwrap();
-        let config = cli.into_config();
+        let config = cli.into_config().unwrap();
         assert_eq!(config.lease_duration, Duration::from_millis(250));
         assert_eq!(config.retry_backoff_max, Duration::from_secs(300));
     }
