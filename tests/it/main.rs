@@ -11,6 +11,7 @@
 #[macro_use]
 mod harness;
 
+mod cli;
 mod deploy;
 mod differential;
 mod errors;
