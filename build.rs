@@ -12,6 +12,9 @@ const PROTO_FILES: &[&str] = &[
     "leasehold/v1/worker_service.proto",
     "leasehold/v1/task_service.proto",
     "leasehold/v1/admin_service.proto",
+    // Not imported by leasehold's protos: compiled so that reflection can describe the error
+    // details every error carries.
+    "google/rpc/error_details.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // EnqueueTasks reports per-item errors as google.rpc.Status; reuse tonic-types' type so
         // it converts to and from tonic::Status with the library's helpers.
         .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        .extern_path(".google.rpc.ErrorInfo", "::tonic_types::pb::ErrorInfo")
+        .extern_path(".google.rpc.BadRequest", "::tonic_types::pb::BadRequest")
         .compile_fds(descriptors)?;
     Ok(())
 }

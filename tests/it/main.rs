@@ -15,6 +15,7 @@ mod cli;
 mod deploy;
 mod differential;
 mod errors;
+mod grpcurl;
 mod lifecycle;
 mod listing;
 mod liveness;
