@@ -727,3 +727,26 @@ async fn without_streaming_the_worker_falls_back_to_long_poll(
     );
     assert!(faults.calls("ClaimTask") >= 1);
 }
+
+#[sqlx::test]
+async fn the_worker_heartbeats_at_the_interval_the_server_gave(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start_with(pool, connect, |config| {
+        config.heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    let faults = Faults::default();
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream),
+        TestHandler::echo(),
+    );
+    wait_until("five heartbeats were sent", || {
+        faults.calls("Heartbeat") >= 5
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(faults.calls("RegisterRuntime"), 1);
+}
