@@ -376,13 +376,20 @@ async fn reserve_slots(
         permit = shared.slots.clone().acquire_owned() => permit.ok()?,
     };
     let mut reserved = vec![first];
-    while reserved.len() < most {
+    reserved.extend(free_slots(shared, most - 1));
+    Some(reserved)
+}
+
+/// Takes the slots free right now, `most` at the most.
+fn free_slots(shared: &Shared, most: usize) -> Vec<OwnedSemaphorePermit> {
+    let mut taken = Vec::new();
+    while taken.len() < most {
         match shared.slots.clone().try_acquire_owned() {
-            Ok(permit) => reserved.push(permit),
+            Ok(permit) => taken.push(permit),
             Err(_) => break,
         }
     }
-    Some(reserved)
+    taken
 }
 
 /// One `StreamClaims` session: credits track reserved slots one to one. Returns `Ok` when the
@@ -392,9 +399,9 @@ async fn stream_session(
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
 ) -> Result<(), Status> {
-    let Some(mut reserved) = reserve_slots(shared, shutdown, usize::MAX).await else {
-        return Ok(());
-    };
+    // Opened even when every slot is busy (zero credits): the stream also carries the
+    // cancellations of the tasks those slots are running.
+    let mut reserved = free_slots(shared, usize::MAX);
     let (outbound, requests) = mpsc::channel(16);
     let open = pb::OpenStream {
         runtime_id: shared.runtime_id(),

@@ -750,3 +750,32 @@ async fn the_worker_heartbeats_at_the_interval_the_server_gave(
     worker.stop().await;
     assert_eq!(faults.calls("RegisterRuntime"), 1);
 }
+
+#[sqlx::test]
+async fn cancellations_arrive_after_a_reconnect_even_when_every_slot_is_busy(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let client = Client::connect(format!("http://{}", server.address)).unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let config = quick_config(ClaimMode::Stream).concurrency(1);
+    let worker = RunningWorker::spawn(client, config, until_cancelled(seen.clone()));
+    let task = enqueue_payload(&server, "long").await;
+    wait_for_status(&server, &task.id, pb::TaskStatus::Running).await;
+    // The claim stream breaks while the only slot is busy; the worker must reopen it anyway.
+    let server = server.restart().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tasks = server.tasks.clone();
+    tasks
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap();
+    wait_until("the handler saw the cancellation", || {
+        seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    worker.stop().await;
+}
