@@ -30,6 +30,8 @@ pub enum Command {
     /// Inspect registered runtimes.
     #[command(subcommand)]
     Runtime(cli::RuntimeCommand),
+    /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 fn duration(text: &str) -> Result<Duration, humantime::DurationError> {

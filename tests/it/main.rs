@@ -11,6 +11,7 @@
 #[macro_use]
 mod harness;
 
+mod bench;
 mod cli;
 mod deploy;
 mod differential;

@@ -1,0 +1,102 @@
+//! The ceiling: the service's own claim, start and complete SQL run by `pgbench` straight
+//! against PostgreSQL, at the same concurrency, with no gRPC, no Rust and no Redis in the way.
+//! `ratio = service / ceiling` says how much of what the database can do the service delivers.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::process::Command;
+
+use super::scenarios;
+use crate::client::Client;
+
+/// One task per pgbench transaction, as the service does it: three statements, each its own
+/// transaction, exactly the claim function and the fenced UPDATEs of `store/postgres/sql.rs`.
+/// The runtime is looked up by name (`ceiling-<client>`), a unique-index probe per task.
+const SCRIPT: &str = r"
+SELECT id AS task_id, claim_token AS token FROM leasehold_claim((SELECT id FROM runtimes WHERE name = 'ceiling-' || :client_id), 1, interval '60 seconds', 5, interval '10 seconds') \gset
+UPDATE tasks SET status = 'RUNNING', started_at = now() WHERE id = ':task_id' AND claim_token = ':token' AND status = 'DISPATCHED' AND lease_expires_at >= now() RETURNING *;
+UPDATE tasks SET status = 'COMPLETED', result = ''::bytea, finished_at = now(), lease_expires_at = NULL WHERE id = ':task_id' AND claim_token = ':token' AND status = 'RUNNING' RETURNING *;
+";
+
+fn pgbench() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("pgbench"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.or_else(|| {
+        let mut installed: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|entry| Some(entry.ok()?.path().join("bin/pgbench")))
+            .filter(|candidate| candidate.is_file())
+            .collect();
+        installed.sort();
+        installed.pop()
+    })
+}
+
+/// Enqueues `tasks` tasks into `queue` through the service, registers one runtime per pgbench
+/// client, then lets pgbench claim, start and complete them. Returns tasks per second.
+pub(super) async fn measure(
+    client: &Client,
+    database_url: &str,
+    queue: &str,
+    workers: usize,
+    tasks: usize,
+) -> anyhow::Result<f64> {
+    let pgbench =
+        pgbench().context("pgbench not found (Debian: postgresql-contrib / postgresql-client)")?;
+    for index in 0..workers {
+        scenarios::register(client, format!("ceiling-{index}"), queue).await?;
+    }
+    scenarios::enqueue_in_batches(client, queue, tasks, 4).await?;
+    let script = std::env::temp_dir().join(format!("leasehold-ceiling-{}.sql", std::process::id()));
+    std::fs::write(&script, SCRIPT)?;
+    let per_client = tasks / workers;
+    let output = Command::new(pgbench)
+        .args(["--no-vacuum", "--protocol", "simple"])
+        .args(["--client", &workers.to_string(), "--jobs", "2"])
+        .args(["--transactions", &per_client.to_string()])
+        .arg("--file")
+        .arg(&script)
+        .arg(database_url)
+        .output()
+        .await?;
+    let _ = std::fs::remove_file(&script);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}{}",
+        printed,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    tasks_per_second(&printed).context("pgbench printed no tps")
+}
+
+/// The `tps = N (without initial connection time)` line of pgbench's report.
+fn tasks_per_second(report: &str) -> Option<f64> {
+    report
+        .lines()
+        .find(|line| line.starts_with("tps = ") && line.contains("without initial connection"))?
+        .trim_start_matches("tps = ")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_comes_from_the_tps_line() {
+        let report = "number of failed transactions: 0 (0.000%)\n\
+                      latency average = 9.1 ms\n\
+                      initial connection time = 12.3 ms\n\
+                      tps = 1754.321 (without initial connection time)\n";
+        assert_eq!(tasks_per_second(report), Some(1754.321));
+        assert_eq!(tasks_per_second("nothing"), None);
+    }
+}

@@ -1,0 +1,245 @@
+//! `leasehold bench`: starts `leasehold serve` processes over a scratch PostgreSQL database (and
+//! Redis), runs the scenarios, measures the pgbench ceiling in the same run, and prints one JSON
+//! object with every figure and each target beside it. See docs/PERFORMANCE.md.
+
+mod ceiling;
+mod scenarios;
+mod servers;
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Value, json};
+
+use scenarios::Latencies;
+use servers::{ScratchDatabase, ServerProcess};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// PostgreSQL in which a scratch database is created (and dropped) for the run.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Redis for the servers under test; without it the cache, cross-replica wake-ups and the
+    /// idle figures are not what production sees.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Tasks per throughput scenario.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Concurrent workers (runtimes) in the lifecycle scenarios and pgbench clients.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Concurrent producers in the enqueue scenario.
+    #[arg(long, default_value_t = 8)]
+    producers: usize,
+    /// Credits of each claim stream in `lifecycle_stream`.
+    #[arg(long, default_value_t = 8)]
+    stream_credits: u32,
+    /// Enqueue → `claimed` samples per wake-up scenario.
+    #[arg(long, default_value_t = 1000)]
+    wakeup_samples: usize,
+    /// Idle runtimes (unary pollers, then one idle stream each).
+    #[arg(long, default_value_t = 1000)]
+    idle_runtimes: usize,
+    /// How long each idle measurement lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    idle_window: Duration,
+    /// Tiny sizes, a few seconds: shows every scenario still runs (CI). Its figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl BenchArgs {
+    fn shrink_for_smoke(&mut self) {
+        if self.smoke {
+            self.tasks = 200;
+            self.workers = 4;
+            self.producers = 2;
+            self.wakeup_samples = 20;
+            self.idle_runtimes = 20;
+            self.idle_window = Duration::from_secs(1);
+        }
+    }
+}
+
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    args.shrink_for_smoke();
+    let database = ScratchDatabase::create(&args.database_url).await?;
+    let outcome = measure(&args, &database).await;
+    database.drop_database().await?;
+    let report = outcome?;
+    println!("{report:#}");
+    Ok(())
+}
+
+async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result<Value> {
+    let redis = args.redis_url.as_deref();
+    let server = ServerProcess::start(Some(&database.url), redis, &[]).await?;
+    let client = server.client()?;
+    let (workers, tasks) = (args.workers, args.tasks);
+
+    let single =
+        scenarios::enqueue_singly(&client, "bench-single", tasks.min(2000), args.producers).await?;
+    let batched =
+        scenarios::enqueue_in_batches(&client, "bench-unary", tasks, args.producers).await?;
+    let unary = scenarios::lifecycle_unary(&client, "bench-unary", workers).await?;
+    let ceiling = ceiling::measure(&client, &database.url, "bench-ceiling", workers, tasks).await;
+    scenarios::enqueue_in_batches(&client, "bench-stream", tasks, args.producers).await?;
+    let streamed =
+        scenarios::lifecycle_stream(&client, "bench-stream", workers, args.stream_credits, tasks)
+            .await?;
+
+    let one_replica =
+        scenarios::wakeup(&client, &client, "wake-one", 4, args.wakeup_samples).await?;
+    let two_replicas = match redis {
+        Some(_) => {
+            let second = ServerProcess::start(Some(&database.url), redis, &[]).await?;
+            let latencies = scenarios::wakeup(
+                &client,
+                &second.client()?,
+                "wake-two",
+                4,
+                args.wakeup_samples,
+            )
+            .await?;
+            Some(latencies)
+        }
+        None => None,
+    };
+    let idle = idle(args, database, &server, &client).await?;
+
+    let ceiling_figure = match &ceiling {
+        Ok(rate) => {
+            json!({ "tasks_per_second": rate, "method": "pgbench, same SQL and concurrency" })
+        }
+        Err(error) => json!({ "tasks_per_second": null, "error": error.to_string() }),
+    };
+    let ratio = ceiling
+        .as_ref()
+        .ok()
+        .map(|ceiling| unary.tasks_per_second / ceiling);
+    let report = json!({
+        "machine": machine(),
+        "sizes": {
+            "tasks": tasks, "workers": workers, "producers": args.producers,
+            "stream_credits": args.stream_credits, "wakeup_samples": args.wakeup_samples,
+            "idle_runtimes": args.idle_runtimes, "idle_window_s": args.idle_window.as_secs_f64(),
+            "smoke": args.smoke, "redis": redis.is_some(),
+        },
+        "enqueue": { "single_tasks_per_second": single, "batch_tasks_per_second": batched },
+        "lifecycle_unary": {
+            "tasks_per_second": unary.tasks_per_second,
+            "claim_p50_ms": unary.claim_latency.millis(0.50),
+            "claim_p99_ms": unary.claim_latency.millis(0.99),
+            "claims": unary.claim_latency.len(),
+        },
+        "ceiling": ceiling_figure,
+        "ratio": ratio,
+        "lifecycle_stream": {
+            "tasks_per_second": streamed,
+            "vs_unary": streamed / unary.tasks_per_second,
+        },
+        "wakeup": {
+            "one_replica": latency_figures(&one_replica),
+            "two_replicas": two_replicas.as_ref().map(latency_figures),
+        },
+        "idle": idle,
+    });
+    let targets = targets(&report);
+    let mut report = report;
+    report["targets"] = targets;
+    Ok(report)
+}
+
+fn latency_figures(latencies: &Latencies) -> Value {
+    json!({
+        "p50_ms": latencies.millis(0.50),
+        "p99_ms": latencies.millis(0.99),
+        "max_ms": latencies.millis(1.0),
+        "samples": latencies.len(),
+    })
+}
+
+/// Idle unary pollers, then the same runtimes holding one idle stream each: PostgreSQL
+/// transactions per idle claim and per second, and the server's memory.
+async fn idle(
+    args: &BenchArgs,
+    database: &ScratchDatabase,
+    server: &ServerProcess,
+    client: &crate::client::Client,
+) -> anyhow::Result<Value> {
+    let mut runtimes = Vec::with_capacity(args.idle_runtimes);
+    for index in 0..args.idle_runtimes {
+        runtimes.push(scenarios::register(client, format!("idle-{index}"), "bench-idle").await?);
+    }
+    // One claim each first: the verdicts the cache keeps come from these.
+    scenarios::idle_unary_claims(client, "bench-idle", &runtimes, Duration::ZERO).await?;
+    let before = database.settled_transactions().await?;
+    let claims =
+        scenarios::idle_unary_claims(client, "bench-idle", &runtimes, args.idle_window).await?;
+    let after = database.settled_transactions().await?;
+    let rss_before_streams = server.rss_mib();
+
+    let streams = scenarios::open_idle_streams(client, &runtimes).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let streams_before = database.settled_transactions().await?;
+    tokio::time::sleep(args.idle_window).await;
+    let streams_after = database.settled_transactions().await?;
+    let rss_with_streams = server.rss_mib();
+    for stream in streams {
+        stream.abort();
+    }
+    Ok(json!({
+        "unary_claims": claims,
+        "transactions_during_claims": after - before,
+        "transactions_per_idle_claim": (after - before) as f64 / claims.max(1) as f64,
+        "streams": runtimes.len(),
+        "transactions_per_second_with_idle_streams":
+            (streams_after - streams_before) as f64 / args.idle_window.as_secs_f64(),
+        "server_rss_mib_before_streams": rss_before_streams,
+        "server_rss_mib_with_streams": rss_with_streams,
+    }))
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|line| line.starts_with("model name"))?;
+            Some(line.split_once(':')?.1.trim().to_owned())
+        });
+    json!({ "cpus": cpus, "cpu": model, "build": if cfg!(debug_assertions) { "debug" } else { "release" } })
+}
+
+/// Each target of the performance issue next to its measured figure.
+fn targets(report: &Value) -> Value {
+    let figure = |path: &str| report.pointer(path).and_then(Value::as_f64);
+    let at_least = |measured: Option<f64>, goal: f64| json!({ "goal": format!(">= {goal}"), "measured": measured, "met": measured.map(|m| m >= goal) });
+    let at_most = |measured: Option<f64>, goal: f64| json!({ "goal": format!("<= {goal}"), "measured": measured, "met": measured.map(|m| m <= goal) });
+    json!({
+        "lifecycle_unary_vs_ceiling": at_least(figure("/ratio"), 0.7),
+        "claim_p99_ms": at_most(figure("/lifecycle_unary/claim_p99_ms"), 10.0),
+        "lifecycle_stream_vs_unary": at_least(figure("/lifecycle_stream/vs_unary"), 1.5),
+        "wakeup_p50_ms_one_replica": at_most(figure("/wakeup/one_replica/p50_ms"), 2.0),
+        "wakeup_p99_ms_one_replica": at_most(figure("/wakeup/one_replica/p99_ms"), 10.0),
+        "wakeup_p99_ms_two_replicas": at_most(figure("/wakeup/two_replicas/p99_ms"), 20.0),
+        "idle_transactions_per_claim": at_most(figure("/idle/transactions_per_idle_claim"), 0.01),
+        "server_rss_mib_with_idle_streams": at_most(figure("/idle/server_rss_mib_with_streams"), 300.0),
+        "enqueue_batch_tasks_per_second": at_least(figure("/enqueue/batch_tasks_per_second"), 10_000.0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_compare_each_figure_with_its_goal() {
+        let report = json!({ "ratio": 0.8, "lifecycle_unary": { "claim_p99_ms": 12.0 } });
+        let targets = targets(&report);
+        assert_eq!(targets["lifecycle_unary_vs_ceiling"]["met"], true);
+        assert_eq!(targets["claim_p99_ms"]["met"], false);
+        assert_eq!(targets["wakeup_p50_ms_one_replica"]["met"], Value::Null);
+    }
+}

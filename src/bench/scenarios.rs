@@ -1,0 +1,395 @@
+//! The scenarios of `leasehold bench`, each a client-side workload over real gRPC.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::try_join_all;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::client::Client;
+use crate::grpc::pb;
+use crate::grpc::pb::stream_claims_request::Msg as Outbound;
+use crate::grpc::pb::stream_claims_response::Msg as Inbound;
+
+/// Largest `EnqueueTasks` batch the bench sends (the server takes up to 1,000).
+const ENQUEUE_BATCH: usize = 500;
+
+pub(super) struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    pub(super) fn new(mut samples: Vec<Duration>) -> Latencies {
+        samples.sort();
+        Latencies(samples)
+    }
+
+    /// The `quantile` sample, in milliseconds.
+    pub(super) fn millis(&self, quantile: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let index = ((self.0.len() - 1) as f64 * quantile).round() as usize;
+        self.0[index].as_secs_f64() * 1000.0
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+pub(super) async fn register(client: &Client, name: String, queue: &str) -> anyhow::Result<String> {
+    let request = pb::RegisterRuntimeRequest {
+        name,
+        queues: vec![queue.to_owned()],
+        labels: Default::default(),
+        max_concurrency: 32,
+    };
+    let answer = client
+        .worker()
+        .register_runtime(request)
+        .await?
+        .into_inner();
+    Ok(answer.runtime.context("no runtime in the answer")?.id)
+}
+
+fn task(queue: &str) -> pb::EnqueueTaskRequest {
+    pb::EnqueueTaskRequest {
+        queue: queue.to_owned(),
+        payload: vec![7; 256],
+        ..Default::default()
+    }
+}
+
+/// `count` tasks with single `EnqueueTask` calls from `producers` concurrent producers.
+pub(super) async fn enqueue_singly(
+    client: &Client,
+    queue: &str,
+    count: usize,
+    producers: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let left = Arc::new(AtomicUsize::new(count));
+    try_join_all((0..producers).map(|_| {
+        let (mut tasks, left) = (client.tasks(), left.clone());
+        async move {
+            while take_one(&left) {
+                tasks.enqueue_task(task(queue)).await?;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `count` tasks with `EnqueueTasks` batches from `producers` concurrent producers.
+pub(super) async fn enqueue_in_batches(
+    client: &Client,
+    queue: &str,
+    count: usize,
+    producers: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let left = Arc::new(AtomicUsize::new(count));
+    try_join_all((0..producers).map(|_| {
+        let (mut tasks, left) = (client.tasks(), left.clone());
+        async move {
+            loop {
+                let size = take_up_to(&left, ENQUEUE_BATCH);
+                if size == 0 {
+                    return anyhow::Ok(());
+                }
+                let requests = (0..size).map(|_| task(queue)).collect();
+                let answer = tasks
+                    .enqueue_tasks(pb::EnqueueTasksRequest { requests })
+                    .await?;
+                let stored = answer
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|result| result.error.is_none())
+                    .count();
+                anyhow::ensure!(stored == size, "a batch item was rejected");
+            }
+        }
+    }))
+    .await?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+fn take_one(left: &AtomicUsize) -> bool {
+    take_up_to(left, 1) == 1
+}
+
+fn take_up_to(left: &AtomicUsize, most: usize) -> usize {
+    let mut taken = 0;
+    let _ = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+        taken = now.min(most);
+        Some(now - taken)
+    });
+    taken
+}
+
+pub(super) struct Throughput {
+    pub(super) tasks_per_second: f64,
+    pub(super) claim_latency: Latencies,
+}
+
+/// `workers` runtimes, each claim → start → complete with unary calls until the queue is empty.
+pub(super) async fn lifecycle_unary(
+    client: &Client,
+    queue: &str,
+    workers: usize,
+) -> anyhow::Result<Throughput> {
+    let mut runtimes = Vec::new();
+    for index in 0..workers {
+        runtimes.push(register(client, format!("unary-{index}"), queue).await?);
+    }
+    let started = Instant::now();
+    let done = AtomicUsize::new(0);
+    let latencies = try_join_all(runtimes.into_iter().map(|runtime_id| {
+        let done = &done;
+        async move {
+            let mut worker = client.worker();
+            let mut latencies = Vec::new();
+            loop {
+                let asked = Instant::now();
+                let request = pb::ClaimTaskRequest {
+                    runtime_id: runtime_id.clone(),
+                    max_tasks: Some(1),
+                    wait: None,
+                };
+                let claimed = worker.claim_task(request).await?.into_inner().tasks;
+                latencies.push(asked.elapsed());
+                let Some(claimed) = claimed.into_iter().next() else {
+                    return anyhow::Ok(latencies);
+                };
+                start_and_complete(client, claimed).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }))
+    .await?;
+    let elapsed = started.elapsed();
+    Ok(Throughput {
+        tasks_per_second: done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        claim_latency: Latencies::new(latencies.into_iter().flatten().collect()),
+    })
+}
+
+async fn start_and_complete(client: &Client, claimed: pb::ClaimedTask) -> anyhow::Result<()> {
+    let task_id = claimed.task.context("a claim without its task")?.id;
+    let mut worker = client.worker();
+    let start = pb::StartTaskRequest {
+        task_id: task_id.clone(),
+        claim_token: claimed.claim_token.clone(),
+    };
+    worker.start_task(start).await?;
+    let complete = pb::CompleteTaskRequest {
+        task_id,
+        claim_token: claimed.claim_token,
+        result: Vec::new(),
+    };
+    worker.complete_task(complete).await?;
+    Ok(())
+}
+
+/// A claim stream of one runtime: its outbound half and its inbound messages.
+struct Stream {
+    outbound: mpsc::Sender<pb::StreamClaimsRequest>,
+    inbound: tonic::Streaming<pb::StreamClaimsResponse>,
+}
+
+impl Stream {
+    async fn open(client: &Client, runtime_id: String, credits: u32) -> anyhow::Result<Stream> {
+        let (outbound, requests) = mpsc::channel(64);
+        let open = Outbound::Open(pb::OpenStream {
+            runtime_id,
+            credits,
+        });
+        outbound
+            .send(pb::StreamClaimsRequest { msg: Some(open) })
+            .await?;
+        let inbound = client
+            .worker()
+            .stream_claims(ReceiverStream::new(requests))
+            .await?
+            .into_inner();
+        Ok(Stream { outbound, inbound })
+    }
+
+    /// The next claim pushed; `None` when the stream ended.
+    async fn next_claim(&mut self) -> anyhow::Result<Option<pb::ClaimedTask>> {
+        while let Some(message) = self.inbound.message().await? {
+            if let Some(Inbound::Claimed(claimed)) = message.msg {
+                return Ok(Some(claimed));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn credit(n: u32) -> pb::StreamClaimsRequest {
+    pb::StreamClaimsRequest {
+        msg: Some(Outbound::Credit(pb::GrantCredit { n })),
+    }
+}
+
+/// `workers` runtimes, each with a claim stream of `credits`; every pushed claim is started and
+/// completed concurrently, and its credit granted back, until `total` tasks are done.
+pub(super) async fn lifecycle_stream(
+    client: &Client,
+    queue: &str,
+    workers: usize,
+    credits: u32,
+    total: usize,
+) -> anyhow::Result<f64> {
+    let mut streams = Vec::new();
+    for index in 0..workers {
+        let runtime_id = register(client, format!("stream-{index}"), queue).await?;
+        streams.push((runtime_id, index));
+    }
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let mut sessions = Vec::new();
+    for (runtime_id, _) in streams {
+        let mut stream = Stream::open(client, runtime_id, credits).await?;
+        let (client, done, finished) = (client.clone(), done.clone(), finished.clone());
+        sessions.push(tokio::spawn(async move {
+            let mut in_flight = tokio::task::JoinSet::new();
+            loop {
+                let claimed = tokio::select! {
+                    () = finished.notified() => break,
+                    claimed = stream.next_claim() => claimed?,
+                };
+                let Some(claimed) = claimed else { break };
+                let (client, done, finished) = (client.clone(), done.clone(), finished.clone());
+                let outbound = stream.outbound.clone();
+                in_flight.spawn(async move {
+                    start_and_complete(&client, claimed).await?;
+                    if done.fetch_add(1, Ordering::SeqCst) + 1 >= total {
+                        finished.notify_waiters();
+                    }
+                    let _ = outbound.send(credit(1)).await;
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(result) = in_flight.join_next().await {
+                result??;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    while done.load(Ordering::SeqCst) < total {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    finished.notify_waiters();
+    for session in sessions {
+        session.await??;
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// Idle streams wait on `stream_side`; tasks are enqueued one at a time on `enqueue_side`.
+/// Each sample is the time from the enqueue call to the `claimed` push.
+pub(super) async fn wakeup(
+    enqueue_side: &Client,
+    stream_side: &Client,
+    queue: &str,
+    streams: usize,
+    samples: usize,
+) -> anyhow::Result<Latencies> {
+    let (claims, mut pushed) = mpsc::channel::<Instant>(16);
+    let mut sessions = Vec::new();
+    for index in 0..streams {
+        let runtime_id = register(stream_side, format!("wake-{queue}-{index}"), queue).await?;
+        let mut stream = Stream::open(stream_side, runtime_id, 1).await?;
+        let (client, claims) = (stream_side.clone(), claims.clone());
+        sessions.push(tokio::spawn(async move {
+            while let Some(claimed) = stream.next_claim().await? {
+                if claims.send(Instant::now()).await.is_err() {
+                    break;
+                }
+                start_and_complete(&client, claimed).await?;
+                stream.outbound.send(credit(1)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Let every stream reach its idle wait before the first sample.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut latencies = Vec::with_capacity(samples);
+    let mut tasks = enqueue_side.tasks();
+    for _ in 0..samples {
+        let sent = Instant::now();
+        tasks.enqueue_task(task(queue)).await?;
+        let claimed = tokio::time::timeout(Duration::from_secs(30), pushed.recv())
+            .await
+            .context("no stream was woken within 30 s")?
+            .context("the streams ended")?;
+        latencies.push(claimed.duration_since(sent));
+        // The stream that got it completes and re-grants its credit before the next sample.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for session in sessions {
+        session.abort();
+    }
+    Ok(Latencies::new(latencies))
+}
+
+/// `runtimes` runtimes each claiming (unary, nothing claimable) once a second for `window`, at
+/// least once each. Returns how many claims were made.
+pub(super) async fn idle_unary_claims(
+    client: &Client,
+    queue: &str,
+    runtimes: &[String],
+    window: Duration,
+) -> anyhow::Result<usize> {
+    let claims = AtomicUsize::new(0);
+    let until = Instant::now() + window;
+    let spread = window.min(Duration::from_secs(1)).as_millis().max(1) as u64;
+    try_join_all(runtimes.iter().enumerate().map(|(index, runtime_id)| {
+        let claims = &claims;
+        async move {
+            let mut worker = client.worker();
+            // Spread the runtimes over the second, as independent daemons would be.
+            tokio::time::sleep(Duration::from_millis(index as u64 % spread)).await;
+            loop {
+                let request = pb::ClaimTaskRequest {
+                    runtime_id: runtime_id.clone(),
+                    max_tasks: Some(1),
+                    wait: None,
+                };
+                let claimed = worker.claim_task(request).await?.into_inner().tasks;
+                anyhow::ensure!(claimed.is_empty(), "the idle queue {queue} had work");
+                claims.fetch_add(1, Ordering::Relaxed);
+                if Instant::now() + Duration::from_secs(1) >= until {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }))
+    .await?;
+    Ok(claims.load(Ordering::Relaxed))
+}
+
+/// Opens one idle stream per runtime and keeps them open until the returned handles drop.
+pub(super) async fn open_idle_streams(
+    client: &Client,
+    runtimes: &[String],
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut held = Vec::new();
+    for runtime_id in runtimes {
+        let mut stream = Stream::open(client, runtime_id.clone(), 1).await?;
+        held.push(tokio::spawn(async move {
+            let _ = stream.next_claim().await;
+            drop(stream.outbound);
+        }));
+    }
+    Ok(held)
+}
