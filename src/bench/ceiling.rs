@@ -36,15 +36,21 @@ fn pgbench() -> Option<PathBuf> {
     })
 }
 
+pub(super) struct Ceiling {
+    pub(super) tasks_per_second: f64,
+    /// pgbench's average time of one task's three statements, in milliseconds.
+    pub(super) latency_average_ms: Option<f64>,
+}
+
 /// Enqueues `tasks` tasks into `queue` through the service, registers one runtime per pgbench
-/// client, then lets pgbench claim, start and complete them. Returns tasks per second.
+/// client, then lets pgbench claim, start and complete them.
 pub(super) async fn measure(
     client: &Client,
     database_url: &str,
     queue: &str,
     workers: usize,
     tasks: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Ceiling> {
     let pgbench =
         pgbench().context("pgbench not found (Debian: postgresql-contrib / postgresql-client)")?;
     for index in 0..workers {
@@ -71,7 +77,22 @@ pub(super) async fn measure(
         printed,
         String::from_utf8_lossy(&output.stderr)
     );
-    tasks_per_second(&printed).context("pgbench printed no tps")
+    Ok(Ceiling {
+        tasks_per_second: tasks_per_second(&printed).context("pgbench printed no tps")?,
+        latency_average_ms: latency_average(&printed),
+    })
+}
+
+/// The `latency average = N ms` line of pgbench's report.
+fn latency_average(report: &str) -> Option<f64> {
+    let line = report
+        .lines()
+        .find(|line| line.starts_with("latency average = "))?;
+    line.trim_start_matches("latency average = ")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The `tps = N (without initial connection time)` line of pgbench's report.
@@ -97,6 +118,7 @@ mod tests {
                       initial connection time = 12.3 ms\n\
                       tps = 1754.321 (without initial connection time)\n";
         assert_eq!(tasks_per_second(report), Some(1754.321));
+        assert_eq!(latency_average(report), Some(9.1));
         assert_eq!(tasks_per_second("nothing"), None);
     }
 }

@@ -3,6 +3,7 @@
 //! object with every figure and each target beside it. See docs/PERFORMANCE.md.
 
 mod ceiling;
+mod cpu;
 mod scenarios;
 mod servers;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::{Value, json};
 
+use cpu::CpuTimes;
 use scenarios::Latencies;
 use servers::{ScratchDatabase, ServerProcess};
 
@@ -82,12 +84,21 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
         scenarios::enqueue_singly(&client, "bench-single", tasks.min(2000), args.producers).await?;
     let batched =
         scenarios::enqueue_in_batches(&client, "bench-unary", tasks, args.producers).await?;
+    ServerProcess::vacuum(&database.url).await?;
+    let cpu_before = CpuTimes::now(server.pid());
     let unary = scenarios::lifecycle_unary(&client, "bench-unary", workers).await?;
+    let unary_cpu = CpuTimes::now(server.pid()).since(&cpu_before);
+
+    ServerProcess::vacuum(&database.url).await?;
     let ceiling = ceiling::measure(&client, &database.url, "bench-ceiling", workers, tasks).await;
+
     scenarios::enqueue_in_batches(&client, "bench-stream", tasks, args.producers).await?;
+    ServerProcess::vacuum(&database.url).await?;
+    let cpu_before = CpuTimes::now(server.pid());
     let streamed =
         scenarios::lifecycle_stream(&client, "bench-stream", workers, args.stream_credits, tasks)
             .await?;
+    let stream_cpu = CpuTimes::now(server.pid()).since(&cpu_before);
 
     let one_replica =
         scenarios::wakeup(&client, &client, "wake-one", 4, args.wakeup_samples).await?;
@@ -109,15 +120,17 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
     let idle = idle(args, database, &server, &client).await?;
 
     let ceiling_figure = match &ceiling {
-        Ok(rate) => {
-            json!({ "tasks_per_second": rate, "method": "pgbench, same SQL and concurrency" })
-        }
+        Ok(ceiling) => json!({
+            "tasks_per_second": ceiling.tasks_per_second,
+            "latency_average_ms": ceiling.latency_average_ms,
+            "method": "pgbench: the service's claim, start and complete SQL at the same concurrency",
+        }),
         Err(error) => json!({ "tasks_per_second": null, "error": error.to_string() }),
     };
     let ratio = ceiling
         .as_ref()
         .ok()
-        .map(|ceiling| unary.tasks_per_second / ceiling);
+        .map(|ceiling| unary.tasks_per_second / ceiling.tasks_per_second);
     let report = json!({
         "machine": machine(),
         "sizes": {
@@ -132,12 +145,14 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             "claim_p50_ms": unary.claim_latency.millis(0.50),
             "claim_p99_ms": unary.claim_latency.millis(0.99),
             "claims": unary.claim_latency.len(),
+            "cpu": unary_cpu,
         },
         "ceiling": ceiling_figure,
         "ratio": ratio,
         "lifecycle_stream": {
             "tasks_per_second": streamed,
             "vs_unary": streamed / unary.tasks_per_second,
+            "cpu": stream_cpu,
         },
         "wakeup": {
             "one_replica": latency_figures(&one_replica),
@@ -168,23 +183,26 @@ async fn idle(
     server: &ServerProcess,
     client: &crate::client::Client,
 ) -> anyhow::Result<Value> {
+    // Seconds the statistics counters must stand still to count as settled (see
+    // `settled_transactions`); a smoke run does not care about exact counts.
+    let quiet = if args.smoke { 1 } else { 11 };
     let mut runtimes = Vec::with_capacity(args.idle_runtimes);
     for index in 0..args.idle_runtimes {
         runtimes.push(scenarios::register(client, format!("idle-{index}"), "bench-idle").await?);
     }
     // One claim each first: the verdicts the cache keeps come from these.
     scenarios::idle_unary_claims(client, "bench-idle", &runtimes, Duration::ZERO).await?;
-    let before = database.settled_transactions().await?;
+    let before = database.settled_transactions(quiet).await?;
     let claims =
         scenarios::idle_unary_claims(client, "bench-idle", &runtimes, args.idle_window).await?;
-    let after = database.settled_transactions().await?;
+    let after = database.settled_transactions(quiet).await?;
     let rss_before_streams = server.rss_mib();
 
     let streams = scenarios::open_idle_streams(client, &runtimes).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let streams_before = database.settled_transactions().await?;
+    let streams_before = database.settled_transactions(quiet).await?;
     tokio::time::sleep(args.idle_window).await;
-    let streams_after = database.settled_transactions().await?;
+    let streams_after = database.settled_transactions(quiet).await?;
     let rss_with_streams = server.rss_mib();
     for stream in streams {
         stream.abort();

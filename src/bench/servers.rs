@@ -56,19 +56,20 @@ impl ScratchDatabase {
     }
 
     /// Transactions committed and rolled back in this database so far, once the counters have
-    /// settled: backends report them to the statistics system in batches, up to ~10 s late
-    /// when idle, so this waits until two reads a second apart agree.
-    pub(super) async fn settled_transactions(&self) -> anyhow::Result<i64> {
+    /// settled: an idle backend reports its counts to the statistics system up to 10 s late
+    /// (PostgreSQL 15), so this waits until they stood still for `quiet` seconds.
+    pub(super) async fn settled_transactions(&self, quiet: u32) -> anyhow::Result<i64> {
         let mut connection = PgConnection::connect(&self.admin_url).await?;
-        let mut last = -1;
-        for _ in 0..30 {
+        let (mut last, mut still) = (-1, 0);
+        for _ in 0..60 {
             let count: i64 = sqlx::query_scalar(
                 "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
             )
             .bind(&self.name)
             .fetch_one(&mut connection)
             .await?;
-            if count == last {
+            still = if count == last { still + 1 } else { 0 };
+            if still >= quiet {
                 return Ok(count);
             }
             last = count;
@@ -143,6 +144,20 @@ impl ServerProcess {
 
     pub(super) fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(self.url.clone())?)
+    }
+
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Reclaims what earlier scenarios left behind (dead row versions), so each throughput
+    /// scenario starts from the state autovacuum keeps a live system in.
+    pub(super) async fn vacuum(database_url: &str) -> anyhow::Result<()> {
+        let mut connection = PgConnection::connect(database_url).await?;
+        sqlx::query("VACUUM ANALYZE")
+            .execute(&mut connection)
+            .await?;
+        Ok(())
     }
 
     /// Resident memory of the server process, in MiB.

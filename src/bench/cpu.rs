@@ -1,0 +1,72 @@
+//! Where the CPU time of a scenario goes: the server process, PostgreSQL's processes and the
+//! bench client itself, from /proc (Linux). The machine has few cores, so whoever burns them
+//! sets the pace; this is the cheap profile every run carries.
+
+use serde_json::{Value, json};
+
+/// Clock ticks per second of /proc/*/stat times (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CpuTimes {
+    server: f64,
+    postgres: f64,
+    client: f64,
+}
+
+impl CpuTimes {
+    pub(super) fn now(server_pid: Option<u32>) -> CpuTimes {
+        CpuTimes {
+            server: server_pid.and_then(process_seconds).unwrap_or(0.0),
+            postgres: postgres_seconds(),
+            client: process_seconds(std::process::id()).unwrap_or(0.0),
+        }
+    }
+
+    /// CPU seconds spent by each side since `earlier`.
+    pub(super) fn since(&self, earlier: &CpuTimes) -> Value {
+        json!({
+            "server_s": self.server - earlier.server,
+            "postgres_s": self.postgres - earlier.postgres,
+            "bench_client_s": self.client - earlier.client,
+        })
+    }
+}
+
+/// User + system CPU seconds of one process (fields 14 and 15 of /proc/PID/stat).
+fn process_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are space-separated.
+    let after_name = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    Some((user + system) / TICKS_PER_SECOND)
+}
+
+/// CPU seconds of every process named `postgres` still alive (backends that exited since are
+/// missed, which undercounts short connections; the servers keep pooled ones).
+fn postgres_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == "postgres")
+        })
+        .filter_map(process_seconds)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        let spent = process_seconds(std::process::id());
+        assert!(spent.is_some_and(|seconds| seconds >= 0.0));
+    }
+}
