@@ -19,6 +19,8 @@ const PROTO_FILES: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    // sqlx::migrate! embeds migrations/ at compile time; a new file must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile(PROTO_FILES, [PROTO_ROOT])?;
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

@@ -107,8 +107,10 @@ impl ServerProcess {
             .args(extra)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(format!(
+                "/tmp/bench-server-{port}.log"
+            ))?)
             .kill_on_drop(true);
         if let Some(url) = database_url {
             command.args(["--database-url", url]);

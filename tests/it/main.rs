@@ -21,6 +21,7 @@ mod lifecycle;
 mod listing;
 mod liveness;
 mod metrics;
+mod plans;
 mod process;
 mod python;
 mod races;
