@@ -54,6 +54,33 @@ pub(super) async fn register(client: &Client, name: String, queue: &str) -> anyh
     Ok(answer.runtime.context("no runtime in the answer")?.id)
 }
 
+/// Heartbeats `runtimes` every 10 s, as their daemons would (a runtime that only claims goes
+/// OFFLINE after `--offline-after`, and the sweeper then fails what it holds). Stops when the
+/// returned guard drops.
+pub(super) fn keep_alive(client: &Client, runtimes: Vec<String>) -> HeartbeatGuard {
+    let client = client.clone();
+    HeartbeatGuard(tokio::spawn(async move {
+        let mut worker = client.worker();
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            for runtime_id in &runtimes {
+                let request = pb::HeartbeatRequest {
+                    runtime_id: runtime_id.clone(),
+                };
+                let _ = worker.heartbeat(request).await;
+            }
+        }
+    }))
+}
+
+pub(super) struct HeartbeatGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for HeartbeatGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn task(queue: &str) -> pb::EnqueueTaskRequest {
     pb::EnqueueTaskRequest {
         queue: queue.to_owned(),
@@ -147,6 +174,7 @@ pub(super) async fn lifecycle_unary(
     for index in 0..workers {
         runtimes.push(register(client, format!("unary-{index}"), queue).await?);
     }
+    let _alive = keep_alive(client, runtimes.clone());
     let started = Instant::now();
     let done = AtomicUsize::new(0);
     let latencies = try_join_all(runtimes.into_iter().map(|runtime_id| {
@@ -251,6 +279,7 @@ pub(super) async fn lifecycle_stream(
         let runtime_id = register(client, format!("stream-{index}"), queue).await?;
         streams.push((runtime_id, index));
     }
+    let _alive = keep_alive(client, streams.iter().map(|(id, _)| id.clone()).collect());
     let started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(tokio::sync::Notify::new());

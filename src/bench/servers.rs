@@ -107,10 +107,8 @@ impl ServerProcess {
             .args(extra)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
-            .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(format!(
-                "/tmp/bench-server-{port}.log"
-            ))?)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
             .kill_on_drop(true);
         if let Some(url) = database_url {
             command.args(["--database-url", url]);
