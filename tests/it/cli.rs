@@ -296,13 +296,7 @@ async fn the_worker_daemon_runs_a_command_per_task(pool: PgPoolOptions, connect:
         status_of(task) == pb::TaskStatus::Running
     })
     .await;
-    let mut tasks = server.tasks.clone();
-    tasks
-        .cancel_task(pb::CancelTaskRequest {
-            task_id: slow.clone(),
-        })
-        .await
-        .unwrap();
+    server.cancel(&slow).await;
     for _ in 0..250 {
         if marker.exists() {
             break;

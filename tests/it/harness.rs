@@ -309,6 +309,19 @@ impl TestServer {
         Ok(response.into_inner())
     }
 
+    pub async fn cancel(&self, task_id: &str) -> pb::Task {
+        let request = pb::CancelTaskRequest {
+            task_id: task_id.into(),
+        };
+        let response = self
+            .tasks
+            .clone()
+            .cancel_task(request)
+            .await
+            .expect("cancel");
+        response.into_inner().task.unwrap()
+    }
+
     pub async fn get_task(&self, task_id: &str) -> pb::Task {
         self.tasks
             .clone()

@@ -272,6 +272,13 @@ fn until_cancelled(seen: Arc<AtomicUsize>) -> TestHandler {
     })
 }
 
+async fn wait_for_cancellation(seen: &AtomicUsize) {
+    wait_until("the handler saw the cancellation", || {
+        seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 async fn runtime_status(server: &TestServer) -> pb::RuntimeStatus {
     let runtimes = server.runtimes(None).await;
     let runtime = runtimes
@@ -358,18 +365,8 @@ async fn a_cancellation_reaches_the_running_handler(server: TestServer, mode: Cl
     );
     let task = enqueue_payload(&server, "long").await;
     wait_for_status(&server, &task.id, pb::TaskStatus::Running).await;
-    server
-        .tasks
-        .clone()
-        .cancel_task(pb::CancelTaskRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap();
-    wait_until("the handler saw the cancellation", || {
-        seen.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    server.cancel(&task.id).await;
+    wait_for_cancellation(&seen).await;
     worker.stop().await;
     assert_eq!(
         faults.calls("FailTask"),
@@ -766,16 +763,7 @@ async fn cancellations_arrive_after_a_reconnect_even_when_every_slot_is_busy(
     // The claim stream breaks while the only slot is busy; the worker must reopen it anyway.
     let server = server.restart().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut tasks = server.tasks.clone();
-    tasks
-        .cancel_task(pb::CancelTaskRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap();
-    wait_until("the handler saw the cancellation", || {
-        seen.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    server.cancel(&task.id).await;
+    wait_for_cancellation(&seen).await;
     worker.stop().await;
 }
