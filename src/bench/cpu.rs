@@ -1,5 +1,5 @@
-//! Where the CPU time of a scenario goes: the server process, PostgreSQL's processes and the
-//! bench client itself, from /proc (Linux). The machine has few cores, so whoever burns them
+//! Where the CPU time of a scenario goes: the server process, PostgreSQL's processes, Redis
+//! and the bench client itself, from /proc (Linux). The machine has few cores, so whoever burns them
 //! sets the pace; this is the cheap profile every run carries.
 
 use serde_json::{Value, json};
@@ -11,6 +11,7 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub(super) struct CpuTimes {
     server: f64,
     postgres: f64,
+    redis: f64,
     client: f64,
 }
 
@@ -18,7 +19,8 @@ impl CpuTimes {
     pub(super) fn now(server_pid: Option<u32>) -> CpuTimes {
         CpuTimes {
             server: server_pid.and_then(process_seconds).unwrap_or(0.0),
-            postgres: postgres_seconds(),
+            postgres: seconds_of_processes_named("postgres"),
+            redis: seconds_of_processes_named("redis-server"),
             client: process_seconds(std::process::id()).unwrap_or(0.0),
         }
     }
@@ -28,6 +30,7 @@ impl CpuTimes {
         json!({
             "server_s": self.server - earlier.server,
             "postgres_s": self.postgres - earlier.postgres,
+            "redis_s": self.redis - earlier.redis,
             "bench_client_s": self.client - earlier.client,
         })
     }
@@ -44,9 +47,9 @@ fn process_seconds(pid: u32) -> Option<f64> {
     Some((user + system) / TICKS_PER_SECOND)
 }
 
-/// CPU seconds of every process named `postgres` still alive (backends that exited since are
+/// CPU seconds of every live process called `name` (PostgreSQL backends that exited since are
 /// missed, which undercounts short connections; the servers keep pooled ones).
-fn postgres_seconds() -> f64 {
+fn seconds_of_processes_named(name: &str) -> f64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
@@ -54,7 +57,7 @@ fn postgres_seconds() -> f64 {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|name| name.trim() == "postgres")
+                .is_ok_and(|command| command.trim() == name)
         })
         .filter_map(process_seconds)
         .sum()
