@@ -13,6 +13,7 @@ mod harness;
 
 mod bench;
 mod cli;
+mod coalesce;
 mod deploy;
 mod differential;
 mod errors;

@@ -21,11 +21,13 @@ use crate::store::{
     StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
+mod coalesce;
 mod errors;
 mod rows;
 mod sql;
 mod sweep;
 
+use coalesce::{Coalescer, Shared};
 use errors::{Context, classify, plain};
 use rows::{FenceSnapshot, HorizonRow, MoveRow, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
 use sweep::StageArgument;
@@ -52,6 +54,8 @@ const FENCED_WRITE_ATTEMPTS: usize = 3;
 pub struct PgStore {
     pool: PgPool,
     policy: StorePolicy,
+    starts: Coalescer<coalesce::Start>,
+    completes: Coalescer<coalesce::Complete>,
 }
 
 /// The owner writes that run as one guarded statement.
@@ -88,7 +92,12 @@ enum Fenced {
 
 impl PgStore {
     pub fn new(pool: PgPool, policy: StorePolicy) -> Self {
-        Self { pool, policy }
+        Self {
+            starts: Coalescer::new(pool.clone()),
+            completes: Coalescer::new(pool.clone()),
+            pool,
+            policy,
+        }
     }
 
     /// Applies pending migrations. The migrator takes an advisory lock, so replicas may start
@@ -108,8 +117,13 @@ impl PgStore {
         task_id: TaskId,
         token: ClaimToken,
     ) -> Result<Fenced> {
-        for _ in 0..FENCED_WRITE_ATTEMPTS {
-            if let Some(applied) = self.try_guarded(&write, task_id, token).await? {
+        for attempt in 0..FENCED_WRITE_ATTEMPTS {
+            let applied = if attempt == 0 {
+                self.try_shared(&write, task_id, token).await?
+            } else {
+                self.try_guarded(&write, task_id, token).await?
+            };
+            if let Some(applied) = applied {
                 return Ok(Fenced::Applied(applied));
             }
             let (task, now) = self.fence_snapshot(task_id).await?;
@@ -122,6 +136,42 @@ impl PgStore {
         Err(Error::Internal(
             "a fenced write kept racing with concurrent changes".into(),
         ))
+    }
+
+    /// The guarded statement, shared with concurrent writes of its kind where it can be (see
+    /// [`coalesce`]); `None` when its guard matched no row.
+    async fn try_shared(
+        &self,
+        write: &GuardedWrite<'_>,
+        task_id: TaskId,
+        token: ClaimToken,
+    ) -> Result<Option<Applied>> {
+        let (task_id_uuid, token_uuid) = (task_id.as_uuid(), token.as_uuid());
+        let shared = match write {
+            GuardedWrite::Start => {
+                self.starts
+                    .write(coalesce::Start {
+                        task_id: task_id_uuid,
+                        token: token_uuid,
+                    })
+                    .await
+            }
+            GuardedWrite::Complete(result) => {
+                self.completes
+                    .write(coalesce::Complete {
+                        task_id: task_id_uuid,
+                        token: token_uuid,
+                        result: result.to_vec(),
+                    })
+                    .await
+            }
+            GuardedWrite::ExtendLease(_) | GuardedWrite::Fail(_) => Shared::RunAlone,
+        };
+        match shared {
+            Shared::Applied(row) => Ok(Some(Applied::Task(Box::new(Task::try_from(*row)?)))),
+            Shared::NotApplied => Ok(None),
+            Shared::RunAlone => self.try_guarded(write, task_id, token).await,
+        }
     }
 
     /// One guarded statement; `None` when its guard matched no row.

@@ -44,6 +44,12 @@ pub(super) struct TaskRow {
     failure_reason: Option<String>,
 }
 
+impl TaskRow {
+    pub(super) fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
 /// A task row read together with the database clock, for judging its lease.
 #[derive(sqlx::FromRow)]
 pub(super) struct FenceSnapshot {

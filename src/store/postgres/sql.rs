@@ -30,6 +30,14 @@ WHERE id = $1 AND claim_token = $2
   AND status = 'DISPATCHED' AND lease_expires_at >= now()
 RETURNING *";
 
+/// START for many tasks at once (see `coalesce`): $1 ids, $2 tokens, the same guard per row.
+pub(super) const START_MANY: &str = "
+UPDATE tasks t SET status = 'RUNNING', started_at = now()
+FROM unnest($1::uuid[], $2::uuid[]) AS w(id, token)
+WHERE t.id = w.id AND t.claim_token = w.token
+  AND t.status = 'DISPATCHED' AND t.lease_expires_at >= now()
+RETURNING t.*";
+
 pub(super) const EXTEND_LEASE: &str = "
 UPDATE tasks SET lease_expires_at = GREATEST(lease_expires_at, now() + $3)
 WHERE id = $1 AND claim_token = $2
@@ -40,6 +48,14 @@ pub(super) const COMPLETE: &str = "
 UPDATE tasks SET status = 'COMPLETED', result = $3, finished_at = now(), lease_expires_at = NULL
 WHERE id = $1 AND claim_token = $2 AND status = 'RUNNING'
 RETURNING *";
+
+/// COMPLETE for many tasks at once (see `coalesce`): $1 ids, $2 tokens, $3 results.
+pub(super) const COMPLETE_MANY: &str = "
+UPDATE tasks t SET status = 'COMPLETED', result = w.result, finished_at = now(),
+                   lease_expires_at = NULL
+FROM unnest($1::uuid[], $2::uuid[], $3::bytea[]) AS w(id, token, result)
+WHERE t.id = w.id AND t.claim_token = w.token AND t.status = 'RUNNING'
+RETURNING t.*";
 
 /// $3 error, $4 retryable, $5 backoff base (ms), $6 backoff max (ms), $7 jitter in [0, 1).
 /// The retry delay is `min(max, base * 2^(attempt-1)) * jitter`, as `RetryBackoff::delay`.

@@ -1,0 +1,187 @@
+//! Group commit for the two owner writes every task makes: `StartTask` and `CompleteTask`.
+//!
+//! Each kind has one writer loop. A write that arrives while the loop is idle goes out at
+//! once, alone; writes that arrive while a statement of their kind is in flight wait for it
+//! and then share the next one, `UPDATE … FROM unnest(ids, tokens[, results])`, whose guard
+//! is the single-row statement's, judged per row. So a quiet server pays one channel hop per
+//! write, and a busy one pays one statement (one plan, one commit, one WAL flush) for as many
+//! writes as arrived during the previous statement, which is what moves the bottleneck off
+//! PostgreSQL's CPU.
+//!
+//! The loop only ever runs a guarded statement: a row its guard did not match is answered
+//! "not applied", and the caller judges it with the fence as it does for its own statement.
+//! When the shared statement fails (a deadlock with the sweeper, a lost connection) or the
+//! loop is gone, every caller is told to run its own statement instead, so the loop can make
+//! a write slower but never changes what it does.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::rows::TaskRow;
+
+/// Most writes in one statement; more wait for the next one.
+const MAX_BATCH: usize = 256;
+
+/// What a coalesced write came back with.
+pub(super) enum Shared {
+    /// The guard matched: the row as written.
+    Applied(Box<TaskRow>),
+    /// The guard did not match this row (or the same task was asked twice in one batch).
+    NotApplied,
+    /// The shared statement did not run; the caller runs its own.
+    RunAlone,
+}
+
+/// One kind of write that can share a statement.
+pub(super) trait SharedWrite: Send + 'static {
+    fn task_id(&self) -> Uuid;
+    /// Runs the writes as one statement, answering the rows whose guard matched.
+    fn run(
+        pool: &PgPool,
+        writes: &[Self],
+    ) -> impl Future<Output = sqlx::Result<Vec<TaskRow>>> + Send
+    where
+        Self: Sized;
+}
+
+pub(super) struct Start {
+    pub(super) task_id: Uuid,
+    pub(super) token: Uuid,
+}
+
+pub(super) struct Complete {
+    pub(super) task_id: Uuid,
+    pub(super) token: Uuid,
+    pub(super) result: Vec<u8>,
+}
+
+impl SharedWrite for Start {
+    fn task_id(&self) -> Uuid {
+        self.task_id
+    }
+
+    async fn run(pool: &PgPool, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = writes
+            .iter()
+            .map(|write| (write.task_id, write.token))
+            .unzip();
+        sqlx::query_as(super::sql::START_MANY)
+            .bind(ids)
+            .bind(tokens)
+            .fetch_all(pool)
+            .await
+    }
+}
+
+impl SharedWrite for Complete {
+    fn task_id(&self) -> Uuid {
+        self.task_id
+    }
+
+    async fn run(pool: &PgPool, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
+        let ids: Vec<Uuid> = writes.iter().map(|write| write.task_id).collect();
+        let tokens: Vec<Uuid> = writes.iter().map(|write| write.token).collect();
+        let results: Vec<&[u8]> = writes.iter().map(|write| &write.result[..]).collect();
+        sqlx::query_as(super::sql::COMPLETE_MANY)
+            .bind(ids)
+            .bind(tokens)
+            .bind(results)
+            .fetch_all(pool)
+            .await
+    }
+}
+
+struct Pending<W> {
+    write: W,
+    reply: oneshot::Sender<Shared>,
+}
+
+/// The writer loop of one kind, started by the first write (so it runs on the caller's
+/// runtime) and ended when the store is dropped.
+pub(super) struct Coalescer<W> {
+    pool: PgPool,
+    sender: OnceLock<mpsc::UnboundedSender<Pending<W>>>,
+}
+
+impl<W: SharedWrite> Coalescer<W> {
+    pub(super) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            sender: OnceLock::new(),
+        }
+    }
+
+    /// Runs `write` in the next shared statement of its kind.
+    pub(super) async fn write(&self, write: W) -> Shared {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            tokio::spawn(write_loop(self.pool.clone(), receiver));
+            sender
+        });
+        if sender.send(Pending { write, reply }).is_err() {
+            // The loop's runtime shut down (a store shared across test runtimes).
+            return Shared::RunAlone;
+        }
+        answer.await.unwrap_or(Shared::RunAlone)
+    }
+}
+
+async fn write_loop<W: SharedWrite>(
+    pool: PgPool,
+    mut receiver: mpsc::UnboundedReceiver<Pending<W>>,
+) {
+    let mut batch = Vec::new();
+    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        write_batch(&pool, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// One statement for the batch; every writer gets its answer.
+async fn write_batch<W: SharedWrite>(pool: &PgPool, batch: Vec<Pending<W>>) {
+    metrics::histogram!("leasehold_coalesced_writes").record(batch.len() as f64);
+    // A task asked twice (a retried start racing its first try) sits out this statement: the
+    // fence judges it after the first one landed.
+    let mut seen = HashSet::new();
+    let (mut shared, repeated): (Vec<Pending<W>>, Vec<Pending<W>>) = batch
+        .into_iter()
+        .partition(|pending| seen.insert(pending.write.task_id()));
+    // Rows are locked in one fixed order (by id), which keeps a shared statement from
+    // deadlocking with another one.
+    shared.sort_by_key(|pending| pending.write.task_id());
+    for pending in repeated {
+        let _ = pending.reply.send(Shared::NotApplied);
+    }
+    let writes: Vec<W>;
+    let replies: Vec<(Uuid, oneshot::Sender<Shared>)>;
+    (writes, replies) = shared
+        .into_iter()
+        .map(|pending| {
+            let id = pending.write.task_id();
+            (pending.write, (id, pending.reply))
+        })
+        .unzip();
+    match W::run(pool, &writes).await {
+        Ok(rows) => {
+            let mut applied: HashMap<Uuid, TaskRow> =
+                rows.into_iter().map(|row| (row.id(), row)).collect();
+            for (id, reply) in replies {
+                let answer = match applied.remove(&id) {
+                    Some(row) => Shared::Applied(Box::new(row)),
+                    None => Shared::NotApplied,
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, writes = writes.len(), "a shared write failed; each runs alone");
+            for (_, reply) in replies {
+                let _ = reply.send(Shared::RunAlone);
+            }
+        }
+    }
+}
