@@ -194,14 +194,18 @@ impl Coordinator {
         runtime_id: RuntimeId,
         max_tasks: Option<u32>,
         budget: Option<Duration>,
+        cache: CacheUse,
     ) -> Result<Vec<ClaimedTask>> {
         let max_tasks = max_tasks.unwrap_or(1).min(MAX_CLAIM_BATCH);
-        let snapshot = if max_tasks > 0 {
-            self.claim_cache.snapshot(runtime_id).await
-        } else {
-            None
+        let read_cache = async {
+            if max_tasks > 0 && cache == CacheUse::Read {
+                self.claim_cache.snapshot(runtime_id).await
+            } else {
+                None
+            }
         };
-        self.note_claim_as_sign_of_life(runtime_id).await;
+        // Both are Redis round trips on the same multiplexed connection.
+        let (snapshot, ()) = tokio::join!(read_cache, self.note_claim_as_sign_of_life(runtime_id));
         if snapshot
             .as_ref()
             .is_some_and(|snapshot| snapshot.says_empty())
@@ -218,12 +222,20 @@ impl Coordinator {
             .await?;
         count_preflight(&outcome.preflight);
         metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
-        let mut touched = topics_of(&outcome.preflight);
+        self.announce_topics(topics_of(&outcome.preflight), &[])
+            .await;
         if !outcome.claimed.is_empty() {
-            touched.insert(Topic::Runtime(runtime_id));
+            // The runtime's horizon changed (a new lease of its own): any verdict read before
+            // this claim must not be trusted. Nobody needs waking for it.
+            self.claim_cache.invalidate(runtime_id).await;
         }
-        self.announce_topics(touched, &[]).await;
-        if outcome.claimed.is_empty() && max_tasks > 0 && self.claim_cache.is_active() {
+        // A verdict needs the versions read before the claim, which a bypassing claim did not
+        // read. (A first claim reads none either: its horizon teaches the cache the queues.)
+        if outcome.claimed.is_empty()
+            && max_tasks > 0
+            && cache == CacheUse::Read
+            && self.claim_cache.is_active()
+        {
             let horizon = self.store.claim_horizon(runtime_id).await?;
             self.claim_cache
                 .remember_empty(runtime_id, snapshot, &horizon)
@@ -247,23 +259,28 @@ impl Coordinator {
         });
         let wait = wait.min(MAX_CLAIM_WAIT);
         if wait.is_zero() || max_tasks == Some(0) {
-            return self.claim(runtime_id, max_tasks, budget).await;
+            return self
+                .claim(runtime_id, max_tasks, budget, CacheUse::Read)
+                .await;
         }
         let started = tokio::time::Instant::now();
         let until = started + wait;
         // Subscribed before the first claim, so a change committed after it wakes us.
         let subscription = self.subscribe(runtime_id).await?;
+        let mut cache = CacheUse::Read;
         loop {
             let budget_left = budget.map(|budget| budget.saturating_sub(started.elapsed()));
-            let claimed = self.claim(runtime_id, max_tasks, budget_left).await?;
+            let claimed = self
+                .claim(runtime_id, max_tasks, budget_left, cache)
+                .await?;
             if !claimed.is_empty() || tokio::time::Instant::now() >= until {
                 return Ok(claimed);
             }
             let recheck =
                 tokio::time::Instant::now() + jittered(self.settings.stream_poll_interval);
             tokio::select! {
-                () = subscription.woken() => {}
-                () = tokio::time::sleep_until(recheck.min(until)) => {}
+                () = subscription.woken() => cache = CacheUse::Bypass,
+                () = tokio::time::sleep_until(recheck.min(until)) => cache = CacheUse::Read,
                 // Shutting down: answer now rather than hold the drain.
                 () = self.draining.cancelled() => return Ok(Vec::new()),
             }
@@ -409,14 +426,17 @@ impl Coordinator {
 
     /// Bumps the versions of `topics` (Redis), then wakes their waiters and pushes
     /// `cancellations`, on this replica and (through Redis) on the others.
+    ///
+    /// Local waiters are woken first: a woken waiter claims with [`CacheUse::Bypass`], so it
+    /// does not need the new versions, and it need not wait for Redis's round trip.
     async fn announce_topics(&self, topics: BTreeSet<Topic>, cancellations: &[Cancellation]) {
-        if let Some(redis) = &self.redis {
-            redis.announce(&self.relay, &topics, cancellations).await;
-        }
         self.notifier.wake(&topics);
         for cancellation in cancellations {
             self.notifier
                 .cancelled(cancellation.runtime, cancellation.task);
+        }
+        if let Some(redis) = &self.redis {
+            redis.announce(&self.relay, &topics, cancellations).await;
         }
     }
 
@@ -622,6 +642,16 @@ impl Coordinator {
 }
 
 /// `interval` ± 20%, so waiters that started together do not re-check together.
+/// Whether a claim may be answered from the empty-claim cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheUse {
+    /// A poll: a verdict still valid answers it without PostgreSQL.
+    Read,
+    /// After a wake-up: something changed, so ask PostgreSQL at once (the versions that say
+    /// so may not have reached Redis yet). Stores no verdict.
+    Bypass,
+}
+
 pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }

@@ -122,6 +122,19 @@ impl ClaimCache {
         redis.query::<()>(command).await;
     }
 
+    /// Replaces the runtime's own version, so a verdict recorded before now is not trusted.
+    pub async fn invalidate(&self, runtime: RuntimeId) {
+        if let Some(redis) = &self.redis {
+            let mut pipeline = redis::pipe();
+            add_bumps(
+                redis,
+                &mut pipeline,
+                &BTreeSet::from([Topic::Runtime(runtime)]),
+            );
+            redis.query_pipeline(pipeline).await;
+        }
+    }
+
     fn served_queues(&self) -> std::sync::MutexGuard<'_, HashMap<RuntimeId, Arc<[String]>>> {
         self.served
             .lock()

@@ -80,6 +80,11 @@ impl RedisLink {
         let mut pipeline = redis::pipe();
         claim_cache::add_bumps(self, &mut pipeline, topics);
         relay.add_publish(self, &mut pipeline, topics, cancellations);
+        self.query_pipeline(pipeline).await;
+    }
+
+    /// Sends a pipeline whose answers are ignored.
+    async fn query_pipeline(&self, pipeline: redis::Pipeline) {
         self.call(
             |mut connection| async move { pipeline.query_async::<()>(&mut connection).await },
         )

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Status, Streaming};
 
-use crate::coordinator::{Coordinator, MAX_CLAIM_BATCH, jittered};
+use crate::coordinator::{CacheUse, Coordinator, MAX_CLAIM_BATCH, jittered};
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
 
@@ -63,6 +63,7 @@ pub(super) async fn open(
         subscription,
         cancellations: coordinator.hold_cancellations(runtime_id),
         pushed: VecDeque::new(),
+        cache: CacheUse::Read,
     })
 }
 
@@ -76,6 +77,8 @@ pub(super) struct Session {
     /// Claims pushed on this stream whose lease has not passed yet, oldest first: the ones a
     /// broken stream must give back. Older ones were either started or are the preflight's.
     pushed: VecDeque<PushedClaim>,
+    /// How the next claim may use the empty-claim cache: not after a wake-up.
+    cache: CacheUse,
 }
 
 struct PushedClaim {
@@ -166,7 +169,10 @@ impl Session {
                         return End::WorkerGone;
                     }
                 }
-                () = self.subscription.woken(), if self.credits > 0 => want_claims = true,
+                () = self.subscription.woken(), if self.credits > 0 => {
+                    want_claims = true;
+                    self.cache = CacheUse::Bypass;
+                }
                 () = tokio::time::sleep_until(recheck), if self.credits > 0 && !want_claims => {
                     want_claims = true;
                 }
@@ -203,9 +209,10 @@ impl Session {
     async fn push_claims(&mut self, outbound: &Sender) -> Result<PushOutcome> {
         self.forget_passed_leases();
         let asked = u32::try_from(self.credits.min(u64::from(MAX_CLAIM_BATCH))).unwrap_or(1);
+        let cache = std::mem::replace(&mut self.cache, CacheUse::Read);
         let claimed = self
             .coordinator
-            .claim(self.runtime_id, Some(asked), None)
+            .claim(self.runtime_id, Some(asked), None, cache)
             .await?;
         let got = claimed.len();
         for claim in claimed {
