@@ -13,7 +13,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use cpu::CpuTimes;
-use scenarios::Latencies;
+use scenarios::Wakeups;
 use servers::{ScratchDatabase, ServerProcess};
 
 #[derive(Debug, Args)]
@@ -49,9 +49,26 @@ pub struct BenchArgs {
     /// Tiny sizes, a few seconds: shows every scenario still runs (CI). Its figures mean nothing.
     #[arg(long)]
     smoke: bool,
+    /// Runs only these scenarios (comma-separated); all of them by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Enqueue,
+    LifecycleUnary,
+    Ceiling,
+    LifecycleStream,
+    Wakeup,
+    Idle,
 }
 
 impl BenchArgs {
+    fn runs(&self, scenario: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&scenario)
+    }
+
     fn shrink_for_smoke(&mut self) {
         if self.smoke {
             self.tasks = 200;
@@ -79,59 +96,7 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
     let server = ServerProcess::start(Some(&database.url), redis, &[]).await?;
     let client = server.client()?;
     let (workers, tasks) = (args.workers, args.tasks);
-
-    let single =
-        scenarios::enqueue_singly(&client, "bench-single", tasks.min(2000), args.producers).await?;
-    let batched =
-        scenarios::enqueue_in_batches(&client, "bench-unary", tasks, args.producers).await?;
-    ServerProcess::vacuum(&database.url).await?;
-    let cpu_before = CpuTimes::now(server.pid());
-    let unary = scenarios::lifecycle_unary(&client, "bench-unary", workers).await?;
-    let unary_cpu = CpuTimes::now(server.pid()).since(&cpu_before);
-
-    ServerProcess::vacuum(&database.url).await?;
-    let ceiling = ceiling::measure(&client, &database.url, "bench-ceiling", workers, tasks).await;
-
-    scenarios::enqueue_in_batches(&client, "bench-stream", tasks, args.producers).await?;
-    ServerProcess::vacuum(&database.url).await?;
-    let cpu_before = CpuTimes::now(server.pid());
-    let streamed =
-        scenarios::lifecycle_stream(&client, "bench-stream", workers, args.stream_credits, tasks)
-            .await?;
-    let stream_cpu = CpuTimes::now(server.pid()).since(&cpu_before);
-
-    let one_replica =
-        scenarios::wakeup(&client, &client, "wake-one", 4, args.wakeup_samples).await?;
-    let two_replicas = match redis {
-        Some(_) => {
-            let second = ServerProcess::start(Some(&database.url), redis, &[]).await?;
-            let latencies = scenarios::wakeup(
-                &client,
-                &second.client()?,
-                "wake-two",
-                4,
-                args.wakeup_samples,
-            )
-            .await?;
-            Some(latencies)
-        }
-        None => None,
-    };
-    let idle = idle(args, database, &server, &client).await?;
-
-    let ceiling_figure = match &ceiling {
-        Ok(ceiling) => json!({
-            "tasks_per_second": ceiling.tasks_per_second,
-            "latency_average_ms": ceiling.latency_average_ms,
-            "method": "pgbench: the service's claim, start and complete SQL at the same concurrency",
-        }),
-        Err(error) => json!({ "tasks_per_second": null, "error": error.to_string() }),
-    };
-    let ratio = ceiling
-        .as_ref()
-        .ok()
-        .map(|ceiling| unary.tasks_per_second / ceiling.tasks_per_second);
-    let report = json!({
+    let mut report = json!({
         "machine": machine(),
         "sizes": {
             "tasks": tasks, "workers": workers, "producers": args.producers,
@@ -139,39 +104,111 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             "idle_runtimes": args.idle_runtimes, "idle_window_s": args.idle_window.as_secs_f64(),
             "smoke": args.smoke, "redis": redis.is_some(),
         },
-        "enqueue": { "single_tasks_per_second": single, "batch_tasks_per_second": batched },
-        "lifecycle_unary": {
+    });
+
+    if args.runs(Scenario::Enqueue) {
+        let single =
+            scenarios::enqueue_singly(&client, "bench-single", tasks.min(2000), args.producers)
+                .await?;
+        let batched =
+            scenarios::enqueue_in_batches(&client, "bench-unary", tasks, args.producers).await?;
+        report["enqueue"] =
+            json!({ "single_tasks_per_second": single, "batch_tasks_per_second": batched });
+    }
+    if args.runs(Scenario::LifecycleUnary) {
+        if !args.runs(Scenario::Enqueue) {
+            scenarios::enqueue_in_batches(&client, "bench-unary", tasks, args.producers).await?;
+        }
+        ServerProcess::vacuum(&database.url).await?;
+        let cpu_before = CpuTimes::now(server.pid());
+        let unary = scenarios::lifecycle_unary(&client, "bench-unary", workers).await?;
+        report["lifecycle_unary"] = json!({
             "tasks_per_second": unary.tasks_per_second,
             "claim_p50_ms": unary.claim_latency.millis(0.50),
             "claim_p99_ms": unary.claim_latency.millis(0.99),
             "claims": unary.claim_latency.len(),
-            "cpu": unary_cpu,
-        },
-        "ceiling": ceiling_figure,
-        "ratio": ratio,
-        "lifecycle_stream": {
+            "cpu": CpuTimes::now(server.pid()).since(&cpu_before),
+        });
+    }
+    if args.runs(Scenario::Ceiling) {
+        ServerProcess::vacuum(&database.url).await?;
+        let ceiling =
+            ceiling::measure(&client, &database.url, "bench-ceiling", workers, tasks).await;
+        report["ceiling"] = match &ceiling {
+            Ok(ceiling) => json!({
+                "tasks_per_second": ceiling.tasks_per_second,
+                "latency_average_ms": ceiling.latency_average_ms,
+                "method": "pgbench: the service's claim, start and complete SQL at the same concurrency",
+            }),
+            Err(error) => json!({ "tasks_per_second": null, "error": error.to_string() }),
+        };
+    }
+    let unary_rate = report
+        .pointer("/lifecycle_unary/tasks_per_second")
+        .and_then(Value::as_f64);
+    let ceiling_rate = report
+        .pointer("/ceiling/tasks_per_second")
+        .and_then(Value::as_f64);
+    if let (Some(unary), Some(ceiling)) = (unary_rate, ceiling_rate) {
+        report["ratio"] = json!(unary / ceiling);
+    }
+    if args.runs(Scenario::LifecycleStream) {
+        scenarios::enqueue_in_batches(&client, "bench-stream", tasks, args.producers).await?;
+        ServerProcess::vacuum(&database.url).await?;
+        let cpu_before = CpuTimes::now(server.pid());
+        let streamed = scenarios::lifecycle_stream(
+            &client,
+            "bench-stream",
+            workers,
+            args.stream_credits,
+            tasks,
+        )
+        .await?;
+        report["lifecycle_stream"] = json!({
             "tasks_per_second": streamed,
-            "vs_unary": streamed / unary.tasks_per_second,
-            "cpu": stream_cpu,
-        },
-        "wakeup": {
+            "vs_unary": unary_rate.map(|unary| streamed / unary),
+            "cpu": CpuTimes::now(server.pid()).since(&cpu_before),
+        });
+    }
+    if args.runs(Scenario::Wakeup) {
+        let one_replica =
+            scenarios::wakeup(&client, &client, "wake-one", 4, args.wakeup_samples).await?;
+        let two_replicas = match redis {
+            Some(_) => {
+                let second = ServerProcess::start(Some(&database.url), redis, &[]).await?;
+                let wakeups = scenarios::wakeup(
+                    &client,
+                    &second.client()?,
+                    "wake-two",
+                    4,
+                    args.wakeup_samples,
+                )
+                .await?;
+                Some(wakeups)
+            }
+            None => None,
+        };
+        report["wakeup"] = json!({
             "one_replica": latency_figures(&one_replica),
             "two_replicas": two_replicas.as_ref().map(latency_figures),
-        },
-        "idle": idle,
-    });
-    let targets = targets(&report);
-    let mut report = report;
-    report["targets"] = targets;
+        });
+    }
+    if args.runs(Scenario::Idle) {
+        report["idle"] = idle(args, database, &server, &client).await?;
+    }
+    report["targets"] = targets(&report);
     Ok(report)
 }
 
-fn latency_figures(latencies: &Latencies) -> Value {
+fn latency_figures(wakeups: &Wakeups) -> Value {
+    let latencies = &wakeups.claimed;
     json!({
         "p50_ms": latencies.millis(0.50),
         "p99_ms": latencies.millis(0.99),
         "max_ms": latencies.millis(1.0),
         "samples": latencies.len(),
+        "enqueue_call_p50_ms": wakeups.enqueue_call.millis(0.50),
+        "enqueue_call_p99_ms": wakeups.enqueue_call.millis(0.99),
     })
 }
 

@@ -331,13 +331,14 @@ pub(super) async fn wakeup(
     queue: &str,
     streams: usize,
     samples: usize,
-) -> anyhow::Result<Latencies> {
+) -> anyhow::Result<Wakeups> {
     let (claims, mut pushed) = mpsc::channel::<Instant>(16);
+    let (settled, mut idle_again) = mpsc::channel::<()>(16);
     let mut sessions = Vec::new();
     for index in 0..streams {
         let runtime_id = register(stream_side, format!("wake-{queue}-{index}"), queue).await?;
         let mut stream = Stream::open(stream_side, runtime_id, 1).await?;
-        let (client, claims) = (stream_side.clone(), claims.clone());
+        let (client, claims, settled) = (stream_side.clone(), claims.clone(), settled.clone());
         sessions.push(tokio::spawn(async move {
             while let Some(claimed) = stream.next_claim().await? {
                 if claims.send(Instant::now()).await.is_err() {
@@ -345,6 +346,7 @@ pub(super) async fn wakeup(
                 }
                 start_and_complete(&client, claimed).await?;
                 stream.outbound.send(credit(1)).await?;
+                let _ = settled.send(()).await;
             }
             anyhow::Ok(())
         }));
@@ -352,22 +354,36 @@ pub(super) async fn wakeup(
     // Let every stream reach its idle wait before the first sample.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut latencies = Vec::with_capacity(samples);
+    let mut enqueue_calls = Vec::with_capacity(samples);
     let mut tasks = enqueue_side.tasks();
     for _ in 0..samples {
         let sent = Instant::now();
         tasks.enqueue_task(task(queue)).await?;
+        enqueue_calls.push(sent.elapsed());
         let claimed = tokio::time::timeout(Duration::from_secs(30), pushed.recv())
             .await
             .context("no stream was woken within 30 s")?
             .context("the streams ended")?;
         latencies.push(claimed.duration_since(sent));
-        // The stream that got it completes and re-grants its credit before the next sample.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Each sample starts from idle: the stream that got the task has completed it and
+        // granted its credit again, and the wake-ups that completion caused have died down.
+        idle_again.recv().await.context("the streams ended")?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for session in sessions {
         session.abort();
     }
-    Ok(Latencies::new(latencies))
+    Ok(Wakeups {
+        claimed: Latencies::new(latencies),
+        enqueue_call: Latencies::new(enqueue_calls),
+    })
+}
+
+/// Enqueue-call → `claimed` push, and the enqueue call alone (the part a wake-up cannot
+/// shorten).
+pub(super) struct Wakeups {
+    pub(super) claimed: Latencies,
+    pub(super) enqueue_call: Latencies,
 }
 
 /// `runtimes` runtimes each claiming (unary, nothing claimable) once a second for `window`, at
