@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,9 @@ use crate::sweeper;
 
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled PostgreSQL connection idle this long is pinged before it is used again.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// How long an HTTP/2 keepalive ping may go unanswered before the connection is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -90,6 +94,7 @@ impl App {
             },
             stream_keepalive: config.stream_keepalive,
             stream_poll_interval: config.stream_poll_interval,
+            stream_claim_linger: config.stream_claim_linger,
         };
         warn_about_liveness_chain(&config);
         let redis = config
@@ -233,6 +238,17 @@ async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+        // sqlx pings every connection it hands out by default: one more round trip per
+        // statement. A connection in steady use needs no ping; one that sat idle gets one.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect(database_url)
         .await
         .context("cannot connect to PostgreSQL")?;

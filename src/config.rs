@@ -120,6 +120,13 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_STREAM_POLL_INTERVAL", default_value = "5s", value_parser = duration)]
     pub stream_poll_interval: Duration,
 
+    /// While a stream's claims keep finding work, a credit returned with fewer than half of
+    /// the stream's credits free waits up to this long for more, so that several tasks are
+    /// claimed in one statement (like a fetch's minimum size and maximum wait). 0 = claim on
+    /// every grant.
+    #[arg(long, env = "LEASEHOLD_STREAM_CLAIM_LINGER", default_value = "20ms", value_parser = duration)]
+    pub stream_claim_linger: Duration,
+
     /// How long shutdown waits for in-flight calls.
     #[arg(long, env = "LEASEHOLD_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
     pub shutdown_grace: Duration,

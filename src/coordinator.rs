@@ -52,6 +52,8 @@ pub struct Settings {
     pub stream_keepalive: Duration,
     /// The fallback re-check of waiting claims (streams and long-polls) when no wake-up came.
     pub stream_poll_interval: Duration,
+    /// See `--stream-claim-linger`.
+    pub stream_claim_linger: Duration,
 }
 
 /// What a runtime learns when it registers.

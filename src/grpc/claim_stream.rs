@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
@@ -64,6 +65,8 @@ pub(super) async fn open(
         cancellations: coordinator.hold_cancellations(runtime_id),
         pushed: VecDeque::new(),
         cache: CacheUse::Read,
+        peak_credits: u64::from(open.credits),
+        flowing: false,
     })
 }
 
@@ -79,6 +82,10 @@ pub(super) struct Session {
     pushed: VecDeque<PushedClaim>,
     /// How the next claim may use the empty-claim cache: not after a wake-up.
     cache: CacheUse,
+    /// The most credits the worker has had free at once: its window.
+    peak_credits: u64,
+    /// The last claim got all it asked for: work is flowing, so credits may be gathered.
+    flowing: bool,
 }
 
 struct PushedClaim {
@@ -134,8 +141,13 @@ impl Session {
         let draining = self.coordinator.draining().clone();
         let mut want_claims = true;
         let mut recheck = Instant::now();
+        let mut gathering: Option<Instant> = None;
         loop {
-            if want_claims && self.credits > 0 {
+            if want_claims
+                && self.credits > 0
+                && !self.still_gathering(&mut gathering, settings.stream_claim_linger)
+            {
+                gathering = None;
                 match self.push_claims(outbound).await {
                     Ok(PushOutcome::More) => continue,
                     Ok(PushOutcome::NothingMore) => {
@@ -176,6 +188,7 @@ impl Session {
                 () = tokio::time::sleep_until(recheck), if self.credits > 0 && !want_claims => {
                     want_claims = true;
                 }
+                () = sleep_until_some(gathering), if gathering.is_some() => {}
                 _ = keepalive.tick() => {
                     let beat = Outbound::Keepalive(pb::Keepalive {
                         server_time: Some(convert::timestamp(Utc::now())),
@@ -189,11 +202,26 @@ impl Session {
         }
     }
 
+    /// Whether to hold the claim a little longer for more credits. While claims keep finding
+    /// work, credits come back one per finished task, and claiming on each would cost one
+    /// statement per task; waiting until half the window is free, for at most `linger` after
+    /// the first waiting credit, claims several at once. A stream whose last claim found the
+    /// queue short claims at once: then latency is what matters.
+    fn still_gathering(&self, gathering: &mut Option<Instant>, linger: Duration) -> bool {
+        let enough = (self.peak_credits / 2).clamp(1, u64::from(MAX_CLAIM_BATCH));
+        if !self.flowing || self.credits >= enough || linger.is_zero() {
+            return false;
+        }
+        let until = *gathering.get_or_insert_with(|| Instant::now() + linger);
+        Instant::now() < until
+    }
+
     /// Handles one worker message; `true` when it granted credits.
     fn receive(&mut self, request: pb::StreamClaimsRequest) -> std::result::Result<bool, Status> {
         match request.msg {
             Some(Inbound::Credit(grant)) => {
                 self.credits = (self.credits + u64::from(grant.n)).min(MAX_CREDITS);
+                self.peak_credits = self.peak_credits.max(self.credits);
                 Ok(grant.n > 0)
             }
             // A receipt only: the claim stays this stream's until it is started.
@@ -215,6 +243,7 @@ impl Session {
             .claim(self.runtime_id, Some(asked), None, cache)
             .await?;
         let got = claimed.len();
+        self.flowing = got == asked as usize;
         for claim in claimed {
             self.credits -= 1;
             self.pushed.push_back(PushedClaim {
@@ -276,6 +305,13 @@ impl Session {
                 tracing::warn!(%error, runtime_id = %self.runtime_id, "claim stream ended; its unstarted claims wait for their leases to pass")
             }
         }
+    }
+}
+
+/// Sleeps until `at`; the caller only polls this while `at` is set.
+async fn sleep_until_some(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

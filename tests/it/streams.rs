@@ -162,6 +162,48 @@ async fn credits_bound_the_claims_in_flight(backend: Backend) {
     assert_eq!((counts.dispatched, counts.queued), (3, 2));
 }
 
+/// Credits returned one by one while work is flowing are gathered into one claim (up to half
+/// the window, within the linger), not claimed one statement each. Tasks claimed together
+/// share their `dispatched_at`.
+async fn a_flowing_stream_gathers_returned_credits(backend: Backend) {
+    let server = backend
+        .start_with(|config| config.stream_claim_linger = Duration::from_millis(500))
+        .await;
+    let runtime = server.register("gatherer", &["q"]).await;
+    for _ in 0..24 {
+        server.enqueue_to("q").await;
+    }
+    let mut stream = ClaimStream::open(&server, &runtime, 8).await;
+    for _ in 0..8 {
+        stream.next_claimed().await;
+    }
+    // Sixteen credits, each alone, further apart than a claim takes.
+    let mut later = Vec::new();
+    for _ in 0..16 {
+        stream.grant(1).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        while let Some(Outbound::Claimed(claimed)) = stream.next(Duration::ZERO).await {
+            later.push(claimed);
+        }
+    }
+    while later.len() < 16 {
+        later.push(stream.next_claimed().await);
+    }
+    let claim_statements: std::collections::HashSet<_> = later
+        .iter()
+        .map(|claimed| {
+            let dispatched = claimed.task.as_ref().unwrap().dispatched_at.unwrap();
+            (dispatched.seconds, dispatched.nanos)
+        })
+        .collect();
+    // Four at a time makes 4 claims; one per credit would make 16.
+    assert!(
+        claim_statements.len() <= 6,
+        "16 credits granted one by one took {} claims",
+        claim_statements.len()
+    );
+}
+
 async fn an_enqueue_wakes_a_waiting_stream(backend: Backend) {
     let server = start(backend).await;
     let runtime = server.register("waiting", &["q"]).await;
@@ -354,6 +396,7 @@ async fn draining_tells_streams_and_gives_back_their_claims(backend: Backend) {
 
 conformance!(
     credits_bound_the_claims_in_flight,
+    a_flowing_stream_gathers_returned_credits,
     an_enqueue_wakes_a_waiting_stream,
     a_delayed_task_wakes_a_stream_when_it_comes_due,
     an_idle_stream_hears_keepalives,
