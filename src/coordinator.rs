@@ -4,7 +4,7 @@
 //! the topics it touched are announced ([`Coordinator::announce`]): their cache versions are
 //! bumped, then waiters here and on other replicas are woken.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
     QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
-use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, topics_of};
+use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -134,7 +134,7 @@ impl Coordinator {
         self.liveness.flushed(runtime.id).await;
         self.claim_cache.learn_queues(runtime.id, &runtime.queues);
         // Its queues may have changed: no verdict computed for the old ones may stand.
-        self.announce_topics(BTreeSet::from([Topic::Runtime(runtime.id)]), &[])
+        self.announce_topics(Wakes::all([Topic::Runtime(runtime.id)]), &[])
             .await;
         tracing::info!(runtime_id = %runtime.id, name = %runtime.name, "runtime registered");
         Ok(Registration {
@@ -224,7 +224,7 @@ impl Coordinator {
             .await?;
         count_preflight(&outcome.preflight);
         metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
-        self.announce_topics(topics_of(&outcome.preflight), &[])
+        self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
         if !outcome.claimed.is_empty() {
             // The runtime's horizon changed (a new lease of its own): any verdict read before
@@ -403,17 +403,22 @@ impl Coordinator {
     /// becomes claimable only later (delay, retry backoff) is announced again then.
     async fn announce<'a>(&self, moves: impl IntoIterator<Item = &'a TaskMove>) {
         let now = Utc::now();
-        let mut topics = BTreeSet::new();
+        let mut wakes = Wakes::default();
         for moved in moves {
-            topics.extend(Topic::for_move(moved));
             if moved.status == TaskStatus::Queued
                 && let Ok(later) = (moved.available_at - now).to_std()
                 && !later.is_zero()
             {
-                self.due.schedule(later, Topic::for_move(moved));
+                // Versions change now; waiters are woken when it comes due.
+                for topic in Topic::for_move(moved) {
+                    wakes.add(topic, 0);
+                }
+                self.due.schedule(later, moved);
+            } else {
+                wakes.add_move(moved);
             }
         }
-        self.announce_topics(topics, &[]).await;
+        self.announce_topics(wakes, &[]).await;
     }
 
     /// Announces delayed tasks as they come due, until `stop`.
@@ -421,24 +426,24 @@ impl Coordinator {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                topics = self.due.next_due() => self.announce_topics(topics, &[]).await,
+                wakes = self.due.next_due() => self.announce_topics(wakes, &[]).await,
             }
         }
     }
 
-    /// Bumps the versions of `topics` (Redis), then wakes their waiters and pushes
-    /// `cancellations`, on this replica and (through Redis) on the others.
+    /// Bumps the versions of the topics (Redis), then wakes their waiters (as many as `wakes`
+    /// says) and pushes `cancellations`, on this replica and (through Redis) on the others.
     ///
     /// Local waiters are woken first: a woken waiter claims with [`CacheUse::Bypass`], so it
     /// does not need the new versions, and it need not wait for Redis's round trip.
-    async fn announce_topics(&self, topics: BTreeSet<Topic>, cancellations: &[Cancellation]) {
-        self.notifier.wake(&topics);
+    async fn announce_topics(&self, wakes: Wakes, cancellations: &[Cancellation]) {
+        self.notifier.wake(&wakes);
         for cancellation in cancellations {
             self.notifier
                 .cancelled(cancellation.runtime, cancellation.task);
         }
         if let Some(redis) = &self.redis {
-            redis.announce(&self.relay, &topics, cancellations).await;
+            redis.announce(&self.relay, &wakes, cancellations).await;
         }
     }
 
@@ -616,8 +621,8 @@ impl Coordinator {
             }),
             _ => None,
         };
-        let topics = topics_of([&TaskMove::from(&task)]);
-        self.announce_topics(topics, cancellation.as_slice()).await;
+        let wakes = Wakes::of_moves([&TaskMove::from(&task)]);
+        self.announce_topics(wakes, cancellation.as_slice()).await;
         Ok(task)
     }
 
@@ -637,7 +642,8 @@ impl Coordinator {
     pub async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
         validate::queue_name("queue", queue)?;
         let info = self.store.update_queue(queue, update).await?;
-        self.announce_topics(BTreeSet::from([Topic::Queue(queue.to_owned())]), &[])
+        // Its cap or pause changed: any waiter may be able to claim now.
+        self.announce_topics(Wakes::all([Topic::Queue(queue.to_owned())]), &[])
             .await;
         Ok(info)
     }

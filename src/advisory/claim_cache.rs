@@ -14,7 +14,7 @@
 //! [`VERDICT_TTL`]. The runtime's own version is bumped whenever it claims something, so a
 //! verdict computed concurrently with that claim cannot outlive the new lease.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -126,11 +126,7 @@ impl ClaimCache {
     pub async fn invalidate(&self, runtime: RuntimeId) {
         if let Some(redis) = &self.redis {
             let mut pipeline = redis::pipe();
-            add_bumps(
-                redis,
-                &mut pipeline,
-                &BTreeSet::from([Topic::Runtime(runtime)]),
-            );
+            add_bumps(redis, &mut pipeline, [&Topic::Runtime(runtime)]);
             redis.query_pipeline(pipeline).await;
         }
     }
@@ -144,7 +140,11 @@ impl ClaimCache {
 
 /// Adds to `pipeline` the replacement of these topics' versions, which invalidates every
 /// verdict that recorded them. Run it after the change committed.
-pub fn add_bumps(redis: &RedisLink, pipeline: &mut redis::Pipeline, topics: &BTreeSet<Topic>) {
+pub fn add_bumps<'a>(
+    redis: &RedisLink,
+    pipeline: &mut redis::Pipeline,
+    topics: impl IntoIterator<Item = &'a Topic>,
+) {
     for topic in topics {
         pipeline
             .cmd("SET")

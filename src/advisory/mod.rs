@@ -8,7 +8,6 @@
 //! once. Recovering starts a new cache epoch, which invalidates every verdict stored before:
 //! version bumps may have been lost while Redis was out of reach.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisResult};
 use tokio_util::sync::CancellationToken;
 
-use crate::wakeups::Topic;
+use crate::wakeups::Wakes;
 
 pub mod claim_cache;
 pub mod liveness;
@@ -68,18 +67,13 @@ impl RedisLink {
     /// After a change committed: replaces the versions of the topics it touched, then
     /// publishes them (and cancellations) to the other replicas, in that order and in one
     /// round trip.
-    pub async fn announce(
-        &self,
-        relay: &WakeRelay,
-        topics: &BTreeSet<Topic>,
-        cancellations: &[Cancellation],
-    ) {
-        if topics.is_empty() && cancellations.is_empty() {
+    pub async fn announce(&self, relay: &WakeRelay, wakes: &Wakes, cancellations: &[Cancellation]) {
+        if wakes.is_empty() && cancellations.is_empty() {
             return;
         }
         let mut pipeline = redis::pipe();
-        claim_cache::add_bumps(self, &mut pipeline, topics);
-        relay.add_publish(self, &mut pipeline, topics, cancellations);
+        claim_cache::add_bumps(self, &mut pipeline, wakes.topics());
+        relay.add_publish(self, &mut pipeline, wakes, cancellations);
         self.query_pipeline(pipeline).await;
     }
 

@@ -6,7 +6,6 @@
 //! its own messages, already delivered locally), then `q <queue>`, `rt <runtime>` and
 //! `cancel <runtime> <task>`. Queue names cannot contain tabs or newlines.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use uuid::Uuid;
 
 use super::RedisLink;
 use crate::domain::{RuntimeId, TaskId};
-use crate::wakeups::{Notifier, Topic};
+use crate::wakeups::{Notifier, Topic, Wakes};
 
 /// Pause before subscribing again after the subscription broke.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
@@ -46,26 +45,30 @@ impl WakeRelay {
         &self,
         redis: &RedisLink,
         pipeline: &mut redis::Pipeline,
-        topics: &BTreeSet<Topic>,
+        wakes: &Wakes,
         cancellations: &[Cancellation],
     ) {
-        if topics.is_empty() && cancellations.is_empty() {
+        if wakes.is_empty() && cancellations.is_empty() {
             return;
         }
         pipeline
             .cmd("PUBLISH")
             .arg(channel(redis))
-            .arg(self.encode(topics, cancellations))
+            .arg(self.encode(wakes, cancellations))
             .ignore();
     }
 
-    fn encode(&self, topics: &BTreeSet<Topic>, cancellations: &[Cancellation]) -> String {
+    /// One line per topic: kind, name, and how many waiters it may wake (a line without the
+    /// count, from an older replica, wakes them all).
+    fn encode(&self, wakes: &Wakes, cancellations: &[Cancellation]) -> String {
         let mut message = self.replica.to_string();
-        for topic in topics {
+        for (topic, waiters) in wakes.iter() {
             message.push('\n');
             match topic {
-                Topic::Queue(queue) => message.push_str(&format!("q\t{queue}")),
-                Topic::Runtime(runtime) => message.push_str(&format!("rt\t{runtime}")),
+                Topic::Queue(queue) => message.push_str(&format!("q\t{queue}\t{waiters}")),
+                Topic::Runtime(runtime) => {
+                    message.push_str(&format!("rt\t{runtime}\t{waiters}"));
+                }
             }
         }
         for cancellation in cancellations {
@@ -119,16 +122,16 @@ impl WakeRelay {
         if lines.next() == Some(self.replica.to_string().as_str()) {
             return;
         }
-        let mut topics = BTreeSet::new();
+        let mut wakes = Wakes::default();
         for line in lines {
             let fields: Vec<&str> = line.split('\t').collect();
             match fields.as_slice() {
-                ["q", queue] => {
-                    topics.insert(Topic::Queue((*queue).to_owned()));
+                ["q", queue, waiters @ ..] => {
+                    wakes.add(Topic::Queue((*queue).to_owned()), waiter_count(waiters));
                 }
-                ["rt", runtime] => {
+                ["rt", runtime, waiters @ ..] => {
                     if let Some(runtime) = RuntimeId::parse(runtime) {
-                        topics.insert(Topic::Runtime(runtime));
+                        wakes.add(Topic::Runtime(runtime), waiter_count(waiters));
                     }
                 }
                 ["cancel", runtime, task] => {
@@ -141,7 +144,15 @@ impl WakeRelay {
                 _ => tracing::debug!(line, "ignoring an unknown wake-up line"),
             }
         }
-        notifier.wake(&topics);
+        notifier.wake(&wakes);
+    }
+}
+
+/// The count field of a topic line; absent or unreadable = every waiter.
+fn waiter_count(fields: &[&str]) -> u32 {
+    match fields {
+        [count] => count.parse().unwrap_or(Wakes::ALL),
+        _ => Wakes::ALL,
     }
 }
 

@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{Backend, TestServer};
 
-async fn scrape(address: &str) -> String {
+pub async fn scrape(address: &str) -> String {
     let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
     connection
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: leasehold\r\nConnection: close\r\n\r\n")
@@ -19,7 +19,7 @@ async fn scrape(address: &str) -> String {
 }
 
 /// The value of the sample whose line starts with `series` (name and labels as printed).
-fn sample(metrics: &str, series: &str) -> f64 {
+pub fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())

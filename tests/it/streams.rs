@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::harness::{Backend, TestServer, assert_error, status_of, task_id, task_in};
+use crate::metrics::{sample, scrape};
 
 /// Long enough that only a wake-up (never the fallback re-check) can deliver within a test.
 const NO_POLLING: Duration = Duration::from_secs(3600);
@@ -216,6 +217,41 @@ async fn an_enqueue_wakes_a_waiting_stream(backend: Backend) {
     assert_eq!(task_id(&claimed), task.id);
 }
 
+/// One enqueued task wakes one of many idle streams on its queue, not all of them (each would
+/// run a claim in the store, and all but one would find nothing).
+async fn an_enqueue_wakes_one_idle_stream_not_all(backend: Backend) {
+    let address = format!("127.0.0.1:{}", crate::harness::free_port());
+    let server = backend
+        .start_with(|config| {
+            config.stream_poll_interval = NO_POLLING;
+            config.metrics_listen = Some(address.parse().unwrap());
+        })
+        .await;
+    let mut streams = Vec::new();
+    for index in 0..6 {
+        let runtime = server.register(&format!("idle-{index}"), &["herd"]).await;
+        streams.push(ClaimStream::open(&server, &runtime, 1).await);
+    }
+    // Every stream has made its first (empty) claim and waits.
+    tokio::time::sleep(QUIET).await;
+    let store_claims =
+        r#"leasehold_store_call_duration_seconds_count{operation="claim",outcome="ok"}"#;
+    let before = sample(&scrape(&address).await, store_claims);
+
+    let task = server.enqueue_to("herd").await;
+    let mut claimed = Vec::new();
+    for stream in &mut streams {
+        if let Some(Outbound::Claimed(claim)) = stream.next(QUIET).await {
+            claimed.push(claim);
+        }
+    }
+    let after = sample(&scrape(&address).await, store_claims);
+
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(task_id(&claimed[0]), task.id);
+    assert_eq!(after - before, 1.0, "claims run for one enqueued task");
+}
+
 async fn a_delayed_task_wakes_a_stream_when_it_comes_due(backend: Backend) {
     let server = start(backend).await;
     let runtime = server.register("early", &["q"]).await;
@@ -397,6 +433,7 @@ async fn draining_tells_streams_and_gives_back_their_claims(backend: Backend) {
 conformance!(
     credits_bound_the_claims_in_flight,
     a_flowing_stream_gathers_returned_credits,
+    an_enqueue_wakes_one_idle_stream_not_all,
     an_enqueue_wakes_a_waiting_stream,
     a_delayed_task_wakes_a_stream_when_it_comes_due,
     an_idle_stream_hears_keepalives,
