@@ -40,6 +40,8 @@ pub(super) struct Ceiling {
     pub(super) tasks_per_second: f64,
     /// pgbench's average time of one task's three statements, in milliseconds.
     pub(super) latency_average_ms: Option<f64>,
+    /// Of which the claim statement's, on average.
+    pub(super) claim_average_ms: Option<f64>,
 }
 
 /// Enqueues `tasks` tasks into `queue` through the service, registers one runtime per pgbench
@@ -61,7 +63,12 @@ pub(super) async fn measure(
     std::fs::write(&script, SCRIPT)?;
     let per_client = tasks / workers;
     let output = Command::new(pgbench)
-        .args(["--no-vacuum", "--protocol", "simple"])
+        .args([
+            "--no-vacuum",
+            "--protocol",
+            "simple",
+            "--report-per-command",
+        ])
         .args(["--client", &workers.to_string(), "--jobs", "2"])
         .args(["--transactions", &per_client.to_string()])
         .arg("--file")
@@ -80,7 +87,17 @@ pub(super) async fn measure(
     Ok(Ceiling {
         tasks_per_second: tasks_per_second(&printed).context("pgbench printed no tps")?,
         latency_average_ms: latency_average(&printed),
+        claim_average_ms: command_average(&printed, "leasehold_claim"),
     })
+}
+
+/// The average latency of the script's command containing `marker`, from the per-command
+/// report (`   1.140   0  SELECT … leasehold_claim(…`).
+fn command_average(report: &str, marker: &str) -> Option<f64> {
+    report
+        .lines()
+        .filter(|line| line.contains(marker))
+        .find_map(|line| line.split_whitespace().next()?.parse().ok())
 }
 
 /// The `latency average = N ms` line of pgbench's report.
@@ -120,5 +137,14 @@ mod tests {
         assert_eq!(tasks_per_second(report), Some(1754.321));
         assert_eq!(latency_average(report), Some(9.1));
         assert_eq!(tasks_per_second("nothing"), None);
+    }
+
+    #[test]
+    fn the_claim_latency_comes_from_the_per_command_report() {
+        let report = "statement latencies in milliseconds and failures:\n\
+                      \x20        7.912           0  SELECT id AS task_id FROM leasehold_claim((SELECT 1)\n\
+                      \x20        3.001           0  UPDATE tasks SET status = 'RUNNING'\n";
+        assert_eq!(command_average(report, "leasehold_claim"), Some(7.912));
+        assert_eq!(command_average(report, "absent"), None);
     }
 }

@@ -138,6 +138,7 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             Ok(ceiling) => json!({
                 "tasks_per_second": ceiling.tasks_per_second,
                 "latency_average_ms": ceiling.latency_average_ms,
+                "claim_statement_average_ms": ceiling.claim_average_ms,
                 "method": "pgbench: the service's claim, start and complete SQL at the same concurrency",
             }),
             Err(error) => json!({ "tasks_per_second": null, "error": error.to_string() }),
