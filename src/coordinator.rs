@@ -69,7 +69,7 @@ pub struct Coordinator {
     settings: Settings,
     redis: Option<Arc<RedisLink>>,
     liveness: Liveness,
-    claim_cache: ClaimCache,
+    claim_cache: Arc<ClaimCache>,
     notifier: Arc<Notifier>,
     due: DueWakeups,
     relay: WakeRelay,
@@ -93,7 +93,7 @@ impl Coordinator {
                 settings.liveness_ttl,
                 settings.sweep.offline_after,
             ),
-            claim_cache: ClaimCache::new(redis.clone()),
+            claim_cache: Arc::new(ClaimCache::new(redis.clone())),
             notifier: Notifier::new(),
             due: DueWakeups::default(),
             gauged_queues: std::sync::Mutex::default(),
@@ -199,37 +199,43 @@ impl Coordinator {
         cache: CacheUse,
     ) -> Result<Vec<ClaimedTask>> {
         let max_tasks = max_tasks.unwrap_or(1).min(MAX_CLAIM_BATCH);
-        let read_cache = async {
-            if max_tasks > 0 && cache == CacheUse::Read {
+        let read_and_claim = async {
+            let snapshot = if max_tasks > 0 && cache == CacheUse::Read {
                 self.claim_cache.snapshot(runtime_id).await
             } else {
                 None
+            };
+            if snapshot
+                .as_ref()
+                .is_some_and(|snapshot| snapshot.says_empty())
+            {
+                return Ok((snapshot, None));
             }
-        };
-        // Both are Redis round trips on the same multiplexed connection.
-        let (snapshot, ()) = tokio::join!(read_cache, self.note_claim_as_sign_of_life(runtime_id));
-        if snapshot
-            .as_ref()
-            .is_some_and(|snapshot| snapshot.says_empty())
-        {
-            return Ok(Vec::new());
-        }
-        let outcome = self
-            .store
-            .claim(ClaimRequest {
+            let request = ClaimRequest {
                 runtime_id,
                 max_tasks,
                 budget,
-            })
-            .await?;
+            };
+            Ok((snapshot, Some(self.store.claim(request).await?)))
+        };
+        // The sign of life is a Redis call of its own; nothing waits for it.
+        let (claimed, ()) =
+            tokio::join!(read_and_claim, self.note_claim_as_sign_of_life(runtime_id));
+        let (snapshot, outcome) = claimed?;
+        let Some(outcome) = outcome else {
+            return Ok(Vec::new());
+        };
         count_preflight(&outcome.preflight);
         metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
         self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
         if !outcome.claimed.is_empty() {
             // The runtime's horizon changed (a new lease of its own): any verdict read before
-            // this claim must not be trusted. Nobody needs waking for it.
-            self.claim_cache.invalidate(runtime_id).await;
+            // this claim must not be trusted. Nobody needs waking for it, and the claim need
+            // not wait for it: a verdict is stored only with the versions read before its own
+            // claim, so one read before this bump lands is replaced by it whenever it lands.
+            let claim_cache = self.claim_cache.clone();
+            tokio::spawn(async move { claim_cache.invalidate(runtime_id).await });
         }
         // A verdict needs the versions read before the claim, which a bypassing claim did not
         // read. (A first claim reads none either: its horizon teaches the cache the queues.)
