@@ -440,16 +440,17 @@ impl Coordinator {
     /// Bumps the versions of the topics (Redis), then wakes their waiters (as many as `wakes`
     /// says) and pushes `cancellations`, on this replica and (through Redis) on the others.
     ///
-    /// Local waiters are woken first: a woken waiter claims with [`CacheUse::Bypass`], so it
-    /// does not need the new versions, and it need not wait for Redis's round trip.
+    /// The versions change before anyone is woken (spec §6), so no waiter can find the
+    /// verdict that the change made stale still standing. (A woken waiter claims with
+    /// [`CacheUse::Bypass`] anyway: the bump may have failed with Redis out of reach.)
     async fn announce_topics(&self, wakes: Wakes, cancellations: &[Cancellation]) {
+        if let Some(redis) = &self.redis {
+            redis.announce(&self.relay, &wakes, cancellations).await;
+        }
         self.notifier.wake(&wakes);
         for cancellation in cancellations {
             self.notifier
                 .cancelled(cancellation.runtime, cancellation.task);
-        }
-        if let Some(redis) = &self.redis {
-            redis.announce(&self.relay, &wakes, cancellations).await;
         }
     }
 
@@ -662,7 +663,7 @@ pub enum CacheUse {
     /// A poll: a verdict still valid answers it without PostgreSQL.
     Read,
     /// After a wake-up: something changed, so ask PostgreSQL at once (the versions that say
-    /// so may not have reached Redis yet). Stores no verdict.
+    /// so may not have reached Redis, if it was out of reach). Stores no verdict.
     Bypass,
 }
 
