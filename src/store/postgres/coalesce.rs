@@ -38,6 +38,9 @@ pub(super) enum Shared {
 
 /// One kind of write that can share a statement.
 pub(super) trait SharedWrite: Send + 'static {
+    /// The `kind` label of its metrics.
+    const KIND: &'static str;
+
     fn task_id(&self) -> Uuid;
     /// Runs the writes as one statement, answering the rows whose guard matched.
     fn run(
@@ -60,6 +63,8 @@ pub(super) struct Complete {
 }
 
 impl SharedWrite for Start {
+    const KIND: &'static str = "start";
+
     fn task_id(&self) -> Uuid {
         self.task_id
     }
@@ -78,6 +83,8 @@ impl SharedWrite for Start {
 }
 
 impl SharedWrite for Complete {
+    const KIND: &'static str = "complete";
+
     fn task_id(&self) -> Uuid {
         self.task_id
     }
@@ -143,7 +150,8 @@ async fn write_loop<W: SharedWrite>(
 
 /// One statement for the batch; every writer gets its answer.
 async fn write_batch<W: SharedWrite>(pool: &PgPool, batch: Vec<Pending<W>>) {
-    metrics::histogram!("leasehold_coalesced_writes").record(batch.len() as f64);
+    metrics::histogram!("leasehold_shared_statement_writes", "kind" => W::KIND)
+        .record(batch.len() as f64);
     // A task asked twice (a retried start racing its first try) sits out this statement: the
     // fence judges it after the first one landed.
     let mut seen = HashSet::new();
