@@ -233,10 +233,17 @@ async fn an_enqueue_wakes_one_idle_stream_not_all(backend: Backend) {
         streams.push(ClaimStream::open(&server, &runtime, 1).await);
     }
     // Every stream has made its first (empty) claim and waits.
-    tokio::time::sleep(QUIET).await;
     let store_claims =
         r#"leasehold_store_call_duration_seconds_count{operation="claim",outcome="ok"}"#;
-    let before = sample(&scrape(&address).await, store_claims);
+    // The exporter starts listening in the background.
+    tokio::time::sleep(QUIET).await;
+    let waited = Instant::now();
+    let mut before = sample(&scrape(&address).await, store_claims);
+    while before < 6.0 && waited.elapsed() < PROMPTLY * 5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        before = sample(&scrape(&address).await, store_claims);
+    }
+    assert_eq!(before, 6.0, "each stream's first claim");
 
     let task = server.enqueue_to("herd").await;
     let mut claimed = Vec::new();
