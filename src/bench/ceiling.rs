@@ -10,8 +10,9 @@ use tokio::process::Command;
 use super::scenarios;
 use crate::client::Client;
 
-/// One task per pgbench transaction, as the service does it: three statements, each its own
-/// transaction, exactly the claim function and the fenced UPDATEs of `store/postgres/sql.rs`.
+/// One task per pgbench transaction, as the service does it alone: three statements, each its
+/// own transaction: the claim function, then StartTask's and CompleteTask's UPDATEs with the
+/// guards of `store/postgres/sql.rs`, for one row (the service may share them between tasks).
 /// The runtime is looked up by name (`ceiling-<client>`), a unique-index probe per task.
 const SCRIPT: &str = r"
 SELECT id AS task_id, claim_token AS token FROM leasehold_claim((SELECT id FROM runtimes WHERE name = 'ceiling-' || :client_id), 1, interval '60 seconds', 5, interval '10 seconds') \gset

@@ -14,7 +14,7 @@
 //! loop is gone, every caller is told to run its own statement instead, so the loop can make
 //! a write slower but never changes what it does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use sqlx::PgPool;
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::rows::TaskRow;
+use crate::domain::{ClaimToken, TaskId};
 
 /// Most writes in one statement; more wait for the next one.
 const MAX_BATCH: usize = 256;
@@ -52,14 +53,42 @@ pub(super) trait SharedWrite: Send + 'static {
 }
 
 pub(super) struct Start {
-    pub(super) task_id: Uuid,
-    pub(super) token: Uuid,
+    task_id: Uuid,
+    token: Uuid,
+}
+
+impl Start {
+    pub(super) fn new(task_id: TaskId, token: ClaimToken) -> Self {
+        Self {
+            task_id: task_id.as_uuid(),
+            token: token.as_uuid(),
+        }
+    }
 }
 
 pub(super) struct Complete {
-    pub(super) task_id: Uuid,
-    pub(super) token: Uuid,
-    pub(super) result: Vec<u8>,
+    task_id: Uuid,
+    token: Uuid,
+    result: Vec<u8>,
+}
+
+impl Complete {
+    pub(super) fn new(task_id: TaskId, token: ClaimToken, result: &[u8]) -> Self {
+        Self {
+            task_id: task_id.as_uuid(),
+            token: token.as_uuid(),
+            result: result.to_vec(),
+        }
+    }
+}
+
+/// Runs `write` as its statement with nothing else in it; the row when its guard matched.
+pub(super) async fn alone<W: SharedWrite>(
+    pool: &PgPool,
+    write: W,
+) -> sqlx::Result<Option<TaskRow>> {
+    let rows = W::run(pool, std::slice::from_ref(&write)).await?;
+    Ok(rows.into_iter().next())
 }
 
 impl SharedWrite for Start {
@@ -149,36 +178,33 @@ async fn write_loop<W: SharedWrite>(
 }
 
 /// One statement for the batch; every writer gets its answer.
-async fn write_batch<W: SharedWrite>(pool: &PgPool, batch: Vec<Pending<W>>) {
+async fn write_batch<W: SharedWrite>(pool: &PgPool, mut batch: Vec<Pending<W>>) {
     metrics::histogram!("leasehold_shared_statement_writes", "kind" => W::KIND)
         .record(batch.len() as f64);
-    // A task asked twice (a retried start racing its first try) sits out this statement: the
-    // fence judges it after the first one landed.
-    let mut seen = HashSet::new();
-    let (mut shared, repeated): (Vec<Pending<W>>, Vec<Pending<W>>) = batch
-        .into_iter()
-        .partition(|pending| seen.insert(pending.write.task_id()));
     // Rows are locked in one fixed order (by id), which keeps a shared statement from
     // deadlocking with another one.
-    shared.sort_by_key(|pending| pending.write.task_id());
-    for pending in repeated {
-        let _ = pending.reply.send(Shared::NotApplied);
+    batch.sort_by_key(|pending| pending.write.task_id());
+    let mut writes: Vec<W> = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for pending in batch {
+        // A task asked twice (a retried start racing its first try) sits out this statement:
+        // the fence judges it after the first one landed.
+        if writes
+            .last()
+            .is_some_and(|last| last.task_id() == pending.write.task_id())
+        {
+            let _ = pending.reply.send(Shared::NotApplied);
+        } else {
+            writes.push(pending.write);
+            replies.push(pending.reply);
+        }
     }
-    let writes: Vec<W>;
-    let replies: Vec<(Uuid, oneshot::Sender<Shared>)>;
-    (writes, replies) = shared
-        .into_iter()
-        .map(|pending| {
-            let id = pending.write.task_id();
-            (pending.write, (id, pending.reply))
-        })
-        .unzip();
     match W::run(pool, &writes).await {
         Ok(rows) => {
             let mut applied: HashMap<Uuid, TaskRow> =
                 rows.into_iter().map(|row| (row.id(), row)).collect();
-            for (id, reply) in replies {
-                let answer = match applied.remove(&id) {
+            for (write, reply) in writes.iter().zip(replies) {
+                let answer = match applied.remove(&write.task_id()) {
                     Some(row) => Shared::Applied(Box::new(row)),
                     None => Shared::NotApplied,
                 };
@@ -187,7 +213,7 @@ async fn write_batch<W: SharedWrite>(pool: &PgPool, batch: Vec<Pending<W>>) {
         }
         Err(error) => {
             tracing::debug!(%error, writes = writes.len(), "a shared write failed; each runs alone");
-            for (_, reply) in replies {
+            for reply in replies {
                 let _ = reply.send(Shared::RunAlone);
             }
         }

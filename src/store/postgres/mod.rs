@@ -146,29 +146,20 @@ impl PgStore {
         task_id: TaskId,
         token: ClaimToken,
     ) -> Result<Option<Applied>> {
-        let (task_id_uuid, token_uuid) = (task_id.as_uuid(), token.as_uuid());
         let shared = match write {
             GuardedWrite::Start => {
                 self.starts
-                    .write(coalesce::Start {
-                        task_id: task_id_uuid,
-                        token: token_uuid,
-                    })
+                    .write(coalesce::Start::new(task_id, token))
                     .await
             }
             GuardedWrite::Complete(result) => {
-                self.completes
-                    .write(coalesce::Complete {
-                        task_id: task_id_uuid,
-                        token: token_uuid,
-                        result: result.to_vec(),
-                    })
-                    .await
+                let write = coalesce::Complete::new(task_id, token, result);
+                self.completes.write(write).await
             }
             GuardedWrite::ExtendLease(_) | GuardedWrite::Fail(_) => Shared::RunAlone,
         };
         match shared {
-            Shared::Applied(row) => Ok(Some(Applied::Task(Box::new(Task::try_from(*row)?)))),
+            Shared::Applied(row) => applied_task(Ok(Some(*row))),
             Shared::NotApplied => Ok(None),
             Shared::RunAlone => self.try_guarded(write, task_id, token).await,
         }
@@ -179,18 +170,21 @@ impl PgStore {
         &self,
         write: &GuardedWrite<'_>,
         task_id: TaskId,
-        token: ClaimToken,
+        claim_token: ClaimToken,
     ) -> Result<Option<Applied>> {
-        let (task, token) = (task_id.as_uuid(), token.as_uuid());
-        let row: Option<TaskRow> = match write {
-            GuardedWrite::Start => sqlx::query_as(sql::START).bind(task).bind(token),
-            GuardedWrite::Complete(result) => sqlx::query_as(sql::COMPLETE)
-                .bind(task)
-                .bind(token)
-                .bind(*result),
+        let (task, token) = (task_id.as_uuid(), claim_token.as_uuid());
+        match write {
+            GuardedWrite::Start => {
+                let write = coalesce::Start::new(task_id, claim_token);
+                applied_task(coalesce::alone(&self.pool, write).await)
+            }
+            GuardedWrite::Complete(result) => {
+                let write = coalesce::Complete::new(task_id, claim_token, result);
+                applied_task(coalesce::alone(&self.pool, write).await)
+            }
             GuardedWrite::Fail(failure) => {
                 let backoff = self.policy.retry_backoff;
-                sqlx::query_as(sql::FAIL)
+                let row = sqlx::query_as(sql::FAIL)
                     .bind(task)
                     .bind(token)
                     .bind(&failure.error)
@@ -198,6 +192,9 @@ impl PgStore {
                     .bind(backoff.base.as_secs_f64() * 1000.0)
                     .bind(backoff.max.as_secs_f64() * 1000.0)
                     .bind(failure.jitter)
+                    .fetch_optional(&self.pool)
+                    .await;
+                applied_task(row)
             }
             GuardedWrite::ExtendLease(extend_by) => {
                 let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(sql::EXTEND_LEASE)
@@ -207,14 +204,9 @@ impl PgStore {
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(plain)?;
-                return Ok(expires_at.map(Applied::LeaseExpiresAt));
+                Ok(expires_at.map(Applied::LeaseExpiresAt))
             }
         }
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(plain)?;
-        row.map(|row| Task::try_from(row).map(|task| Applied::Task(Box::new(task))))
-            .transpose()
     }
 
     async fn fence_snapshot(&self, task_id: TaskId) -> Result<(Task, DateTime<Utc>)> {
@@ -842,6 +834,13 @@ impl Fenced {
             )),
         }
     }
+}
+
+/// A guarded statement's answer: the task when it applied.
+fn applied_task(row: sqlx::Result<Option<TaskRow>>) -> Result<Option<Applied>> {
+    row.map_err(plain)?
+        .map(|row| Task::try_from(row).map(|task| Applied::Task(Box::new(task))))
+        .transpose()
 }
 
 fn claimed(task: Task) -> Result<ClaimedTask> {

@@ -24,13 +24,8 @@ pub(super) const CLAIM: &str = "SELECT * FROM leasehold_claim($1, $2, $3, $4, $5
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";
 
-pub(super) const START: &str = "
-UPDATE tasks SET status = 'RUNNING', started_at = now()
-WHERE id = $1 AND claim_token = $2
-  AND status = 'DISPATCHED' AND lease_expires_at >= now()
-RETURNING *";
-
-/// START for many tasks at once (see `coalesce`): $1 ids, $2 tokens, the same guard per row.
+/// StartTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens; each row is
+/// written only while its token holds a live DISPATCHED claim.
 pub(super) const START_MANY: &str = "
 UPDATE tasks t SET status = 'RUNNING', started_at = now()
 FROM unnest($1::uuid[], $2::uuid[]) AS w(id, token)
@@ -44,12 +39,8 @@ WHERE id = $1 AND claim_token = $2
   AND status = 'DISPATCHED' AND lease_expires_at >= now()
 RETURNING lease_expires_at";
 
-pub(super) const COMPLETE: &str = "
-UPDATE tasks SET status = 'COMPLETED', result = $3, finished_at = now(), lease_expires_at = NULL
-WHERE id = $1 AND claim_token = $2 AND status = 'RUNNING'
-RETURNING *";
-
-/// COMPLETE for many tasks at once (see `coalesce`): $1 ids, $2 tokens, $3 results.
+/// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results;
+/// each row is written only while its token holds it RUNNING.
 pub(super) const COMPLETE_MANY: &str = "
 UPDATE tasks t SET status = 'COMPLETED', result = w.result, finished_at = now(),
                    lease_expires_at = NULL
