@@ -229,7 +229,7 @@ impl Coordinator {
         metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
         self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
-        if !outcome.claimed.is_empty() {
+        if !outcome.claimed.is_empty() && self.claim_cache.is_active() {
             // The runtime's horizon changed (a new lease of its own): any verdict read before
             // this claim must not be trusted. Nobody needs waking for it, and the claim need
             // not wait for it: a verdict is stored only with the versions read before its own

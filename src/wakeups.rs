@@ -1,8 +1,9 @@
 //! Wake-ups: hints that work may have become claimable, for claim streams and long-polling
 //! claims (spec §5). A waiter subscribes to the topics it cares about (its runtime's queues
-//! and its own pin set); every change that commits wakes the topics it touches, locally and,
-//! through Redis pub/sub, on every other replica. A missed wake-up costs at most one poll
-//! interval: correctness never depends on them.
+//! and its own pin set); every change that commits wakes, on each topic it touches, as many
+//! waiters as it moved tasks there ([`Wakes`]), locally and, through Redis pub/sub, on every
+//! other replica. A missed wake-up costs at most one poll interval: correctness never depends
+//! on them.
 //!
 //! Each waiter has one `Notify`, so a wake-up that arrives while the waiter is busy claiming is
 //! kept as a permit rather than lost.

@@ -3,7 +3,8 @@
 //! what the others publish, passing it to its local [`Notifier`].
 //!
 //! A message is lines of tab-separated fields: the sending replica first (so a replica skips
-//! its own messages, already delivered locally), then `q <queue>`, `rt <runtime>` and
+//! its own messages, already delivered locally), then `q <queue> <waiters>`,
+//! `rt <runtime> <waiters>` (how many waiters the change may wake; see [`Wakes`]) and
 //! `cancel <runtime> <task>`. Queue names cannot contain tabs or newlines.
 
 use std::sync::Arc;
