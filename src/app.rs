@@ -87,7 +87,8 @@ impl App {
             max_payload_bytes: config.max_payload_bytes,
             liveness_ttl: config.liveness_ttl,
             sweep: SweepPolicy {
-                offline_after: config.offline_after,
+                offline_after: config.offline_after + Liveness::record_lag(config.redis_timeout),
+                interval: config.sweep_interval,
                 dispatch_timeout: config.dispatch_timeout,
                 pinned_orphan_grace: config.pinned_orphan_grace,
                 batch_size: config.sweep_batch_size,
@@ -206,6 +207,9 @@ impl App {
             let (redis, stop_relay) = (redis.clone(), stop.clone());
             tokio::spawn(async move { coordinator.relay_wakeups(redis, stop_relay).await });
         }
+        let coordinator = self.coordinator.clone();
+        let stop_signs = stop.clone();
+        tokio::spawn(async move { coordinator.record_signs_of_life(stop_signs).await });
         let coordinator = self.coordinator.clone();
         let stop_due = stop.clone();
         tokio::spawn(async move { coordinator.announce_due_tasks(stop_due).await });

@@ -15,6 +15,7 @@ use crate::domain::{
     ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
     TaskId, TaskStatus, validate,
 };
+use crate::signs_of_life::SignsOfLife;
 use crate::store::measured::MeasuredStore;
 use crate::store::{
     ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
@@ -69,6 +70,8 @@ pub struct Coordinator {
     settings: Settings,
     redis: Option<Arc<RedisLink>>,
     liveness: Liveness,
+    /// Runtimes heard from since the last recording (see [`SignsOfLife`]).
+    signs_of_life: SignsOfLife,
     claim_cache: Arc<ClaimCache>,
     notifier: Arc<Notifier>,
     due: DueWakeups,
@@ -93,6 +96,7 @@ impl Coordinator {
                 settings.liveness_ttl,
                 settings.sweep.offline_after,
             ),
+            signs_of_life: SignsOfLife::default(),
             claim_cache: Arc::new(ClaimCache::new(redis.clone())),
             notifier: Notifier::new(),
             due: DueWakeups::default(),
@@ -131,7 +135,7 @@ impl Coordinator {
         runtime.queues.sort();
         runtime.queues.dedup();
         let runtime = self.store.register_runtime(runtime).await?;
-        self.liveness.flushed(runtime.id).await;
+        self.liveness.flushed(&[runtime.id]).await;
         self.claim_cache.learn_queues(runtime.id, &runtime.queues);
         // Its queues may have changed: no verdict computed for the old ones may stand.
         self.announce_topics(Wakes::all([Topic::Runtime(runtime.id)]), &[])
@@ -144,18 +148,56 @@ impl Coordinator {
         })
     }
 
-    /// Redis takes the beat when PostgreSQL heard from the runtime recently enough;
-    /// otherwise (or without Redis) PostgreSQL's `last_seen_at` is written.
+    /// Redis takes the beat; PostgreSQL's `last_seen_at` is written too when it is due (or
+    /// without Redis). The beat succeeds while either store could record it: an unreachable
+    /// database does not fail a runtime whose beat Redis holds.
     pub async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
-        if self.liveness.beat(runtime_id).await {
-            return Ok(HeartbeatAck {
-                server_time: Utc::now(),
-                status: RuntimeStatus::Online,
-            });
+        let recorded = self.liveness.record(&[runtime_id]).await;
+        let redis_only = HeartbeatAck {
+            server_time: Utc::now(),
+            status: RuntimeStatus::Online,
+        };
+        if recorded.as_deref() == Some(&[false]) {
+            return Ok(redis_only);
         }
-        let ack = self.store.heartbeat(runtime_id).await?;
-        self.liveness.flushed(runtime_id).await;
-        Ok(ack)
+        match self.store.heartbeat(runtime_id).await {
+            Ok(ack) => {
+                self.liveness.flushed(&[runtime_id]).await;
+                Ok(ack)
+            }
+            Err(Error::StoreUnavailable(error)) if recorded.is_some() => {
+                tracing::warn!(%runtime_id, %error, "heartbeat recorded in Redis only");
+                Ok(redis_only)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A call of `runtime_id` was accepted: it is alive. Recorded off the call's path.
+    pub fn note_sign_of_life(&self, runtime_id: RuntimeId) {
+        self.signs_of_life.note(runtime_id);
+    }
+
+    /// Records the signs of life noted on this replica, until `stop`.
+    pub async fn record_signs_of_life(&self, stop: CancellationToken) {
+        self.signs_of_life
+            .run(&self.liveness, self.store.as_ref(), stop)
+            .await;
+    }
+
+    /// Records the signs of life noted so far now, rather than at the next interval.
+    pub async fn flush_signs_of_life(&self) {
+        self.signs_of_life
+            .record(&self.liveness, self.store.as_ref())
+            .await;
+    }
+
+    /// A claim stream opened: a sign of life that, like a claim, brings an OFFLINE runtime
+    /// back ONLINE (and runs the preflight).
+    pub async fn stream_opened(&self, runtime_id: RuntimeId) -> Result<()> {
+        self.claim(runtime_id, Some(0), None, CacheUse::Bypass)
+            .await
+            .map(drop)
     }
 
     /// Graceful exit: OFFLINE, unstarted claims requeued (T4''). Returns how many.
@@ -218,10 +260,8 @@ impl Coordinator {
             };
             Ok((snapshot, Some(self.store.claim(request).await?)))
         };
-        // The sign of life is a Redis call of its own; nothing waits for it.
-        let (claimed, ()) =
-            tokio::join!(read_and_claim, self.note_claim_as_sign_of_life(runtime_id));
-        let (snapshot, outcome) = claimed?;
+        let (snapshot, outcome) = read_and_claim.await?;
+        self.note_sign_of_life(runtime_id);
         let Some(outcome) = outcome else {
             return Ok(Vec::new());
         };
@@ -347,13 +387,6 @@ impl Coordinator {
         &self.draining
     }
 
-    /// A claim is a sign of life too: it refreshes the runtime's liveness key. It never writes
-    /// `last_seen_at` (heartbeats do), so idle claims and streams cost PostgreSQL nothing; a
-    /// runtime that claims but never heartbeats still goes OFFLINE.
-    async fn note_claim_as_sign_of_life(&self, runtime_id: RuntimeId) {
-        self.liveness.beat(runtime_id).await;
-    }
-
     /// One sweep (spec §6); `None` when another replica is sweeping.
     pub async fn sweep(&self, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>> {
         let report = self
@@ -460,6 +493,7 @@ impl Coordinator {
 
     pub async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
         let task = self.store.start(task_id, token).await?;
+        self.note_holder_alive(&task);
         metrics::counter!("leasehold_task_starts_total").increment(1);
         Ok(task)
     }
@@ -475,7 +509,18 @@ impl Coordinator {
         let extend_by = extend_by
             .filter(|extend_by| !extend_by.is_zero())
             .map_or(lease, |extend_by| extend_by.min(lease));
-        self.store.extend_lease(task_id, token, extend_by).await
+        let renewal = self.store.extend_lease(task_id, token, extend_by).await?;
+        if let Some(runtime_id) = renewal.runtime_id {
+            self.note_sign_of_life(runtime_id);
+        }
+        Ok(renewal.lease_expires_at)
+    }
+
+    /// A token-fenced write succeeded: the runtime holding the task made it.
+    fn note_holder_alive(&self, task: &Task) {
+        if let Some(runtime_id) = task.claimed_by {
+            self.note_sign_of_life(runtime_id);
+        }
     }
 
     pub async fn complete(
@@ -486,6 +531,7 @@ impl Coordinator {
     ) -> Result<Task> {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
         let task = self.store.complete(task_id, token, result).await?;
+        self.note_holder_alive(&task);
         metrics::counter!("leasehold_task_completions_total").increment(1);
         self.announce_task(&task).await;
         Ok(task)
@@ -505,6 +551,7 @@ impl Coordinator {
             jitter: rand::random::<f64>(),
         };
         let outcome = self.store.fail(task_id, token, failure).await?;
+        self.note_holder_alive(&outcome.task);
         count_failure("TASK_ERROR", outcome.will_retry);
         self.announce_task(&outcome.task).await;
         Ok(outcome)
@@ -525,7 +572,10 @@ impl Coordinator {
         for name in counters.keys() {
             validate::required_text("counters", name)?;
         }
-        self.store.report_usage(task_id, token, counters).await
+        if let Some(runtime_id) = self.store.report_usage(task_id, token, counters).await? {
+            self.note_sign_of_life(runtime_id);
+        }
+        Ok(())
     }
 
     pub async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {

@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod domain;
 pub mod grpc;
 pub mod shutdown;
+pub mod signs_of_life;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;

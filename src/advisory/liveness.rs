@@ -1,52 +1,98 @@
-//! Runtime liveness (spec §6). A heartbeat, and any claim, sets the runtime's liveness key
-//! with the liveness TTL. The key's value is when the runtime's `last_seen_at` was last written
-//! to PostgreSQL, which lets every replica agree that the database needs that write at most
-//! once per flush interval while Redis is healthy; without Redis, every heartbeat writes it.
+//! Runtime liveness in Redis (spec §6). Each runtime's record is a hash: `seen`, when it was
+//! last heard from, and `flushed`, when its PostgreSQL `last_seen_at` was last written, both
+//! in milliseconds of Redis's own clock (so every replica measures on one clock). Every sign
+//! of life sets `seen`; `last_seen_at` is written only once `flushed` is older than the flush
+//! interval, so while Redis is healthy PostgreSQL hears from each runtime at most that often.
 //!
-//! The sweeper trusts a live key over a stale `last_seen_at`, so the flush interval, the
-//! heartbeat interval and the sweep interval together must stay below `--offline-after`
-//! (the flush interval is derived to keep its share small).
+//! A record lives at least twice `--offline-after`, so the sweeper can always read a live
+//! runtime's age. An epoch key, set when Redis first holds any record, tells whether Redis
+//! kept its data for the whole threshold: only then does a missing record prove silence.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
 
 use super::{RedisLink, millis};
 use crate::domain::RuntimeId;
+use crate::domain::liveness::RedisView;
 use crate::store::LivenessOracle;
 
 /// The longest `last_seen_at` may lag behind a live runtime while Redis is healthy.
 const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
-/// KEYS[1] the liveness key; ARGV now (ms), flush interval (ms), TTL (ms).
-/// Refreshes the key and answers 1 when PostgreSQL heard from the runtime recently enough;
-/// answers 0 (touching nothing) when PostgreSQL must be written first.
-const BEAT: &str = r"
-local flushed = tonumber(redis.call('GET', KEYS[1]) or '')
-if flushed and tonumber(ARGV[1]) - flushed < tonumber(ARGV[2]) then
-    redis.call('SET', KEYS[1], flushed, 'PX', ARGV[3])
-    return 1
+/// How often the signs of life gathered by a replica are recorded (see `SignsOfLife`).
+pub const RECORD_INTERVAL: Duration = Duration::from_millis(100);
+
+/// KEYS[1] the epoch key, then one record per runtime; ARGV flush interval (ms), TTL (ms).
+/// Sets `seen` to now on every record and answers, per runtime, 1 when PostgreSQL must be
+/// written (its `flushed` is missing or older than the flush interval), else 0.
+const RECORD: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'NX')
+local answers = {}
+for i = 2, #KEYS do
+    local flushed = tonumber(redis.call('HGET', KEYS[i], 'flushed') or '')
+    redis.call('HSET', KEYS[i], 'seen', now)
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    if flushed and now - flushed < tonumber(ARGV[1]) then
+        answers[#answers + 1] = 0
+    else
+        answers[#answers + 1] = 1
+    end
 end
-return 0
+return answers
+";
+
+/// KEYS: one record per runtime whose `last_seen_at` was just written; ARGV TTL (ms).
+const FLUSHED: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+for i = 1, #KEYS do
+    redis.call('HSET', KEYS[i], 'flushed', now, 'seen', now)
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+";
+
+/// KEYS[1] the epoch key, then one record per runtime. Answers Redis's clock, the epoch (-1
+/// when missing), then each runtime's `seen` (-1 when it has no record).
+const READ: &str = r"
+local clock = redis.call('TIME')
+local answers = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
+answers[2] = tonumber(redis.call('GET', KEYS[1]) or '-1')
+for i = 2, #KEYS do
+    answers[#answers + 1] = tonumber(redis.call('HGET', KEYS[i], 'seen') or '-1')
+end
+return answers
 ";
 
 pub struct Liveness {
     redis: Option<Arc<RedisLink>>,
+    /// How long a record lives without a sign of life.
     ttl: Duration,
     flush_every: Duration,
-    beat: Script,
+    /// The sweeper's threshold, which absence of a record must cover to prove silence.
+    offline_after: Duration,
+    record: Script,
+    flushed: Script,
+    read: Script,
 }
 
 impl Liveness {
+    /// `ttl` is `--liveness-ttl`; a record is kept at least twice `offline_after` anyway.
     pub fn new(redis: Option<Arc<RedisLink>>, ttl: Duration, offline_after: Duration) -> Self {
         Self {
             redis,
-            ttl,
+            ttl: ttl.max(offline_after * 2),
             flush_every: Self::flush_interval(offline_after),
-            beat: Script::new(BEAT),
+            offline_after,
+            record: Script::new(RECORD),
+            flushed: Script::new(FLUSHED),
+            read: Script::new(READ),
         }
     }
 
@@ -56,40 +102,52 @@ impl Liveness {
         MAX_FLUSH_INTERVAL.min(offline_after / 3)
     }
 
-    /// Records a sign of life in Redis. `true` means PostgreSQL's `last_seen_at` is recent
-    /// enough that this beat needs no database write; `false` means the caller must write it
-    /// (and then call [`Liveness::flushed`]).
-    pub async fn beat(&self, runtime: RuntimeId) -> bool {
-        let Some(redis) = &self.redis else {
-            return false;
-        };
-        let key = key(redis, runtime);
-        let (now, flush_every, ttl) = (now_millis(), millis(self.flush_every), millis(self.ttl));
-        let recorded: Option<i64> = redis
-            .call(|mut connection| async move {
-                self.beat
-                    .key(key)
-                    .arg(now)
-                    .arg(flush_every)
-                    .arg(ttl)
-                    .invoke_async(&mut connection)
-                    .await
-            })
-            .await;
-        recorded == Some(1)
+    /// The most time between accepting a call and its sign of life reaching a record: one
+    /// recording interval plus a Redis call that times out before PostgreSQL is written
+    /// instead. The sweeper adds it to `--offline-after`.
+    pub fn record_lag(redis_timeout: Duration) -> Duration {
+        RECORD_INTERVAL + redis_timeout
     }
 
-    /// PostgreSQL's `last_seen_at` was just written.
-    pub async fn flushed(&self, runtime: RuntimeId) {
-        if let Some(redis) = &self.redis {
-            let command = redis::cmd("SET")
-                .arg(key(redis, runtime))
-                .arg(now_millis())
-                .arg("PX")
-                .arg(millis(self.ttl))
-                .to_owned();
-            redis.query::<()>(command).await;
+    /// Records signs of life in Redis. Per runtime, `true` when PostgreSQL's `last_seen_at`
+    /// must be written too (then call [`Liveness::flushed`] once it was); `None` when Redis is
+    /// not configured or could not record them: PostgreSQL must take them all.
+    pub async fn record(&self, runtimes: &[RuntimeId]) -> Option<Vec<bool>> {
+        let redis = self.redis.as_ref()?;
+        if runtimes.is_empty() {
+            return Some(Vec::new());
         }
+        let mut invocation = self.record.key(epoch_key(redis));
+        for runtime in runtimes {
+            invocation.key(key(redis, *runtime));
+        }
+        invocation
+            .arg(millis(self.flush_every))
+            .arg(millis(self.ttl));
+        let answers: Vec<i64> = redis
+            .call(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Some(answers.into_iter().map(|answer| answer != 0).collect())
+    }
+
+    /// PostgreSQL's `last_seen_at` was just written for these runtimes.
+    pub async fn flushed(&self, runtimes: &[RuntimeId]) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        if runtimes.is_empty() {
+            return;
+        }
+        let mut invocation = self.flushed.prepare_invoke();
+        for runtime in runtimes {
+            invocation.key(key(redis, *runtime));
+        }
+        invocation.arg(millis(self.ttl));
+        redis
+            .call(|mut connection| async move {
+                invocation.invoke_async::<i64>(&mut connection).await
+            })
+            .await;
     }
 
     /// The runtime left (DeregisterRuntime): its next heartbeat must reach PostgreSQL to bring
@@ -100,28 +158,56 @@ impl Liveness {
             redis.query::<()>(command).await;
         }
     }
+
+    /// How far `last_seen_at` may lag a sign of life only Redis recorded.
+    fn database_lag(&self) -> Duration {
+        if self.redis.is_some() {
+            self.flush_every
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 #[async_trait]
 impl LivenessOracle for Liveness {
-    /// One MGET. Without Redis, nobody is known to be alive: `last_seen_at` decides alone.
-    async fn alive(&self, runtimes: &[RuntimeId]) -> HashSet<RuntimeId> {
+    /// One script call. Without Redis, or when it cannot be asked, the view is empty and a
+    /// missing record proves nothing.
+    async fn view(&self, runtimes: &[RuntimeId]) -> RedisView {
+        let mut view = RedisView {
+            database_lag: self.database_lag(),
+            ..RedisView::default()
+        };
         let Some(redis) = &self.redis else {
-            return HashSet::new();
+            return view;
         };
         if runtimes.is_empty() {
-            return HashSet::new();
+            return view;
         }
-        let keys: Vec<String> = runtimes.iter().map(|id| key(redis, *id)).collect();
-        let command = redis::cmd("MGET").arg(keys).to_owned();
-        let Some(values) = redis.query::<Vec<Option<String>>>(command).await else {
-            return HashSet::new();
+        let mut invocation = self.read.key(epoch_key(redis));
+        for runtime in runtimes {
+            invocation.key(key(redis, *runtime));
+        }
+        let Some(answers) = redis
+            .call(|mut connection| async move {
+                invocation.invoke_async::<Vec<i64>>(&mut connection).await
+            })
+            .await
+        else {
+            return view;
         };
-        runtimes
+        let [now, epoch, seen @ ..] = answers.as_slice() else {
+            return view;
+        };
+        let age = |at: i64| Duration::from_millis(u64::try_from(now - at).unwrap_or(0));
+        view.absence_is_evidence = *epoch >= 0 && age(*epoch) >= self.offline_after;
+        view.seen_ago = runtimes
             .iter()
-            .zip(values)
-            .filter_map(|(id, value)| value.map(|_| *id))
-            .collect()
+            .zip(seen)
+            .filter(|(_, seen)| **seen >= 0)
+            .map(|(runtime, seen)| (*runtime, age(*seen)))
+            .collect::<HashMap<_, _>>();
+        view
     }
 }
 
@@ -129,10 +215,6 @@ fn key(redis: &RedisLink, runtime: RuntimeId) -> String {
     redis.key(format_args!("live:{runtime}"))
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
+fn epoch_key(redis: &RedisLink) -> String {
+    redis.key(format_args!("live-epoch"))
 }

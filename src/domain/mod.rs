@@ -4,6 +4,7 @@
 pub mod error;
 pub mod fence;
 pub mod ids;
+pub mod liveness;
 pub mod retry;
 pub mod task;
 pub mod validate;

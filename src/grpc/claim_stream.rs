@@ -56,6 +56,10 @@ pub(super) async fn open(
         return Err(Error::invalid("open", "the first message must be open"));
     };
     let runtime_id = convert::runtime_id("open.runtime_id", &open.runtime_id)?;
+    if open.credits == 0 {
+        // With credits, the first claim comes at once and does the same.
+        coordinator.stream_opened(runtime_id).await?;
+    }
     let subscription = coordinator.subscribe(runtime_id).await?;
     Ok(Session {
         coordinator: coordinator.clone(),
@@ -218,6 +222,9 @@ impl Session {
 
     /// Handles one worker message; `true` when it granted credits.
     fn receive(&mut self, request: pb::StreamClaimsRequest) -> std::result::Result<bool, Status> {
+        if matches!(request.msg, Some(Inbound::Credit(_) | Inbound::Ack(_))) {
+            self.coordinator.note_sign_of_life(self.runtime_id);
+        }
         match request.msg {
             Some(Inbound::Credit(grant)) => {
                 self.credits = (self.credits + u64::from(grant.n)).min(MAX_CREDITS);

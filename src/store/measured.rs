@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
-    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
+    Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use crate::domain::{
     ClaimToken, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
@@ -58,6 +58,7 @@ measured! {
     fn ping(&self) -> Result<()>;
     fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime>;
     fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
+    fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
     fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
     fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
     fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>>;
@@ -66,10 +67,10 @@ measured! {
     fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
     fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
     fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task>;
-    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration) -> Result<DateTime<Utc>>;
+    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration) -> Result<LeaseRenewal>;
     fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
     fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure) -> Result<FailOutcome>;
-    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>) -> Result<()>;
+    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>) -> Result<Option<RuntimeId>>;
     fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
     fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
     fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;

@@ -13,14 +13,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::fence::{self, OwnerWrite, Verdict};
+use crate::domain::liveness::{self, RedisView};
 use crate::domain::{
     ClaimEnd, ClaimToken, ClaimedTask, Error, FailureReason, PreviousClaim, QueueInfo, Result,
     Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus, retry,
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
-    StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
+    Recovered, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 pub struct MemoryStore {
@@ -45,6 +46,8 @@ struct State {
     busy_keys: HashSet<(String, String)>,
     /// Usage counters per (task, claim token).
     usage: HashMap<(TaskId, ClaimToken), BTreeMap<String, i64>>,
+    /// When the previous sweep began: a longer gap than usual is a blackout.
+    last_swept_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -438,11 +441,73 @@ impl State {
         })
     }
 
-    fn refresh_last_seen(&mut self, runtime_id: RuntimeId, now: DateTime<Utc>) {
-        if let Some(runtime) = self.runtimes.get_mut(&runtime_id)
-            && runtime.status == RuntimeStatus::Online
-        {
-            runtime.last_seen_at = now;
+    /// Moves an ONLINE runtime's `last_seen_at` forward to `seen_at` (never back); false
+    /// for an unknown or OFFLINE runtime.
+    fn refresh_last_seen(&mut self, runtime_id: RuntimeId, seen_at: DateTime<Utc>) -> bool {
+        match self.runtimes.get_mut(&runtime_id) {
+            Some(runtime) if runtime.status == RuntimeStatus::Online => {
+                runtime.last_seen_at = runtime.last_seen_at.max(seen_at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A heartbeat, or a claim by an OFFLINE runtime: seen now, and ONLINE.
+    fn revive(&mut self, runtime_id: RuntimeId, now: DateTime<Utc>) -> Result<()> {
+        let runtime = self
+            .runtimes
+            .get_mut(&runtime_id)
+            .ok_or(Error::RuntimeNotFound(runtime_id))?;
+        runtime.last_seen_at = now;
+        runtime.status = RuntimeStatus::Online;
+        self.offline_since.remove(&runtime_id);
+        Ok(())
+    }
+
+    /// Sweeper stage 1 (see `domain::liveness`).
+    fn mark_silent_runtimes_offline(
+        &mut self,
+        candidates: &[RuntimeId],
+        redis: &RedisView,
+        offline_after: Duration,
+        now: DateTime<Utc>,
+    ) -> Vec<RuntimeId> {
+        let mut marked = Vec::new();
+        for &runtime_id in candidates {
+            let Some(runtime) = self.runtimes.get(&runtime_id) else {
+                continue;
+            };
+            if runtime.status != RuntimeStatus::Online {
+                continue;
+            }
+            let database_age = (now - runtime.last_seen_at).to_std().unwrap_or_default();
+            match liveness::verdict(runtime_id, database_age, redis, offline_after) {
+                liveness::Verdict::Alive { seen_ago } => {
+                    self.refresh_last_seen(runtime_id, now - to_chrono(seen_ago));
+                }
+                liveness::Verdict::Offline => {
+                    if self.mark_offline(runtime_id, now).is_ok() {
+                        marked.push(runtime_id);
+                    }
+                }
+                liveness::Verdict::Undecided => {}
+            }
+        }
+        marked
+    }
+
+    /// A gap since the previous sweep longer than usual is not counted against any ONLINE
+    /// runtime (`domain::liveness::blackout_credit`).
+    fn credit_blackout(&mut self, interval: Duration, now: DateTime<Utc>) {
+        let previous = self.last_swept_at.replace(now);
+        let gap = previous.and_then(|previous| (now - previous).to_std().ok());
+        if let Some(credit) = gap.and_then(|gap| liveness::blackout_credit(gap, interval)) {
+            for runtime in self.runtimes.values_mut() {
+                if runtime.status == RuntimeStatus::Online {
+                    runtime.last_seen_at = (runtime.last_seen_at + to_chrono(credit)).min(now);
+                }
+            }
         }
     }
 
@@ -627,19 +692,21 @@ impl TaskStore for MemoryStore {
 
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
         let now = self.now();
-        let mut state = self.state();
-        let runtime = state
-            .runtimes
-            .get_mut(&runtime_id)
-            .ok_or(Error::RuntimeNotFound(runtime_id))?;
-        runtime.last_seen_at = now;
-        runtime.status = RuntimeStatus::Online;
-        let status = runtime.status;
-        state.offline_since.remove(&runtime_id);
+        self.state().revive(runtime_id, now)?;
         Ok(HeartbeatAck {
             server_time: now,
-            status,
+            status: RuntimeStatus::Online,
         })
+    }
+
+    async fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>> {
+        let now = self.now();
+        let mut state = self.state();
+        Ok(runtimes
+            .iter()
+            .copied()
+            .filter(|id| state.refresh_last_seen(*id, now))
+            .collect())
     }
 
     async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
@@ -699,6 +766,10 @@ impl TaskStore for MemoryStore {
             .get(&request.runtime_id)
             .cloned()
             .ok_or(Error::RuntimeNotFound(request.runtime_id))?;
+        if runtime.status == RuntimeStatus::Offline {
+            // Claiming is a sign of life: nothing it claims may be failed for a stale status.
+            state.revive(runtime.id, now)?;
+        }
         let preflight = state.requeue_expired_leases(runtime.id, &self.policy, now);
         if request.max_tasks == 0 {
             return Ok(ClaimOutcome {
@@ -779,25 +850,22 @@ impl TaskStore for MemoryStore {
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>> {
         let swept_at = self.now();
-        let offline_after = to_chrono(policy.offline_after);
-        let stale: Vec<RuntimeId> = self.state().stale_runtimes(swept_at - offline_after);
-        // Asked without the lock held; the flip below re-checks staleness, so a heartbeat
-        // that landed meanwhile vetoes it.
-        let alive = oracle.alive(&stale).await;
+        let stale: Vec<RuntimeId> = {
+            let mut state = self.state();
+            state.credit_blackout(policy.interval, swept_at);
+            state.stale_runtimes(swept_at - to_chrono(policy.offline_after))
+        };
+        // Asked without the lock held; the verdicts below are taken on the runtimes as they
+        // are then, so a heartbeat that landed meanwhile vetoes a flip.
+        let redis = oracle.view(&stale).await;
         let now = self.now();
         let mut state = self.state();
         let mut report = SweepReport {
             swept_at: Some(swept_at),
             ..SweepReport::default()
         };
-        for runtime_id in stale {
-            if alive.contains(&runtime_id) {
-                state.refresh_last_seen(runtime_id, now);
-            } else if state.is_stale(runtime_id, now - offline_after) {
-                state.mark_offline(runtime_id, now)?;
-                report.marked_offline.push(runtime_id);
-            }
-        }
+        report.marked_offline =
+            state.mark_silent_runtimes_offline(&stale, &redis, policy.offline_after, now);
         report.runtime_offline = state.fail_tasks_of_offline_runtimes(&self.policy, now);
         report.timed_out = state.fail_timed_out(policy, &self.policy, now);
         report.runtime_gone = state.fail_pinned_orphans(policy, now);
@@ -821,7 +889,7 @@ impl TaskStore for MemoryStore {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
-    ) -> Result<DateTime<Utc>> {
+    ) -> Result<LeaseRenewal> {
         let (task, _) = self.fenced(
             OwnerWrite::ExtendLease,
             task_id,
@@ -832,8 +900,13 @@ impl TaskStore for MemoryStore {
                 task.lease_expires_at = task.lease_expires_at.max(Some(renewed));
             },
         )?;
-        task.lease_expires_at
-            .ok_or_else(|| Error::Internal("an extended lease has no expiry".into()))
+        let lease_expires_at = task
+            .lease_expires_at
+            .ok_or_else(|| Error::Internal("an extended lease has no expiry".into()))?;
+        Ok(LeaseRenewal {
+            lease_expires_at,
+            runtime_id: task.claimed_by,
+        })
     }
 
     async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
@@ -875,17 +948,18 @@ impl TaskStore for MemoryStore {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
-    ) -> Result<()> {
+    ) -> Result<Option<RuntimeId>> {
         let now = self.now();
         let mut state = self.state();
         let task = state.task(task_id)?;
+        let holder = task.claimed_by;
         if State::holds_active_claim(task, token, now) {
             state
                 .usage
                 .entry((task_id, token))
                 .or_default()
                 .extend(counters);
-            return Ok(());
+            return Ok(holder);
         }
         let stored = state.usage.get(&(task_id, token));
         let already_reported = !counters.is_empty()
@@ -895,7 +969,7 @@ impl TaskStore for MemoryStore {
                     .all(|(name, value)| stored.get(name) == Some(value))
             });
         if already_reported {
-            return Ok(());
+            return Ok(holder);
         }
         match fence::judge(OwnerWrite::ReportUsage, task, token, now) {
             Verdict::Refuse(refusal) => Err(Error::refused(refusal, task)),

@@ -3,12 +3,13 @@
 //! Every method is one atomic change (or read) with the semantics of spec §2 and §4; the
 //! implementations differ only in how they achieve atomicity.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::liveness::RedisView;
 use crate::domain::{
     ClaimToken, ClaimedTask, QueueInfo, Result, RetryBackoff, Runtime, RuntimeId, RuntimeStatus,
     Task, TaskId, TaskStatus,
@@ -146,18 +147,24 @@ impl Recovered {
 /// The sweeper's thresholds (spec §6).
 #[derive(Clone, Copy, Debug)]
 pub struct SweepPolicy {
+    /// A runtime silent for this long is OFFLINE: `--offline-after` plus the most a sign of
+    /// life takes to reach a record (see `Liveness::record_lag`), so none is judged early.
     pub offline_after: Duration,
+    /// `--sweep-interval`: a longer gap between sweeps is a blackout, not counted against
+    /// runtimes (`domain::liveness::blackout_credit`).
+    pub interval: Duration,
     pub dispatch_timeout: Duration,
     pub pinned_orphan_grace: Duration,
     /// Rows per statement; each stage repeats until a batch comes back short.
     pub batch_size: u32,
 }
 
-/// Which runtimes Redis knows to be alive. The sweeper asks between finding stale runtimes
-/// and flipping them OFFLINE; it answers an empty set when it cannot tell.
+/// What Redis knows of runtimes' signs of life. The sweeper asks between finding runtimes
+/// whose `last_seen_at` is stale and flipping them OFFLINE; without Redis (or when it cannot
+/// be asked) the view holds no records and proves nothing by their absence.
 #[async_trait]
 pub trait LivenessOracle: Send + Sync {
-    async fn alive(&self, runtimes: &[RuntimeId]) -> HashSet<RuntimeId>;
+    async fn view(&self, runtimes: &[RuntimeId]) -> RedisView;
 }
 
 /// What one sweep did, stage by stage.
@@ -202,6 +209,13 @@ pub struct Failure {
     /// Uniform in `[0, 1)`: the full-jitter fraction of the retry backoff. Drawn by the caller
     /// so that stores stay deterministic under test.
     pub jitter: f64,
+}
+
+/// A renewed lease and the runtime holding it: the renewal is that runtime's sign of life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    pub lease_expires_at: DateTime<Utc>,
+    pub runtime_id: Option<RuntimeId>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -259,6 +273,11 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Records that the runtime is alive now; an OFFLINE runtime becomes ONLINE.
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
 
+    /// Signs of life other than heartbeats: `last_seen_at = now` for those of `runtimes` that
+    /// are ONLINE (an OFFLINE runtime comes back by a heartbeat or a claim). Returns the ones
+    /// written. On PostgreSQL this uses the liveness connections, never the request pool.
+    async fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
+
     /// OFFLINE at once; its unstarted claims go back to QUEUED (T4''). Returns them.
     async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
 
@@ -300,7 +319,7 @@ pub trait TaskStore: Send + Sync + 'static {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
-    ) -> Result<DateTime<Utc>>;
+    ) -> Result<LeaseRenewal>;
 
     async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
 
@@ -316,7 +335,7 @@ pub trait TaskStore: Send + Sync + 'static {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
-    ) -> Result<()>;
+    ) -> Result<Option<RuntimeId>>;
 
     async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
 

@@ -300,7 +300,7 @@ async fn apply(
             store
                 .report_usage(task_id, token, counters)
                 .await
-                .map(|()| "usage recorded".into())
+                .map(|_| "usage recorded".into())
         }
         Op::Cancel { task } => {
             let Some(task_id) = task_at(*task) else {

@@ -409,6 +409,8 @@ impl TestServer {
     /// clock cannot move), the memory store's clock moves forward by it. Either way every
     /// lease, delay and backoff comes `by` closer to its end.
     pub async fn advance_time(&self, by: Duration) {
+        // Signs of life noted before now are recorded before time moves, as they would be.
+        self.coordinator.flush_signs_of_life().await;
         match &self.store {
             Store::Memory(store) => store.advance_clock(by),
             Store::Postgres(pool) => {

@@ -1,11 +1,12 @@
 //! Runtimes and the sweeper (spec §2 T4'', T7, T10 and §6), on both stores, without Redis:
 //! time is moved with `advance_time` and sweeps are run explicitly.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use leasehold::domain::liveness::RedisView;
 use leasehold::domain::{RuntimeId, TaskStatus};
 use leasehold::grpc::pb;
 use leasehold::store::{LivenessOracle, TaskStore};
@@ -269,11 +270,11 @@ struct HeartbeatMeanwhile(Arc<dyn TaskStore>);
 
 #[async_trait]
 impl LivenessOracle for HeartbeatMeanwhile {
-    async fn alive(&self, runtimes: &[RuntimeId]) -> HashSet<RuntimeId> {
+    async fn view(&self, runtimes: &[RuntimeId]) -> RedisView {
         for runtime in runtimes {
             self.0.heartbeat(*runtime).await.unwrap();
         }
-        HashSet::new()
+        RedisView::default()
     }
 }
 
@@ -282,8 +283,8 @@ struct NobodyAlive;
 
 #[async_trait]
 impl LivenessOracle for NobodyAlive {
-    async fn alive(&self, _runtimes: &[RuntimeId]) -> HashSet<RuntimeId> {
-        HashSet::new()
+    async fn view(&self, _runtimes: &[RuntimeId]) -> RedisView {
+        RedisView::default()
     }
 }
 

@@ -17,8 +17,8 @@ use crate::domain::{
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate, Recovered,
-    StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
+    Recovered, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 mod coalesce;
@@ -44,6 +44,15 @@ fn interval(duration: Duration) -> Duration {
     Duration::from_micros(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// A small pool with `pool`'s connection settings, connecting lazily.
+fn side_pool(pool: &PgPool, connections: u32) -> PgPool {
+    pool.options()
+        .clone()
+        .max_connections(connections)
+        .min_connections(0)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// The migrations, embedded in the binary and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -51,8 +60,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// applied (the row moved between the two statements), it is tried again this many times.
 const FENCED_WRITE_ATTEMPTS: usize = 3;
 
+/// Connections kept for liveness (heartbeats and other signs of life) and for the sweeper,
+/// apart from the request pool: a flood of claims cannot starve either (spec §10).
+const LIVENESS_CONNECTIONS: u32 = 3;
+const SWEEPER_CONNECTIONS: u32 = 2;
+
 pub struct PgStore {
     pool: PgPool,
+    /// Heartbeats and the signs of life of other calls.
+    liveness_pool: PgPool,
+    /// The sweep (which holds one connection for its advisory lock).
+    sweeper_pool: PgPool,
     policy: StorePolicy,
     starts: Coalescer<coalesce::Start>,
     completes: Coalescer<coalesce::Complete>,
@@ -80,7 +98,7 @@ impl GuardedWrite<'_> {
 /// What a guarded statement returned.
 enum Applied {
     Task(Box<Task>),
-    LeaseExpiresAt(DateTime<Utc>),
+    Lease(LeaseRenewal),
 }
 
 /// How a fenced write ended when it did not fail.
@@ -91,10 +109,14 @@ enum Fenced {
 }
 
 impl PgStore {
+    /// `pool` serves requests; the liveness and sweeper connections are opened beside it,
+    /// with the same settings, when first needed.
     pub fn new(pool: PgPool, policy: StorePolicy) -> Self {
         Self {
             starts: Coalescer::new(pool.clone()),
             completes: Coalescer::new(pool.clone()),
+            liveness_pool: side_pool(&pool, LIVENESS_CONNECTIONS),
+            sweeper_pool: side_pool(&pool, SWEEPER_CONNECTIONS),
             pool,
             policy,
         }
@@ -197,14 +219,20 @@ impl PgStore {
                 applied_task(row)
             }
             GuardedWrite::ExtendLease(extend_by) => {
-                let expires_at: Option<DateTime<Utc>> = sqlx::query_scalar(sql::EXTEND_LEASE)
-                    .bind(task)
-                    .bind(token)
-                    .bind(interval(*extend_by))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(plain)?;
-                Ok(expires_at.map(Applied::LeaseExpiresAt))
+                let renewed: Option<(DateTime<Utc>, Option<Uuid>)> =
+                    sqlx::query_as(sql::EXTEND_LEASE)
+                        .bind(task)
+                        .bind(token)
+                        .bind(interval(*extend_by))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(plain)?;
+                Ok(renewed.map(|(lease_expires_at, holder)| {
+                    Applied::Lease(LeaseRenewal {
+                        lease_expires_at,
+                        runtime_id: holder.map(RuntimeId::from_uuid),
+                    })
+                }))
             }
         }
     }
@@ -320,7 +348,7 @@ impl TaskStore for PgStore {
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
         let row: Option<(DateTime<Utc>, String)> = sqlx::query_as(sql::HEARTBEAT)
             .bind(runtime_id.as_uuid())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.liveness_pool)
             .await
             .map_err(plain)?;
         let (server_time, status) = row.ok_or(Error::RuntimeNotFound(runtime_id))?;
@@ -330,6 +358,16 @@ impl TaskStore for PgStore {
             server_time,
             status,
         })
+    }
+
+    async fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>> {
+        let ids: Vec<Uuid> = runtimes.iter().map(|id| id.as_uuid()).collect();
+        let touched: Vec<Uuid> = sqlx::query_scalar(sql::TOUCH_RUNTIMES)
+            .bind(ids)
+            .fetch_all(&self.liveness_pool)
+            .await
+            .map_err(plain)?;
+        Ok(touched.into_iter().map(RuntimeId::from_uuid).collect())
     }
 
     async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
@@ -435,7 +473,7 @@ impl TaskStore for PgStore {
         oracle: &dyn LivenessOracle,
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>> {
-        sweep::run(&self.pool, &self.policy, policy, oracle, due_since).await
+        sweep::run(&self.sweeper_pool, &self.policy, policy, oracle, due_since).await
     }
 
     async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
@@ -449,12 +487,12 @@ impl TaskStore for PgStore {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
-    ) -> Result<DateTime<Utc>> {
+    ) -> Result<LeaseRenewal> {
         match self
             .fenced(GuardedWrite::ExtendLease(extend_by), task_id, token)
             .await?
         {
-            Fenced::Applied(Applied::LeaseExpiresAt(expires_at)) => Ok(expires_at),
+            Fenced::Applied(Applied::Lease(renewal)) => Ok(renewal),
             _ => Err(Error::Internal(
                 "ExtendLease answered with something other than a lease expiry".into(),
             )),
@@ -498,19 +536,20 @@ impl TaskStore for PgStore {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
-    ) -> Result<()> {
+    ) -> Result<Option<RuntimeId>> {
         let (names, values): (Vec<String>, Vec<i64>) = counters.into_iter().unzip();
         for _ in 0..FENCED_WRITE_ATTEMPTS {
-            let (applied, _written): (bool, i64) = sqlx::query_as(sql::REPORT_USAGE)
-                .bind(task_id.as_uuid())
-                .bind(token.as_uuid())
-                .bind(&names)
-                .bind(&values)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(plain)?;
+            let (applied, holder, _written): (bool, Option<Uuid>, i64) =
+                sqlx::query_as(sql::REPORT_USAGE)
+                    .bind(task_id.as_uuid())
+                    .bind(token.as_uuid())
+                    .bind(&names)
+                    .bind(&values)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(plain)?;
             if applied {
-                return Ok(());
+                return Ok(holder.map(RuntimeId::from_uuid));
             }
             let (task, now) = self.fence_snapshot(task_id).await?;
             if !names.is_empty()
@@ -518,11 +557,11 @@ impl TaskStore for PgStore {
                     .usage_already_reported(task_id, token, &names, &values)
                     .await?
             {
-                return Ok(());
+                return Ok(task.claimed_by);
             }
             match fence::judge(OwnerWrite::ReportUsage, &task, token, now) {
                 Verdict::Apply => continue,
-                Verdict::Replay => return Ok(()),
+                Verdict::Replay => return Ok(task.claimed_by),
                 Verdict::Refuse(refusal) => return Err(Error::refused(refusal, &task)),
             }
         }
@@ -829,7 +868,7 @@ impl Fenced {
     fn into_task(self) -> Result<Task> {
         match self {
             Fenced::Applied(Applied::Task(task)) | Fenced::Replayed(task) => Ok(*task),
-            Fenced::Applied(Applied::LeaseExpiresAt(_)) => Err(Error::Internal(
+            Fenced::Applied(Applied::Lease(_)) => Err(Error::Internal(
                 "a task write answered with a lease expiry".into(),
             )),
         }

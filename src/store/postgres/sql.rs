@@ -19,7 +19,25 @@ UPDATE runtimes SET last_seen_at = now(), status = 'ONLINE', offline_since = NUL
 WHERE id = $1
 RETURNING last_seen_at, status";
 
-pub(super) const CLAIM: &str = "SELECT * FROM leasehold_claim($1, $2, $3, $4, $5)";
+/// Signs of life other than heartbeats: ONLINE runtimes only (an OFFLINE one comes back by
+/// a heartbeat or a claim). Rows are locked in id order, so replicas touching overlapping
+/// sets at once cannot deadlock.
+pub(super) const TOUCH_RUNTIMES: &str = "
+UPDATE runtimes r SET last_seen_at = now()
+FROM (SELECT id FROM runtimes WHERE id = ANY ($1) AND status = 'ONLINE'
+      ORDER BY id FOR NO KEY UPDATE) AS seen
+WHERE r.id = seen.id AND r.status = 'ONLINE'
+RETURNING r.id";
+
+/// The claim. A claim is a sign of life: an OFFLINE runtime comes back ONLINE in the same
+/// statement, so nothing it claims can be failed by the sweeper for a stale status. (An
+/// ONLINE runtime's row matches nothing here and is neither written nor locked.)
+pub(super) const CLAIM: &str = "
+WITH revived AS (
+    UPDATE runtimes SET status = 'ONLINE', last_seen_at = now(), offline_since = NULL
+    WHERE id = $1 AND status = 'OFFLINE'
+)
+SELECT * FROM leasehold_claim($1, $2, $3, $4, $5)";
 
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";
@@ -37,7 +55,7 @@ pub(super) const EXTEND_LEASE: &str = "
 UPDATE tasks SET lease_expires_at = GREATEST(lease_expires_at, now() + $3)
 WHERE id = $1 AND claim_token = $2
   AND status = 'DISPATCHED' AND lease_expires_at >= now()
-RETURNING lease_expires_at";
+RETURNING lease_expires_at, claimed_by";
 
 /// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results;
 /// each row is written only while its token holds it RUNNING.
@@ -77,7 +95,7 @@ RETURNING t.*";
 /// owner row is share-locked so a concurrent finish cannot slip in between.
 pub(super) const REPORT_USAGE: &str = "
 WITH owner AS (
-    SELECT id FROM tasks
+    SELECT id, claimed_by FROM tasks
     WHERE id = $1 AND claim_token = $2
       AND (status = 'RUNNING' OR (status = 'DISPATCHED' AND lease_expires_at >= now()))
     FOR SHARE
@@ -89,7 +107,8 @@ upserted AS (
     ON CONFLICT (task_id, claim_token, name) DO UPDATE SET value = EXCLUDED.value
     RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM owner) AS applied, (SELECT count(*) FROM upserted) AS written";
+SELECT EXISTS (SELECT 1 FROM owner) AS applied, (SELECT claimed_by FROM owner) AS holder,
+       (SELECT count(*) FROM upserted) AS written";
 
 /// Counters of this report that are already stored with the same value under this token.
 pub(super) const MATCHING_USAGE: &str = "
@@ -312,10 +331,24 @@ pub(super) const TRY_LEAD_SWEEP: &str = "SELECT pg_try_advisory_lock($1), now()"
 
 pub(super) const END_SWEEP: &str = "SELECT pg_advisory_unlock($1)";
 
-/// Sweeper stage 1, part one: ONLINE runtimes silent for longer than $1.
+/// Before stage 1: when the previous sweep (on any replica) began, as milliseconds ago, and
+/// this sweep's start recorded in its place. NULL on the first sweep.
+pub(super) const RECORD_SWEEP_START: &str = "
+WITH previous AS (SELECT swept_at FROM sweep_progress)
+INSERT INTO sweep_progress (singleton, swept_at) VALUES (true, now())
+ON CONFLICT (singleton) DO UPDATE SET swept_at = EXCLUDED.swept_at
+RETURNING (SELECT extract(epoch FROM now() - swept_at) * 1000 FROM previous)::float8";
+
+/// A blackout of $1 does not count against ONLINE runtimes (never past now).
+pub(super) const CREDIT_BLACKOUT: &str = "
+UPDATE runtimes SET last_seen_at = LEAST(now(), last_seen_at + $1::interval)
+WHERE status = 'ONLINE'";
+
+/// Sweeper stage 1, part one: ONLINE runtimes whose `last_seen_at` is older than $1, with its
+/// age in milliseconds, except those already judged undecided in this sweep ($3).
 pub(super) const STALE_RUNTIMES: &str = "
-SELECT id FROM runtimes
-WHERE status = 'ONLINE' AND last_seen_at < now() - $1::interval
+SELECT id, (extract(epoch FROM now() - last_seen_at) * 1000)::float8 FROM runtimes
+WHERE status = 'ONLINE' AND last_seen_at < now() - $1::interval AND NOT (id = ANY ($3))
 ORDER BY last_seen_at
 LIMIT $2";
 
@@ -326,9 +359,13 @@ UPDATE runtimes SET status = 'OFFLINE', offline_since = now()
 WHERE id = ANY ($1) AND status = 'ONLINE' AND last_seen_at < now() - $2::interval
 RETURNING id";
 
-/// Sweeper stage 1: runtimes Redis knows to be alive although their row is stale.
+/// Sweeper stage 1: runtimes Redis saw recently although their row is stale ($1 ids, $2 how
+/// many milliseconds ago Redis saw each).
 pub(super) const REFRESH_LAST_SEEN: &str = "
-UPDATE runtimes SET last_seen_at = now() WHERE id = ANY ($1) AND status = 'ONLINE'";
+UPDATE runtimes r
+SET last_seen_at = GREATEST(r.last_seen_at, now() - make_interval(secs => seen.ago_ms / 1000.0))
+FROM unnest($1::uuid[], $2::float8[]) AS seen(id, ago_ms)
+WHERE r.id = seen.id AND r.status = 'ONLINE'";
 
 /// Sweeper stage 4: QUEUED tasks pinned to a runtime OFFLINE for longer than $2. Not retried:
 /// nobody else may run them.

@@ -17,6 +17,7 @@ use super::errors::plain;
 use super::interval;
 use super::rows::{self, MoveRow};
 use super::sql;
+use crate::domain::liveness;
 use crate::domain::{FailureReason, Result, RuntimeId};
 use crate::store::{LivenessOracle, StorePolicy, SweepPolicy, SweepReport, TaskMove};
 
@@ -61,6 +62,7 @@ pub(super) async fn run(
         swept_at: Some(swept_at),
         ..SweepReport::default()
     };
+    sweep.credit_blackout().await?;
     report.marked_offline = sweep.mark_stale_runtimes_offline(oracle).await?;
     report.runtime_offline = sweep
         .fail_in_batches(
@@ -114,29 +116,69 @@ impl Sweep<'_> {
         i64::from(self.policy.batch_size.max(1))
     }
 
-    /// Stage 1. Between finding stale runtimes and flipping them, Redis is asked who is alive;
-    /// the flip re-checks staleness, so a heartbeat that landed meanwhile vetoes it. A runtime
-    /// Redis vouches for gets its `last_seen_at` refreshed instead.
+    /// Before stage 1: a gap since the previous sweep longer than usual (no replica could
+    /// sweep) does not count against ONLINE runtimes (`domain::liveness::blackout_credit`).
+    async fn credit_blackout(&mut self) -> Result<()> {
+        let gap_ms: Option<f64> = sqlx::query_scalar(sql::RECORD_SWEEP_START)
+            .fetch_one(&mut *self.conn)
+            .await
+            .map_err(plain)?;
+        let gap = gap_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        let Some(credit) = gap.and_then(|gap| liveness::blackout_credit(gap, self.policy.interval))
+        else {
+            return Ok(());
+        };
+        tracing::warn!(
+            ?credit,
+            "no sweep ran for a while: runtimes are not held responsible for that time"
+        );
+        sqlx::query(sql::CREDIT_BLACKOUT)
+            .bind(interval(credit))
+            .execute(&mut *self.conn)
+            .await
+            .map_err(plain)?;
+        Ok(())
+    }
+
+    /// Stage 1. For runtimes whose `last_seen_at` is stale, Redis is asked what it saw, and
+    /// `domain::liveness::verdict` decides. The flip re-checks staleness, so a heartbeat that
+    /// landed meanwhile vetoes it. A runtime Redis saw recently gets its `last_seen_at` moved
+    /// to when Redis saw it.
     async fn mark_stale_runtimes_offline(
         &mut self,
         oracle: &dyn LivenessOracle,
     ) -> Result<Vec<RuntimeId>> {
+        let threshold = self.policy.offline_after;
         let mut marked = Vec::new();
+        let mut undecided: Vec<Uuid> = Vec::new();
         for _ in 0..MAX_BATCHES_PER_STAGE {
-            let stale: Vec<Uuid> = sqlx::query_scalar(sql::STALE_RUNTIMES)
-                .bind(interval(self.policy.offline_after))
+            let stale: Vec<(Uuid, f64)> = sqlx::query_as(sql::STALE_RUNTIMES)
+                .bind(interval(threshold))
                 .bind(self.batch_size())
+                .bind(&undecided)
                 .fetch_all(&mut *self.conn)
                 .await
                 .map_err(plain)?;
-            let stale: Vec<RuntimeId> = stale.into_iter().map(RuntimeId::from_uuid).collect();
-            let alive = oracle.alive(&stale).await;
-            let (alive, dead): (Vec<RuntimeId>, Vec<RuntimeId>) =
-                stale.iter().partition(|id| alive.contains(id));
-            self.refresh_last_seen(&alive).await?;
+            let ids: Vec<RuntimeId> = stale
+                .iter()
+                .map(|(id, _)| RuntimeId::from_uuid(*id))
+                .collect();
+            let redis = oracle.view(&ids).await;
+            let (mut alive, mut dead) = (Vec::new(), Vec::new());
+            for (id, age_ms) in &stale {
+                let age = Duration::from_secs_f64(age_ms.max(0.0) / 1000.0);
+                match liveness::verdict(RuntimeId::from_uuid(*id), age, &redis, threshold) {
+                    liveness::Verdict::Alive { seen_ago } => {
+                        alive.push((*id, seen_ago.as_secs_f64() * 1000.0));
+                    }
+                    liveness::Verdict::Offline => dead.push(*id),
+                    liveness::Verdict::Undecided => undecided.push(*id),
+                }
+            }
+            self.refresh_last_seen(alive).await?;
             let flipped: Vec<Uuid> = sqlx::query_scalar(sql::MARK_OFFLINE)
-                .bind(uuids(&dead))
-                .bind(interval(self.policy.offline_after))
+                .bind(dead)
+                .bind(interval(threshold))
                 .fetch_all(&mut *self.conn)
                 .await
                 .map_err(plain)?;
@@ -148,12 +190,14 @@ impl Sweep<'_> {
         Ok(marked)
     }
 
-    async fn refresh_last_seen(&mut self, alive: &[RuntimeId]) -> Result<()> {
+    async fn refresh_last_seen(&mut self, alive: Vec<(Uuid, f64)>) -> Result<()> {
         if alive.is_empty() {
             return Ok(());
         }
+        let (ids, ages_ms): (Vec<Uuid>, Vec<f64>) = alive.into_iter().unzip();
         sqlx::query(sql::REFRESH_LAST_SEEN)
-            .bind(uuids(alive))
+            .bind(ids)
+            .bind(ages_ms)
             .execute(&mut *self.conn)
             .await
             .map_err(plain)?;
@@ -248,8 +292,4 @@ pub(super) async fn fail_for_server_reason<'c>(
     };
     let rows: Vec<MoveRow> = query.fetch_all(executor).await.map_err(plain)?;
     rows::moves(rows)
-}
-
-fn uuids(ids: &[RuntimeId]) -> Vec<Uuid> {
-    ids.iter().map(|id| id.as_uuid()).collect()
 }

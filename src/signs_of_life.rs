@@ -1,0 +1,78 @@
+//! Every accepted call of a runtime is a sign of life (spec §6). Calls only note the runtime
+//! here, in memory, at no cost on their path; every [`RECORD_INTERVAL`] the runtimes noted
+//! since are recorded together: in Redis (one script call), and in PostgreSQL for those whose
+//! `last_seen_at` is due (one statement on the liveness connections). When Redis cannot take
+//! them, PostgreSQL takes them all; a failed PostgreSQL write never undoes the Redis record.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::advisory::Liveness;
+use crate::advisory::liveness::RECORD_INTERVAL;
+use crate::domain::RuntimeId;
+use crate::store::TaskStore;
+
+#[derive(Default)]
+pub struct SignsOfLife {
+    /// Runtimes heard from since the last recording.
+    noted: Mutex<HashSet<RuntimeId>>,
+}
+
+impl SignsOfLife {
+    pub fn note(&self, runtime: RuntimeId) {
+        self.lock().insert(runtime);
+    }
+
+    fn take(&self) -> Vec<RuntimeId> {
+        self.lock().drain().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<RuntimeId>> {
+        self.noted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records what was noted every [`RECORD_INTERVAL`] until `stop`, then once more.
+    pub async fn run(&self, liveness: &Liveness, store: &dyn TaskStore, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(RECORD_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            self.record(liveness, store).await;
+        }
+        self.record(liveness, store).await;
+    }
+
+    /// Records what was noted so far.
+    pub async fn record(&self, liveness: &Liveness, store: &dyn TaskStore) {
+        let runtimes = self.take();
+        if runtimes.is_empty() {
+            return;
+        }
+        metrics::counter!("leasehold_signs_of_life_total").increment(runtimes.len() as u64);
+        let due = match liveness.record(&runtimes).await {
+            Some(due) => runtimes
+                .iter()
+                .zip(due)
+                .filter_map(|(runtime, due)| due.then_some(*runtime))
+                .collect(),
+            None => runtimes,
+        };
+        if due.is_empty() {
+            return;
+        }
+        match store.touch_runtimes(&due).await {
+            Ok(written) => liveness.flushed(&written).await,
+            Err(error) => {
+                metrics::counter!("leasehold_liveness_write_failures_total").increment(1);
+                tracing::warn!(%error, runtimes = due.len(), "cannot write last_seen_at");
+            }
+        }
+    }
+}
