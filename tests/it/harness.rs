@@ -432,6 +432,11 @@ impl TestServer {
                 .execute(pool)
                 .await
                 .unwrap();
+                sqlx::query("UPDATE sweep_progress SET swept_at = swept_at - $1")
+                    .bind(shift)
+                    .execute(pool)
+                    .await
+                    .unwrap();
             }
         }
     }

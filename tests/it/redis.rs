@@ -21,7 +21,7 @@ pub fn redis_url() -> String {
 }
 
 /// Each test gets its own key prefix, so tests sharing one Redis never see each other.
-fn with_redis(url: String) -> impl FnOnce(&mut Config) {
+pub fn with_redis(url: String) -> impl FnOnce(&mut Config) {
     move |config| {
         config.redis_url = Some(url);
         config.redis_key_prefix = format!("leasehold-test-{}", uuid::Uuid::new_v4());

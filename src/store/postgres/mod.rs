@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -44,12 +45,12 @@ fn interval(duration: Duration) -> Duration {
     Duration::from_micros(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// A small pool with `pool`'s connection settings, connecting lazily.
-fn side_pool(pool: &PgPool, connections: u32) -> PgPool {
-    pool.options()
-        .clone()
+/// A small pool to the same database as `pool`, connecting lazily. Its connections sit idle
+/// most of the time, so each is checked before use (sqlx's default).
+fn side_pool(pool: &PgPool, connections: u32, acquire_timeout: Duration) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(connections)
-        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 
@@ -64,6 +65,10 @@ const FENCED_WRITE_ATTEMPTS: usize = 3;
 /// apart from the request pool: a flood of claims cannot starve either (spec §10).
 const LIVENESS_CONNECTIONS: u32 = 3;
 const SWEEPER_CONNECTIONS: u32 = 2;
+
+/// A heartbeat that Redis recorded answers rather than wait long for an unreachable
+/// database; the sweeper can wait as long as requests do.
+const LIVENESS_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
     pool: PgPool,
@@ -115,8 +120,12 @@ impl PgStore {
         Self {
             starts: Coalescer::new(pool.clone()),
             completes: Coalescer::new(pool.clone()),
-            liveness_pool: side_pool(&pool, LIVENESS_CONNECTIONS),
-            sweeper_pool: side_pool(&pool, SWEEPER_CONNECTIONS),
+            liveness_pool: side_pool(&pool, LIVENESS_CONNECTIONS, LIVENESS_ACQUIRE_TIMEOUT),
+            sweeper_pool: side_pool(
+                &pool,
+                SWEEPER_CONNECTIONS,
+                pool.options().get_acquire_timeout(),
+            ),
             pool,
             policy,
         }
@@ -742,8 +751,9 @@ impl TaskStore for PgStore {
     }
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
+        // Only the sweeper asks, after its sweep: on its connections.
         let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(sql::QUEUE_DEPTHS)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.sweeper_pool)
             .await
             .map_err(plain)?;
         rows.into_iter()
