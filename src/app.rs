@@ -16,13 +16,14 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::advisory::{Liveness, RedisLink};
+use crate::auth::AuthMode;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Settings};
 use crate::domain::RetryBackoff;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::task_service_server::TaskServiceServer;
 use crate::grpc::pb::worker_service_server::WorkerServiceServer;
-use crate::grpc::{AdminApi, ObserveLayer, TaskApi, WorkerApi, pb};
+use crate::grpc::{AdminApi, AuthLayer, ObserveLayer, TaskApi, WorkerApi, pb};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
@@ -98,6 +99,19 @@ impl App {
             stream_claim_linger: config.stream_claim_linger,
         };
         warn_about_liveness_chain(&config);
+        if config.auth == AuthMode::None && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "--auth none while listening beyond loopback: anyone who reaches this port can \
+                 act as any worker and operator"
+            );
+        }
+        if config.auth == AuthMode::Token && config.admin_token_file.is_none() {
+            tracing::warn!(
+                "--auth token without --admin-token-file: only API keys and runtime tokens can \
+                 be used, and no API key can be created"
+            );
+        }
         let redis = config
             .redis_url
             .as_deref()
@@ -106,7 +120,12 @@ impl App {
             .context("invalid REDIS_URL")?
             .map(Arc::new);
         Ok(App {
-            coordinator: Arc::new(Coordinator::new(store, settings, redis)),
+            coordinator: Arc::new(Coordinator::new(
+                store,
+                settings,
+                redis,
+                (config.auth, config.admin_token_file.clone()),
+            )),
             config,
         })
     }
@@ -158,7 +177,11 @@ impl App {
             // must give their claims back) are noticed.
             .http2_keepalive_interval(Some(self.config.stream_keepalive))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-            .layer(ObserveLayer)
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(ObserveLayer)
+                    .layer(AuthLayer::new(self.coordinator.clone())),
+            )
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
@@ -207,6 +230,9 @@ impl App {
             let (redis, stop_relay) = (redis.clone(), stop.clone());
             tokio::spawn(async move { coordinator.relay_wakeups(redis, stop_relay).await });
         }
+        let coordinator = self.coordinator.clone();
+        let stop_admin = stop.clone();
+        tokio::spawn(async move { coordinator.watch_admin_token(stop_admin).await });
         let coordinator = self.coordinator.clone();
         let stop_signs = stop.clone();
         tokio::spawn(async move { coordinator.record_signs_of_life(stop_signs).await });

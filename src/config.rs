@@ -2,10 +2,12 @@
 //! variable; durations are humantime strings (`250ms`, `2s`, `5m`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::AuthMode;
 use crate::cli;
 
 #[derive(Debug, Parser)]
@@ -43,6 +45,15 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// `token`: every call needs a credential (an API key, a runtime token or the admin
+    /// token); `none`: no checks, for development on loopback.
+    #[arg(long, env = "LEASEHOLD_AUTH", value_enum, default_value_t = AuthMode::Token)]
+    pub auth: AuthMode,
+
+    /// File holding the admin token (every scope); re-read when it changes.
+    #[arg(long, env = "LEASEHOLD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]

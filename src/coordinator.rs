@@ -5,12 +5,15 @@
 //! bumped, then waiters here and on other replicas are woken.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::advisory::{Cancellation, ClaimCache, Liveness, RedisLink, WakeRelay};
+use crate::auth::{AuthMode, Authenticator};
+use crate::domain::auth::{ApiKey, Grant, Principal, Secret, TokenText};
 use crate::domain::{
     ClaimToken, ClaimedTask, Error, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
     TaskId, TaskStatus, validate,
@@ -18,8 +21,9 @@ use crate::domain::{
 use crate::signs_of_life::SignsOfLife;
 use crate::store::measured::MeasuredStore;
 use crate::store::{
-    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewRuntime, NewTask, PageCursor,
-    QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewApiKey, NewRuntime, NewTask,
+    PageCursor, QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage,
+    TaskStore,
 };
 use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
 use tokio::sync::mpsc;
@@ -61,6 +65,8 @@ pub struct Settings {
 #[derive(Clone, Debug)]
 pub struct Registration {
     pub runtime: Runtime,
+    /// Shown once, in the registration's response.
+    pub runtime_token: TokenText,
     pub heartbeat_interval: Duration,
     pub lease_duration: Duration,
 }
@@ -80,6 +86,7 @@ pub struct Coordinator {
     gauged_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Cancelled when the server starts draining: claim streams say `draining` and end.
     draining: CancellationToken,
+    authenticator: Authenticator,
 }
 
 impl Coordinator {
@@ -88,9 +95,11 @@ impl Coordinator {
         store: Arc<dyn TaskStore>,
         settings: Settings,
         redis: Option<Arc<RedisLink>>,
+        auth: (AuthMode, Option<PathBuf>),
     ) -> Self {
         let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store));
         Self {
+            authenticator: Authenticator::new(auth.0, store.clone(), auth.1),
             liveness: Liveness::new(
                 redis.clone(),
                 settings.liveness_ttl,
@@ -121,6 +130,69 @@ impl Coordinator {
         self.store.ping().await
     }
 
+    /// The caller behind a bearer token (spec §9).
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal> {
+        self.authenticator.authenticate(bearer).await
+    }
+
+    /// Re-reads the admin token file when it changes, until `stop`.
+    pub async fn watch_admin_token(&self, stop: CancellationToken) {
+        self.authenticator.watch_admin_token(stop).await;
+    }
+
+    /// A credential was revoked or replaced here or on another replica: none verified before
+    /// may be trusted from the cache.
+    pub fn forget_credentials(&self) {
+        self.authenticator.forget_everything();
+    }
+
+    /// Tells this replica and (through Redis) the others to forget verified credentials.
+    async fn announce_revocation(&self) {
+        self.authenticator.forget_everything();
+        if let Some(redis) = &self.redis {
+            redis.announce_revocation(&self.relay).await;
+        }
+    }
+
+    pub async fn create_api_key(
+        &self,
+        name: String,
+        grants: Vec<Grant>,
+        expires_in: Option<Duration>,
+    ) -> Result<(ApiKey, TokenText)> {
+        validate::required_text("name", &name)?;
+        if grants.is_empty() {
+            return Err(Error::invalid(
+                "scopes",
+                "an API key needs at least one scope",
+            ));
+        }
+        let (id, secret) = (uuid::Uuid::new_v4(), Secret::random());
+        let key = self
+            .store
+            .create_api_key(NewApiKey {
+                id,
+                name,
+                grants,
+                digest: secret.digest(),
+                expires_in,
+            })
+            .await?;
+        tracing::info!(key_id = %key.id, name = %key.name, "API key created");
+        Ok((key, TokenText::api_key(id, &secret)))
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        self.store.list_api_keys().await
+    }
+
+    pub async fn revoke_api_key(&self, key_id: uuid::Uuid) -> Result<ApiKey> {
+        let key = self.store.revoke_api_key(key_id).await?;
+        self.announce_revocation().await;
+        tracing::info!(%key_id, "API key revoked");
+        Ok(key)
+    }
+
     pub async fn register_runtime(&self, mut runtime: NewRuntime) -> Result<Registration> {
         validate::required_text("name", &runtime.name)?;
         if runtime.queues.is_empty() {
@@ -134,7 +206,14 @@ impl Coordinator {
         }
         runtime.queues.sort();
         runtime.queues.dedup();
-        let runtime = self.store.register_runtime(runtime).await?;
+        let secret = Secret::random();
+        let runtime = self
+            .store
+            .register_runtime(runtime, secret.digest())
+            .await?;
+        // The previous token of this name is revoked: no replica may trust it from its cache.
+        self.announce_revocation().await;
+        let runtime_token = TokenText::runtime(runtime.id, &secret);
         self.liveness.flushed(&[runtime.id]).await;
         self.claim_cache.learn_queues(runtime.id, &runtime.queues);
         // Its queues may have changed: no verdict computed for the old ones may stand.
@@ -143,6 +222,7 @@ impl Coordinator {
         tracing::info!(runtime_id = %runtime.id, name = %runtime.name, "runtime registered");
         Ok(Registration {
             runtime,
+            runtime_token,
             heartbeat_interval: self.settings.heartbeat_interval,
             lease_duration: self.settings.lease_duration,
         })
@@ -379,7 +459,10 @@ impl Coordinator {
 
     /// Delivers other replicas' wake-ups and cancellations here until `stop`.
     pub async fn relay_wakeups(&self, redis: Arc<RedisLink>, stop: CancellationToken) {
-        self.relay.run(redis, self.notifier.clone(), stop).await;
+        let forget = || self.authenticator.forget_everything();
+        self.relay
+            .run(redis, self.notifier.clone(), &forget, stop)
+            .await;
     }
 
     /// Cancelled when the server begins draining.
@@ -491,8 +574,14 @@ impl Coordinator {
         self.announce([&TaskMove::from(task)]).await;
     }
 
-    pub async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
-        let task = self.store.start(task_id, token).await?;
+    /// `acting` on every owner write: the runtime whose own token made the call (spec §9).
+    pub async fn start(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task> {
+        let task = self.store.start(task_id, token, acting).await?;
         self.note_holder_alive(&task);
         metrics::counter!("leasehold_task_starts_total").increment(1);
         Ok(task)
@@ -504,12 +593,16 @@ impl Coordinator {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Option<Duration>,
+        acting: Option<RuntimeId>,
     ) -> Result<DateTime<Utc>> {
         let lease = self.settings.lease_duration;
         let extend_by = extend_by
             .filter(|extend_by| !extend_by.is_zero())
             .map_or(lease, |extend_by| extend_by.min(lease));
-        let renewal = self.store.extend_lease(task_id, token, extend_by).await?;
+        let renewal = self
+            .store
+            .extend_lease(task_id, token, extend_by, acting)
+            .await?;
         if let Some(runtime_id) = renewal.runtime_id {
             self.note_sign_of_life(runtime_id);
         }
@@ -528,9 +621,10 @@ impl Coordinator {
         task_id: TaskId,
         token: ClaimToken,
         result: Vec<u8>,
+        acting: Option<RuntimeId>,
     ) -> Result<Task> {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
-        let task = self.store.complete(task_id, token, result).await?;
+        let task = self.store.complete(task_id, token, result, acting).await?;
         self.note_holder_alive(&task);
         metrics::counter!("leasehold_task_completions_total").increment(1);
         self.announce_task(&task).await;
@@ -543,6 +637,7 @@ impl Coordinator {
         token: ClaimToken,
         error: String,
         retryable: bool,
+        acting: Option<RuntimeId>,
     ) -> Result<FailOutcome> {
         validate::payload_size("error", error.as_bytes(), self.settings.max_payload_bytes)?;
         let failure = Failure {
@@ -550,7 +645,7 @@ impl Coordinator {
             retryable,
             jitter: rand::random::<f64>(),
         };
-        let outcome = self.store.fail(task_id, token, failure).await?;
+        let outcome = self.store.fail(task_id, token, failure, acting).await?;
         self.note_holder_alive(&outcome.task);
         count_failure("TASK_ERROR", outcome.will_retry);
         self.announce_task(&outcome.task).await;
@@ -562,6 +657,7 @@ impl Coordinator {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
+        acting: Option<RuntimeId>,
     ) -> Result<()> {
         if counters.len() > MAX_USAGE_COUNTERS {
             return Err(Error::invalid(
@@ -572,14 +668,22 @@ impl Coordinator {
         for name in counters.keys() {
             validate::required_text("counters", name)?;
         }
-        if let Some(runtime_id) = self.store.report_usage(task_id, token, counters).await? {
+        if let Some(runtime_id) = self
+            .store
+            .report_usage(task_id, token, counters, acting)
+            .await?
+        {
             self.note_sign_of_life(runtime_id);
         }
         Ok(())
     }
 
-    pub async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {
-        self.store.task_status(task_id).await
+    pub async fn task_status(
+        &self,
+        task_id: TaskId,
+        acting: Option<RuntimeId>,
+    ) -> Result<(TaskStatus, u32)> {
+        self.store.task_status(task_id, acting).await
     }
 
     /// Validates a task to enqueue and fills its defaults.

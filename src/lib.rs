@@ -6,6 +6,7 @@
 
 pub mod advisory;
 pub mod app;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;

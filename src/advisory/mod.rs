@@ -77,6 +77,13 @@ impl RedisLink {
         self.query_pipeline(pipeline).await;
     }
 
+    /// Tells the other replicas that a credential was revoked or replaced.
+    pub async fn announce_revocation(&self, relay: &WakeRelay) {
+        let mut pipeline = redis::pipe();
+        relay.add_revocation(self, &mut pipeline);
+        self.query_pipeline(pipeline).await;
+    }
+
     /// Sends a pipeline whose answers are ignored.
     async fn query_pipeline(&self, pipeline: redis::Pipeline) {
         self.call(

@@ -4,8 +4,9 @@
 //!
 //! A message is lines of tab-separated fields: the sending replica first (so a replica skips
 //! its own messages, already delivered locally), then `q <queue> <waiters>`,
-//! `rt <runtime> <waiters>` (how many waiters the change may wake; see [`Wakes`]) and
-//! `cancel <runtime> <task>`. Queue names cannot contain tabs or newlines.
+//! `rt <runtime> <waiters>` (how many waiters the change may wake; see [`Wakes`]),
+//! `cancel <runtime> <task>` and `revoked` (a credential was revoked or replaced: forget every
+//! verified one). Queue names cannot contain tabs or newlines.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,15 @@ impl WakeRelay {
             .ignore();
     }
 
+    /// Adds the PUBLISH of a `revoked` line to `pipeline`.
+    pub fn add_revocation(&self, redis: &RedisLink, pipeline: &mut redis::Pipeline) {
+        pipeline
+            .cmd("PUBLISH")
+            .arg(channel(redis))
+            .arg(format!("{}\nrevoked", self.replica))
+            .ignore();
+    }
+
     /// One line per topic: kind, name, and how many waiters it may wake (a line without the
     /// count, from an older replica, wakes them all).
     fn encode(&self, wakes: &Wakes, cancellations: &[Cancellation]) -> String {
@@ -87,12 +97,13 @@ impl WakeRelay {
         &self,
         redis: Arc<RedisLink>,
         notifier: Arc<Notifier>,
+        on_revocation: &(dyn Fn() + Send + Sync),
         stop: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                result = self.relay_once(&redis, &notifier) => {
+                result = self.relay_once(&redis, &notifier, on_revocation) => {
                     if let Err(error) = result {
                         tracing::debug!(%error, "wake-up subscription broke; subscribing again");
                     }
@@ -105,7 +116,12 @@ impl WakeRelay {
         }
     }
 
-    async fn relay_once(&self, redis: &RedisLink, notifier: &Notifier) -> redis::RedisResult<()> {
+    async fn relay_once(
+        &self,
+        redis: &RedisLink,
+        notifier: &Notifier,
+        on_revocation: &(dyn Fn() + Send + Sync),
+    ) -> redis::RedisResult<()> {
         let mut pubsub = redis.client().get_async_pubsub().await?;
         pubsub.subscribe(channel(redis)).await?;
         let mut messages = pubsub.into_on_message();
@@ -113,12 +129,17 @@ impl WakeRelay {
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
-            self.deliver(&payload, notifier);
+            self.deliver(&payload, notifier, on_revocation);
         }
         Ok(())
     }
 
-    fn deliver(&self, payload: &str, notifier: &Notifier) {
+    fn deliver(
+        &self,
+        payload: &str,
+        notifier: &Notifier,
+        on_revocation: &(dyn Fn() + Send + Sync),
+    ) {
         let mut lines = payload.lines();
         if lines.next() == Some(self.replica.to_string().as_str()) {
             return;
@@ -142,6 +163,7 @@ impl WakeRelay {
                         notifier.cancelled(runtime, task);
                     }
                 }
+                ["revoked"] => on_revocation(),
                 _ => tracing::debug!(line, "ignoring an unknown wake-up line"),
             }
         }

@@ -99,6 +99,9 @@ impl ServerProcess {
         command
             .args([
                 "serve",
+                // The workers it drives carry no credential (the auth ratio is not measured yet).
+                "--auth",
+                "none",
                 "--listen",
                 &address,
                 "--database-max-connections",

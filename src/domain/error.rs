@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::auth::CredentialProblem;
 use super::fence::Refusal;
 use super::ids::{RuntimeId, TaskId};
 use super::task::{Task, TaskStatus};
@@ -31,6 +32,14 @@ pub enum Error {
     Draining,
     #[error("only a FAILED or CANCELLED task can be retried (task {task_id}, status {})", .status.as_str())]
     NotRetryable { task_id: TaskId, status: TaskStatus },
+    #[error("{}", credential_message(*.0))]
+    Unauthenticated(CredentialProblem),
+    #[error("this credential lacks the {0} scope for this call")]
+    ScopeMissing(String),
+    #[error("this runtime's credential cannot act for another runtime or on its tasks")]
+    RuntimeMismatch,
+    #[error("API key {0} not found")]
+    ApiKeyNotFound(uuid::Uuid),
     #[error("internal error")]
     Internal(#[source] BoxError),
 }
@@ -59,6 +68,19 @@ impl Error {
             status: task.status,
             lease_expires_at: task.lease_expires_at,
         }))
+    }
+}
+
+fn credential_message(problem: CredentialProblem) -> &'static str {
+    match problem {
+        CredentialProblem::Missing => {
+            "no credential: send `authorization: Bearer <token>` (an API key, a runtime token or the admin token)"
+        }
+        CredentialProblem::Invalid => "the credential is malformed or unknown",
+        CredentialProblem::Expired => "the API key has expired",
+        CredentialProblem::Revoked => {
+            "the credential was revoked (a runtime token is revoked when its name registers again)"
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::ids::ClaimToken;
+use super::ids::{ClaimToken, RuntimeId};
 use super::task::{ClaimEnd, FailureReason, Task, TaskStatus};
 
 /// The owner-side writes a claim token fences.
@@ -119,6 +119,22 @@ fn lease_passed(task: &Task, now: DateTime<Utc>) -> bool {
 pub fn replayed_fail_retried(task: &Task, token: ClaimToken) -> bool {
     task.previous_claim
         .is_some_and(|previous| previous.token == token && previous.end == ClaimEnd::Retried)
+}
+
+/// Spec §9: a runtime's own token may change only tasks that runtime holds (its current or
+/// last claim), so a leaked claim token is useless to any other runtime. `acting` is `None`
+/// for calls not made with a runtime token.
+pub fn held_by_another(task: &Task, acting: Option<RuntimeId>) -> bool {
+    acting.is_some_and(|runtime| task.claimed_by != Some(runtime))
+}
+
+/// For reads about one task (GetTaskStatus): claimed by or pinned to the acting runtime.
+pub fn visible_to(
+    task_claimed_by: Option<RuntimeId>,
+    pinned_to: Option<RuntimeId>,
+    acting: Option<RuntimeId>,
+) -> bool {
+    acting.is_none_or(|runtime| task_claimed_by == Some(runtime) || pinned_to == Some(runtime))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Pure types and rules: identities, task states, fencing, retry policy, errors, validation.
 //! Nothing here does I/O or knows about gRPC or SQL.
 
+pub mod auth;
 pub mod error;
 pub mod fence;
 pub mod ids;

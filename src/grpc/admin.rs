@@ -5,10 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
+use crate::domain::auth::Scope;
 use crate::store::QueueUpdate;
 
-use super::convert;
 use super::pb::{self, admin_service_server::AdminService};
+use super::{access, convert};
 
 pub struct AdminApi {
     coordinator: Arc<Coordinator>,
@@ -37,6 +38,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DescribeQueueRequest>,
     ) -> Result<Response<pb::DescribeQueueResponse>, Status> {
+        access::queue(
+            &access::principal(&request)?,
+            Scope::Read,
+            &request.get_ref().queue,
+        )?;
         let info = self
             .coordinator
             .describe_queue(&request.get_ref().queue)
@@ -48,7 +54,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdateQueueRequest>,
     ) -> Result<Response<pb::DescribeQueueResponse>, Status> {
+        let principal = access::principal(&request)?;
         let request = request.into_inner();
+        access::queue(&principal, Scope::Manage, &request.queue)?;
         let update = QueueUpdate {
             max_concurrent: request.max_concurrent,
             paused: request.paused,
@@ -65,9 +73,50 @@ impl AdminService for AdminApi {
         request: Request<pb::RetryTaskRequest>,
     ) -> Result<Response<pb::RetryTaskResponse>, Status> {
         let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let principal = access::principal(&request)?;
+        access::task_queue(&self.coordinator, &principal, Scope::Manage, task_id).await?;
         let task = self.coordinator.retry_task(task_id).await?;
         Ok(Response::new(pb::RetryTaskResponse {
             task: Some(convert::task(task)),
+        }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let request = request.into_inner();
+        let grants = convert::grants("scopes", &request.scopes)?;
+        let expires_in = convert::duration("expires_in", request.expires_in)?
+            .filter(|expires_in| !expires_in.is_zero());
+        let (key, token) = self
+            .coordinator
+            .create_api_key(request.name, grants, expires_in)
+            .await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(convert::api_key(key)),
+            token: token.reveal(),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        _request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let keys = self.coordinator.list_api_keys().await?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: keys.into_iter().map(convert::api_key).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let key_id = convert::key_id("key_id", &request.get_ref().key_id)?;
+        let key = self.coordinator.revoke_api_key(key_id).await?;
+        Ok(Response::new(pb::RevokeApiKeyResponse {
+            api_key: Some(convert::api_key(key)),
         }))
     }
 }

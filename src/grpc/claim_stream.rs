@@ -20,13 +20,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Status, Streaming};
 
 use crate::coordinator::{CacheUse, Coordinator, MAX_CLAIM_BATCH, jittered};
+use crate::domain::auth::Principal;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
 
-use super::convert;
 use super::pb::{
     self, stream_claims_request::Msg as Inbound, stream_claims_response::Msg as Outbound,
 };
+use super::{access, convert};
 
 /// Responses waiting to be written to the worker. Claims never exceed the credits granted,
 /// so this only bounds keepalives and cancellations behind a slow reader.
@@ -40,6 +41,7 @@ pub(super) type Sender = mpsc::Sender<std::result::Result<pb::StreamClaimsRespon
 /// Reads the `open` message and prepares the session; errors end the call before it starts.
 pub(super) async fn open(
     coordinator: &Arc<Coordinator>,
+    principal: &Principal,
     inbound: &mut Streaming<pb::StreamClaimsRequest>,
 ) -> Result<Session> {
     if coordinator.draining().is_cancelled() {
@@ -56,6 +58,7 @@ pub(super) async fn open(
         return Err(Error::invalid("open", "the first message must be open"));
     };
     let runtime_id = convert::runtime_id("open.runtime_id", &open.runtime_id)?;
+    access::runtime(principal, runtime_id)?;
     if open.credits == 0 {
         // With credits, the first claim comes at once and does the same.
         coordinator.stream_opened(runtime_id).await?;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::domain::auth::{ApiKey, Grant};
 use crate::domain::{
     ClaimToken, ClaimedTask, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId,
     RuntimeStatus, Task, TaskId, TaskStatus,
@@ -39,6 +40,35 @@ fn required_uuid<T>(field: &str, text: &str, parse: impl Fn(&str) -> Option<T>) 
         return Err(Error::invalid(field, "is required"));
     }
     parse(text).ok_or_else(|| Error::invalid(field, "is not a UUID"))
+}
+
+pub(crate) fn key_id(field: &str, text: &str) -> Result<uuid::Uuid> {
+    required_uuid(field, text, |text| uuid::Uuid::try_parse(text).ok())
+}
+
+/// API key scopes: each `scope` or `scope:<queue glob>`.
+pub(crate) fn grants(field: &str, scopes: &[String]) -> Result<Vec<Grant>> {
+    scopes
+        .iter()
+        .map(|scope| {
+            scope
+                .parse::<Grant>()
+                .map_err(|error| Error::invalid(field, error))
+        })
+        .collect()
+}
+
+/// An API key as listed: never its secret.
+pub(crate) fn api_key(key: ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        id: key.id.to_string(),
+        name: key.name,
+        scopes: key.grants.iter().map(ToString::to_string).collect(),
+        created_at: Some(timestamp(key.created_at)),
+        expires_at: key.expires_at.map(timestamp),
+        last_used_at: key.last_used_at.map(timestamp),
+        revoked_at: key.revoked_at.map(timestamp),
+    }
 }
 
 pub(crate) fn claim_token(text: &str) -> Result<ClaimToken> {

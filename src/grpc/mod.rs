@@ -1,5 +1,6 @@
 //! The gRPC surface: generated code, one module per service, and the error mapping.
 
+mod access;
 mod admin;
 mod claim_stream;
 mod convert;
@@ -10,6 +11,7 @@ pub mod status;
 mod tasks;
 mod worker;
 
+pub use access::AuthLayer;
 pub use admin::AdminApi;
 pub use observe::ObserveLayer;
 pub use tasks::TaskApi;

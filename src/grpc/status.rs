@@ -66,6 +66,38 @@ impl From<Error> for Status {
                 message,
                 error_info("SERVER_DRAINING", []),
             ),
+            Error::Unauthenticated(problem) => {
+                metrics::counter!("leasehold_auth_denials_total", "reason" => problem.reason())
+                    .increment(1);
+                Status::with_error_details(
+                    Code::Unauthenticated,
+                    message,
+                    error_info(problem.reason(), []),
+                )
+            }
+            Error::ScopeMissing(scope) => {
+                metrics::counter!("leasehold_auth_denials_total", "reason" => "SCOPE_MISSING")
+                    .increment(1);
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    message,
+                    error_info("SCOPE_MISSING", [("scope", scope)]),
+                )
+            }
+            Error::RuntimeMismatch => {
+                metrics::counter!("leasehold_auth_denials_total", "reason" => "RUNTIME_MISMATCH")
+                    .increment(1);
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    message,
+                    error_info("RUNTIME_MISMATCH", []),
+                )
+            }
+            Error::ApiKeyNotFound(key_id) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                error_info("API_KEY_NOT_FOUND", [("key_id", key_id.to_string())]),
+            ),
             // The source (driver text, SQL) was logged where it arose; the client gets nothing
             // of it.
             Error::Internal(_) => Status::with_error_details(

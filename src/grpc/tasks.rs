@@ -5,11 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
+use crate::domain::auth::Scope;
 use crate::domain::{Result, validate};
 use crate::store::{Enqueued, NewTask, TaskFilter};
 
 use super::pb::{self, task_service_server::TaskService};
-use super::{convert, page_token, status};
+use super::{access, convert, page_token, status};
 
 pub struct TaskApi {
     coordinator: Arc<Coordinator>,
@@ -70,10 +71,10 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::EnqueueTaskRequest>,
     ) -> Result<Response<pb::EnqueueTaskResponse>, Status> {
-        let enqueued = self
-            .coordinator
-            .enqueue(new_task(request.into_inner())?)
-            .await?;
+        let principal = access::principal(&request)?;
+        let task = new_task(request.into_inner())?;
+        access::queue(&principal, Scope::Enqueue, &task.queue)?;
+        let enqueued = self.coordinator.enqueue(task).await?;
         Ok(Response::new(pb::EnqueueTaskResponse {
             task: Some(convert::task(enqueued.task)),
             deduplicated: enqueued.deduplicated,
@@ -84,11 +85,17 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::EnqueueTasksRequest>,
     ) -> Result<Response<pb::EnqueueTasksResponse>, Status> {
+        let principal = access::principal(&request)?;
+        // An item for a queue outside the caller's scope gets its own error, as an invalid one.
         let items = request
             .into_inner()
             .requests
             .into_iter()
-            .map(new_task)
+            .map(|item| {
+                let task = new_task(item)?;
+                access::queue(&principal, Scope::Enqueue, &task.queue)?;
+                Ok(task)
+            })
             .collect();
         let results = self.coordinator.enqueue_batch(items).await?;
         Ok(Response::new(pb::EnqueueTasksResponse {
@@ -102,6 +109,7 @@ impl TaskService for TaskApi {
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
         let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
         let task = self.coordinator.get_task(task_id).await?;
+        access::queue(&access::principal(&request)?, Scope::Read, &task.queue)?;
         Ok(Response::new(pb::GetTaskResponse {
             task: Some(convert::task(task)),
         }))
@@ -111,8 +119,17 @@ impl TaskService for TaskApi {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let principal = access::principal(&request)?;
         let request = request.into_inner();
         let filter = task_filter(&request)?;
+        // A key limited to some queues must name one of them.
+        if !principal.has(Scope::Read, None) {
+            access::queue(
+                &principal,
+                Scope::Read,
+                filter.queue.as_deref().unwrap_or_default(),
+            )?;
+        }
         let after = page_token::decode(&request.page_token)?;
         let page = self
             .coordinator
@@ -129,6 +146,8 @@ impl TaskService for TaskApi {
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        let principal = access::principal(&request)?;
+        access::task_queue(&self.coordinator, &principal, Scope::Manage, task_id).await?;
         let task = self.coordinator.cancel(task_id).await?;
         Ok(Response::new(pb::CancelTaskResponse {
             task: Some(convert::task(task)),

@@ -7,10 +7,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::coordinator::Coordinator;
+use crate::domain::auth::Scope;
 use crate::store::NewRuntime;
 
 use super::pb::{self, worker_service_server::WorkerService};
-use super::{claim_stream, convert, deadline};
+use super::{access, claim_stream, convert, deadline};
 
 pub struct WorkerApi {
     coordinator: Arc<Coordinator>,
@@ -30,7 +31,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::RegisterRuntimeRequest>,
     ) -> Result<Response<pb::RegisterRuntimeResponse>, Status> {
+        let principal = access::principal(&request)?;
         let request = request.into_inner();
+        for queue in &request.queues {
+            access::queue(&principal, Scope::Register, queue)?;
+        }
         let registration = self
             .coordinator
             .register_runtime(NewRuntime {
@@ -44,6 +49,7 @@ impl WorkerService for WorkerApi {
             runtime: Some(convert::runtime(registration.runtime)),
             heartbeat_interval: Some(convert::wire_duration(registration.heartbeat_interval)),
             lease_duration: Some(convert::wire_duration(registration.lease_duration)),
+            runtime_token: registration.runtime_token.reveal(),
         }))
     }
 
@@ -52,6 +58,7 @@ impl WorkerService for WorkerApi {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        access::runtime(&access::principal(&request)?, runtime_id)?;
         let ack = self.coordinator.heartbeat(runtime_id).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             server_time: Some(convert::timestamp(ack.server_time)),
@@ -64,6 +71,7 @@ impl WorkerService for WorkerApi {
         request: Request<pb::DeregisterRuntimeRequest>,
     ) -> Result<Response<pb::DeregisterRuntimeResponse>, Status> {
         let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        access::runtime(&access::principal(&request)?, runtime_id)?;
         let requeued = self.coordinator.deregister_runtime(runtime_id).await?;
         Ok(Response::new(pb::DeregisterRuntimeResponse { requeued }))
     }
@@ -73,6 +81,7 @@ impl WorkerService for WorkerApi {
         request: Request<pb::RecoverOrphansRequest>,
     ) -> Result<Response<pb::RecoverOrphansResponse>, Status> {
         let runtime_id = convert::runtime_id("runtime_id", &request.get_ref().runtime_id)?;
+        access::runtime(&access::principal(&request)?, runtime_id)?;
         let recovered = self.coordinator.recover_orphans(runtime_id).await?;
         Ok(Response::new(pb::RecoverOrphansResponse {
             failed: recovered.failed(),
@@ -85,8 +94,10 @@ impl WorkerService for WorkerApi {
         request: Request<pb::ClaimTaskRequest>,
     ) -> Result<Response<pb::ClaimTaskResponse>, Status> {
         let budget = deadline::budget(request.metadata());
+        let principal = access::principal(&request)?;
         let request = request.into_inner();
         let runtime_id = convert::runtime_id("runtime_id", &request.runtime_id)?;
+        access::runtime(&principal, runtime_id)?;
         let wait = convert::duration("wait", request.wait)?.unwrap_or_default();
         let claimed = self
             .coordinator
@@ -103,8 +114,9 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<Streaming<pb::StreamClaimsRequest>>,
     ) -> Result<Response<Self::StreamClaimsStream>, Status> {
+        let principal = access::principal(&request)?;
         let mut inbound = request.into_inner();
-        let session = claim_stream::open(&self.coordinator, &mut inbound).await?;
+        let session = claim_stream::open(&self.coordinator, &principal, &mut inbound).await?;
         let (outbound, responses) = tokio::sync::mpsc::channel(claim_stream::OUTBOUND_BUFFER);
         tokio::spawn(session.run(inbound, outbound));
         Ok(Response::new(Box::pin(
@@ -116,10 +128,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
+        let acting = access::principal(&request)?.acting_runtime();
         let request = request.into_inner();
         let task_id = convert::task_id("task_id", &request.task_id)?;
         let token = convert::claim_token(&request.claim_token)?;
-        let task = self.coordinator.start(task_id, token).await?;
+        let task = self.coordinator.start(task_id, token, acting).await?;
         Ok(Response::new(pb::StartTaskResponse {
             task: Some(convert::task(task)),
         }))
@@ -129,13 +142,14 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let acting = access::principal(&request)?.acting_runtime();
         let request = request.into_inner();
         let task_id = convert::task_id("task_id", &request.task_id)?;
         let token = convert::claim_token(&request.claim_token)?;
         let extend_by = convert::duration("extend_by", request.extend_by)?;
         let expires_at = self
             .coordinator
-            .extend_lease(task_id, token, extend_by)
+            .extend_lease(task_id, token, extend_by, acting)
             .await?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_expires_at: Some(convert::timestamp(expires_at)),
@@ -146,12 +160,13 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let acting = access::principal(&request)?.acting_runtime();
         let request = request.into_inner();
         let task_id = convert::task_id("task_id", &request.task_id)?;
         let token = convert::claim_token(&request.claim_token)?;
         let task = self
             .coordinator
-            .complete(task_id, token, request.result)
+            .complete(task_id, token, request.result, acting)
             .await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             task: Some(convert::task(task)),
@@ -162,12 +177,13 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let acting = access::principal(&request)?.acting_runtime();
         let request = request.into_inner();
         let task_id = convert::task_id("task_id", &request.task_id)?;
         let token = convert::claim_token(&request.claim_token)?;
         let outcome = self
             .coordinator
-            .fail(task_id, token, request.error, request.retryable)
+            .fail(task_id, token, request.error, request.retryable, acting)
             .await?;
         Ok(Response::new(pb::FailTaskResponse {
             task: Some(convert::task(outcome.task)),
@@ -179,11 +195,17 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::ReportUsageRequest>,
     ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        let acting = access::principal(&request)?.acting_runtime();
         let request = request.into_inner();
         let task_id = convert::task_id("task_id", &request.task_id)?;
         let token = convert::claim_token(&request.claim_token)?;
         self.coordinator
-            .report_usage(task_id, token, request.counters.into_iter().collect())
+            .report_usage(
+                task_id,
+                token,
+                request.counters.into_iter().collect(),
+                acting,
+            )
             .await?;
         Ok(Response::new(pb::ReportUsageResponse {}))
     }
@@ -193,7 +215,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::GetTaskStatusRequest>,
     ) -> Result<Response<pb::GetTaskStatusResponse>, Status> {
         let task_id = convert::task_id("task_id", &request.get_ref().task_id)?;
-        let (status, attempt) = self.coordinator.task_status(task_id).await?;
+        let acting = access::principal(&request)?.acting_runtime();
+        let (status, attempt) = self.coordinator.task_status(task_id, acting).await?;
         Ok(Response::new(pb::GetTaskStatusResponse {
             status: convert::task_status(status).into(),
             attempt,

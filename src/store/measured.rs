@@ -10,9 +10,13 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
-    Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
+    QueueUpdate, Recovered, RuntimeCredential, SweepPolicy, SweepReport, TaskFilter, TaskMove,
+    TaskPage, TaskStore,
 };
+use uuid::Uuid;
+
+use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::{
     ClaimToken, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
 };
@@ -56,7 +60,13 @@ macro_rules! measured {
 
 measured! {
     fn ping(&self) -> Result<()>;
-    fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime>;
+    fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
+    fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+    fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey>;
+    fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>>;
+    fn note_api_key_used(&self, key_id: Uuid) -> Result<()>;
+    fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>>;
+    fn register_runtime(&self, runtime: NewRuntime, token_digest: SecretDigest) -> Result<Runtime>;
     fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
     fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
     fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
@@ -66,12 +76,12 @@ measured! {
     fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
     fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
     fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
-    fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task>;
-    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration) -> Result<LeaseRenewal>;
-    fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
-    fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure) -> Result<FailOutcome>;
-    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>) -> Result<Option<RuntimeId>>;
-    fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
+    fn start(&self, task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Result<Task>;
+    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration, acting: Option<RuntimeId>) -> Result<LeaseRenewal>;
+    fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>, acting: Option<RuntimeId>) -> Result<Task>;
+    fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure, acting: Option<RuntimeId>) -> Result<FailOutcome>;
+    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>, acting: Option<RuntimeId>) -> Result<Option<RuntimeId>>;
+    fn task_status(&self, task_id: TaskId, acting: Option<RuntimeId>) -> Result<(TaskStatus, u32)>;
     fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
     fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
     fn get_task(&self, task_id: TaskId) -> Result<Task>;

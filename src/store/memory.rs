@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
+use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::fence::{self, OwnerWrite, Verdict};
 use crate::domain::liveness::{self, RedisView};
 use crate::domain::{
@@ -20,8 +22,9 @@ use crate::domain::{
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
-    Recovered, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
+    QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy, SweepPolicy,
+    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 pub struct MemoryStore {
@@ -48,6 +51,10 @@ struct State {
     usage: HashMap<(TaskId, ClaimToken), BTreeMap<String, i64>>,
     /// When the previous sweep began: a longer gap than usual is a blackout.
     last_swept_at: Option<DateTime<Utc>>,
+    /// Runtime tokens, by runtime.
+    runtime_credentials: HashMap<RuntimeId, RuntimeCredential>,
+    /// API keys with their secrets' digests, in creation order.
+    api_keys: Vec<(ApiKey, SecretDigest)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -88,12 +95,16 @@ impl MemoryStore {
         write: OwnerWrite,
         task_id: TaskId,
         token: ClaimToken,
+        acting: Option<RuntimeId>,
         apply: impl FnOnce(&mut State, TaskId, DateTime<Utc>),
     ) -> Result<(Task, Verdict)> {
         let now = self.now();
         let mut state = self.state();
         let task = state.task(task_id)?;
         let verdict = fence::judge(write, task, token, now);
+        if verdict != Verdict::Replay && fence::held_by_another(task, acting) {
+            return Err(Error::RuntimeMismatch);
+        }
         match verdict {
             Verdict::Apply => apply(&mut state, task_id, now),
             Verdict::Replay => {}
@@ -662,7 +673,73 @@ impl TaskStore for MemoryStore {
         Ok(())
     }
 
-    async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime> {
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
+        let now = self.now();
+        let api_key = ApiKey {
+            id: key.id,
+            name: key.name,
+            grants: key.grants,
+            created_at: now,
+            expires_at: key.expires_in.map(|expires_in| now + to_chrono(expires_in)),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        self.state().api_keys.push((api_key.clone(), key.digest));
+        Ok(api_key)
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        Ok(self
+            .state()
+            .api_keys
+            .iter()
+            .map(|(key, _)| key.clone())
+            .collect())
+    }
+
+    async fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey> {
+        let now = self.now();
+        let mut state = self.state();
+        let (key, _) = state
+            .api_keys
+            .iter_mut()
+            .find(|(key, _)| key.id == key_id)
+            .ok_or(Error::ApiKeyNotFound(key_id))?;
+        key.revoked_at.get_or_insert(now);
+        Ok(key.clone())
+    }
+
+    async fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>> {
+        Ok(self
+            .state()
+            .api_keys
+            .iter()
+            .find(|(key, _)| key.id == key_id)
+            .cloned())
+    }
+
+    async fn note_api_key_used(&self, key_id: Uuid) -> Result<()> {
+        let now = self.now();
+        if let Some((key, _)) = self
+            .state()
+            .api_keys
+            .iter_mut()
+            .find(|(key, _)| key.id == key_id)
+        {
+            key.last_used_at = Some(now);
+        }
+        Ok(())
+    }
+
+    async fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>> {
+        Ok(self.state().runtime_credentials.get(&runtime_id).cloned())
+    }
+
+    async fn register_runtime(
+        &self,
+        runtime: NewRuntime,
+        token_digest: SecretDigest,
+    ) -> Result<Runtime> {
         let now = self.now();
         let mut state = self.state();
         let id = state
@@ -686,6 +763,11 @@ impl TaskStore for MemoryStore {
         };
         state.runtime_names.insert(runtime.name, id);
         state.runtimes.insert(id, registered.clone());
+        let credential = state.runtime_credentials.entry(id).or_default();
+        if let Some(replaced) = credential.current.replace(token_digest) {
+            credential.revoked.insert(0, replaced);
+            credential.revoked.truncate(REMEMBERED_REVOKED_TOKENS);
+        }
         state.offline_since.remove(&id);
         Ok(registered)
     }
@@ -875,12 +957,18 @@ impl TaskStore for MemoryStore {
         Ok(Some(report))
     }
 
-    async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
-        let (task, _) = self.fenced(OwnerWrite::Start, task_id, token, |state, task_id, now| {
+    async fn start(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task> {
+        let start = |state: &mut State, task_id, now| {
             let task = state.task_mut(task_id);
             task.started_at = Some(now);
             state.set_status(task_id, TaskStatus::Running);
-        })?;
+        };
+        let (task, _) = self.fenced(OwnerWrite::Start, task_id, token, acting, start)?;
         Ok(task)
     }
 
@@ -889,11 +977,13 @@ impl TaskStore for MemoryStore {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
+        acting: Option<RuntimeId>,
     ) -> Result<LeaseRenewal> {
         let (task, _) = self.fenced(
             OwnerWrite::ExtendLease,
             task_id,
             token,
+            acting,
             |state, task_id, now| {
                 let task = state.task_mut(task_id);
                 let renewed = now + to_chrono(extend_by);
@@ -909,11 +999,18 @@ impl TaskStore for MemoryStore {
         })
     }
 
-    async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
+    async fn complete(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        result: Vec<u8>,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task> {
         let (task, _) = self.fenced(
             OwnerWrite::Complete,
             task_id,
             token,
+            acting,
             |state, task_id, now| {
                 let task = state.task_mut(task_id);
                 task.result = Some(result);
@@ -930,12 +1027,18 @@ impl TaskStore for MemoryStore {
         task_id: TaskId,
         token: ClaimToken,
         failure: Failure,
+        acting: Option<RuntimeId>,
     ) -> Result<FailOutcome> {
         let policy = self.policy;
-        let (task, verdict) =
-            self.fenced(OwnerWrite::Fail, task_id, token, |state, task_id, now| {
+        let (task, verdict) = self.fenced(
+            OwnerWrite::Fail,
+            task_id,
+            token,
+            acting,
+            |state, task_id, now| {
                 state.fail(task_id, &failure, &policy, now);
-            })?;
+            },
+        )?;
         let will_retry = match verdict {
             Verdict::Replay => fence::replayed_fail_retried(&task, token),
             _ => task.status == TaskStatus::Queued,
@@ -948,12 +1051,14 @@ impl TaskStore for MemoryStore {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
+        acting: Option<RuntimeId>,
     ) -> Result<Option<RuntimeId>> {
         let now = self.now();
         let mut state = self.state();
         let task = state.task(task_id)?;
         let holder = task.claimed_by;
-        if State::holds_active_claim(task, token, now) {
+        let held_by_another = fence::held_by_another(task, acting);
+        if State::holds_active_claim(task, token, now) && !held_by_another {
             state
                 .usage
                 .entry((task_id, token))
@@ -971,6 +1076,9 @@ impl TaskStore for MemoryStore {
         if already_reported {
             return Ok(holder);
         }
+        if held_by_another {
+            return Err(Error::RuntimeMismatch);
+        }
         match fence::judge(OwnerWrite::ReportUsage, task, token, now) {
             Verdict::Refuse(refusal) => Err(Error::refused(refusal, task)),
             Verdict::Apply | Verdict::Replay => Err(Error::Internal(
@@ -979,9 +1087,16 @@ impl TaskStore for MemoryStore {
         }
     }
 
-    async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {
+    async fn task_status(
+        &self,
+        task_id: TaskId,
+        acting: Option<RuntimeId>,
+    ) -> Result<(TaskStatus, u32)> {
         let state = self.state();
         let task = state.task(task_id)?;
+        if !fence::visible_to(task.claimed_by, task.runtime_id, acting) {
+            return Err(Error::RuntimeMismatch);
+        }
         Ok((task.status, task.attempt))
     }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
+use crate::domain::auth::{ApiKey, Grant, SecretDigest};
 use crate::domain::liveness::RedisView;
 use crate::domain::{
     ClaimToken, ClaimedTask, QueueInfo, Result, RetryBackoff, Runtime, RuntimeId, RuntimeStatus,
@@ -35,6 +37,27 @@ pub struct NewRuntime {
     pub labels: BTreeMap<String, String>,
     pub max_concurrency: u32,
 }
+
+/// How a runtime's tokens are known: the current one, and the last few it replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeCredential {
+    pub current: Option<SecretDigest>,
+    pub revoked: Vec<SecretDigest>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewApiKey {
+    /// Chosen by the caller: it is part of the token text.
+    pub id: Uuid,
+    pub name: String,
+    pub grants: Vec<Grant>,
+    pub digest: SecretDigest,
+    /// From the store's now; `None` = never expires.
+    pub expires_in: Option<Duration>,
+}
+
+/// How many replaced runtime tokens are remembered as revoked (older ones read as unknown).
+pub const REMEMBERED_REVOKED_TOKENS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeartbeatAck {
@@ -267,8 +290,30 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Succeeds when the store can serve requests; health reports SERVING only after it does.
     async fn ping(&self) -> Result<()>;
 
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
+
+    /// Every key, revoked and expired ones too, oldest first.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Marks the key revoked (a second revocation keeps the first time).
+    async fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey>;
+
+    /// The key and its secret's digest, for verifying a presented token.
+    async fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>>;
+
+    /// `last_used_at = now` (callers write it at most once a minute).
+    async fn note_api_key_used(&self, key_id: Uuid) -> Result<()>;
+
+    /// `None` for an unknown runtime.
+    async fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>>;
+
     /// Upsert by name; the id is stable across re-registrations. Marks the runtime ONLINE.
-    async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime>;
+    /// `token_digest`: the new runtime token's; it replaces (revokes) the previous one.
+    async fn register_runtime(
+        &self,
+        runtime: NewRuntime,
+        token_digest: SecretDigest,
+    ) -> Result<Runtime>;
 
     /// Records that the runtime is alive now; an OFFLINE runtime becomes ONLINE.
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
@@ -311,7 +356,17 @@ pub trait TaskStore: Send + Sync + 'static {
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>>;
 
-    async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task>;
+    // The owner writes below take `acting`: the runtime whose own token made the call (spec
+    // §9), or `None` for `admin` and `--auth none`. A write that would change a task another
+    // runtime holds is refused with `RuntimeMismatch`, within the same guarded statement; a
+    // replay changes nothing and stays allowed.
+
+    async fn start(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task>;
 
     /// Renews the lease of a DISPATCHED task to `now + extend_by` (never shortening it).
     async fn extend_lease(
@@ -319,15 +374,23 @@ pub trait TaskStore: Send + Sync + 'static {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
+        acting: Option<RuntimeId>,
     ) -> Result<LeaseRenewal>;
 
-    async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task>;
+    async fn complete(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        result: Vec<u8>,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task>;
 
     async fn fail(
         &self,
         task_id: TaskId,
         token: ClaimToken,
         failure: Failure,
+        acting: Option<RuntimeId>,
     ) -> Result<FailOutcome>;
 
     async fn report_usage(
@@ -335,9 +398,15 @@ pub trait TaskStore: Send + Sync + 'static {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
+        acting: Option<RuntimeId>,
     ) -> Result<Option<RuntimeId>>;
 
-    async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)>;
+    /// With `acting`, the task must be claimed by or pinned to that runtime.
+    async fn task_status(
+        &self,
+        task_id: TaskId,
+        acting: Option<RuntimeId>,
+    ) -> Result<(TaskStatus, u32)>;
 
     async fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
 

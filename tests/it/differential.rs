@@ -259,15 +259,15 @@ async fn apply(
             let token = subject.token(task_id, *token);
             match op {
                 Op::Start { .. } => store
-                    .start(task_id, token)
+                    .start(task_id, token, None)
                     .await
                     .map(|task| subject.describe(&task)),
                 Op::Extend { .. } => store
-                    .extend_lease(task_id, token, Duration::from_secs(60))
+                    .extend_lease(task_id, token, Duration::from_secs(60), None)
                     .await
                     .map(|_| "extended".into()),
                 Op::Complete { .. } => store
-                    .complete(task_id, token, b"done".to_vec())
+                    .complete(task_id, token, b"done".to_vec(), None)
                     .await
                     .map(|task| subject.describe(&task)),
                 Op::Fail { retryable, .. } => store
@@ -279,6 +279,7 @@ async fn apply(
                             retryable: *retryable,
                             jitter: 0.5,
                         },
+                        None,
                     )
                     .await
                     .map(|outcome| {
@@ -298,7 +299,7 @@ async fn apply(
             let token = subject.token(task_id, *token);
             let counters = BTreeMap::from([("units".to_string(), *value)]);
             store
-                .report_usage(task_id, token, counters)
+                .report_usage(task_id, token, counters, None)
                 .await
                 .map(|_| "usage recorded".into())
         }
@@ -357,12 +358,15 @@ async fn register(store: &dyn TaskStore, names: &Names) -> Vec<leasehold::domain
     let mut ids = Vec::new();
     for (index, queues) in SERVES.iter().enumerate() {
         let runtime = store
-            .register_runtime(NewRuntime {
-                name: format!("c{}-r{index}", names.case),
-                queues: queues.iter().map(|queue| names.queue(*queue)).collect(),
-                labels: BTreeMap::new(),
-                max_concurrency: 1,
-            })
+            .register_runtime(
+                NewRuntime {
+                    name: format!("c{}-r{index}", names.case),
+                    queues: queues.iter().map(|queue| names.queue(*queue)).collect(),
+                    labels: BTreeMap::new(),
+                    max_concurrency: 1,
+                },
+                leasehold::domain::auth::Secret::random().digest(),
+            )
             .await
             .unwrap();
         ids.push(runtime.id);

@@ -97,6 +97,8 @@ pub struct TestServer {
 pub fn test_config() -> Config {
     let mut config = Config::defaults();
     config.redis_url = None;
+    // Tests about credentials opt in (tests/it/auth.rs).
+    config.auth = leasehold::auth::AuthMode::None;
     config.shutdown_grace = Duration::from_millis(500);
     config.sweep_interval = Duration::from_secs(24 * 60 * 60);
     config

@@ -11,6 +11,7 @@
 #[macro_use]
 mod harness;
 
+mod auth;
 mod bench;
 mod cli;
 mod coalesce;

@@ -28,7 +28,7 @@ impl ServerProcess {
         let address = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
         command
-            .args(["serve", "--listen", &address])
+            .args(["serve", "--auth", "none", "--listen", &address])
             .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")

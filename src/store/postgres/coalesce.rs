@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::rows::TaskRow;
-use crate::domain::{ClaimToken, TaskId};
+use crate::domain::{ClaimToken, RuntimeId, TaskId};
 
 /// Most writes in one statement; more wait for the next one.
 const MAX_BATCH: usize = 256;
@@ -55,13 +55,16 @@ pub(super) trait SharedWrite: Send + 'static {
 pub(super) struct Start {
     task_id: Uuid,
     token: Uuid,
+    /// The runtime whose own token made the call (spec §9); `None`: any holder.
+    holder: Option<Uuid>,
 }
 
 impl Start {
-    pub(super) fn new(task_id: TaskId, token: ClaimToken) -> Self {
+    pub(super) fn new(task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Self {
         Self {
             task_id: task_id.as_uuid(),
             token: token.as_uuid(),
+            holder: acting.map(|runtime| runtime.as_uuid()),
         }
     }
 }
@@ -70,14 +73,21 @@ pub(super) struct Complete {
     task_id: Uuid,
     token: Uuid,
     result: Vec<u8>,
+    holder: Option<Uuid>,
 }
 
 impl Complete {
-    pub(super) fn new(task_id: TaskId, token: ClaimToken, result: &[u8]) -> Self {
+    pub(super) fn new(
+        task_id: TaskId,
+        token: ClaimToken,
+        result: &[u8],
+        acting: Option<RuntimeId>,
+    ) -> Self {
         Self {
             task_id: task_id.as_uuid(),
             token: token.as_uuid(),
             result: result.to_vec(),
+            holder: acting.map(|runtime| runtime.as_uuid()),
         }
     }
 }
@@ -103,9 +113,11 @@ impl SharedWrite for Start {
             .iter()
             .map(|write| (write.task_id, write.token))
             .unzip();
+        let holders: Vec<Option<Uuid>> = writes.iter().map(|write| write.holder).collect();
         sqlx::query_as(super::sql::START_MANY)
             .bind(ids)
             .bind(tokens)
+            .bind(holders)
             .fetch_all(pool)
             .await
     }
@@ -122,10 +134,12 @@ impl SharedWrite for Complete {
         let ids: Vec<Uuid> = writes.iter().map(|write| write.task_id).collect();
         let tokens: Vec<Uuid> = writes.iter().map(|write| write.token).collect();
         let results: Vec<&[u8]> = writes.iter().map(|write| &write.result[..]).collect();
+        let holders: Vec<Option<Uuid>> = writes.iter().map(|write| write.holder).collect();
         sqlx::query_as(super::sql::COMPLETE_MANY)
             .bind(ids)
             .bind(tokens)
             .bind(results)
+            .bind(holders)
             .fetch_all(pool)
             .await
     }

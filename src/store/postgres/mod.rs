@@ -11,6 +11,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::fence::{self, OwnerWrite, Verdict};
 use crate::domain::{
     ClaimToken, ClaimedTask, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId,
@@ -18,11 +19,13 @@ use crate::domain::{
 };
 use crate::store::{
     ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewRuntime, NewTask, PageCursor, QueueDepth, QueueUpdate,
-    Recovered, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
+    QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy, SweepPolicy,
+    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 mod coalesce;
+mod credentials;
 mod errors;
 mod rows;
 mod sql;
@@ -147,18 +150,23 @@ impl PgStore {
         write: GuardedWrite<'_>,
         task_id: TaskId,
         token: ClaimToken,
+        acting: Option<RuntimeId>,
     ) -> Result<Fenced> {
         for attempt in 0..FENCED_WRITE_ATTEMPTS {
             let applied = if attempt == 0 {
-                self.try_shared(&write, task_id, token).await?
+                self.try_shared(&write, task_id, token, acting).await?
             } else {
-                self.try_guarded(&write, task_id, token).await?
+                self.try_guarded(&write, task_id, token, acting).await?
             };
             if let Some(applied) = applied {
                 return Ok(Fenced::Applied(applied));
             }
             let (task, now) = self.fence_snapshot(task_id).await?;
-            match fence::judge(write.kind(), &task, token, now) {
+            let verdict = fence::judge(write.kind(), &task, token, now);
+            if verdict != Verdict::Replay && fence::held_by_another(&task, acting) {
+                return Err(Error::RuntimeMismatch);
+            }
+            match verdict {
                 Verdict::Apply => continue,
                 Verdict::Replay => return Ok(Fenced::Replayed(Box::new(task))),
                 Verdict::Refuse(refusal) => return Err(Error::refused(refusal, &task)),
@@ -176,15 +184,16 @@ impl PgStore {
         write: &GuardedWrite<'_>,
         task_id: TaskId,
         token: ClaimToken,
+        acting: Option<RuntimeId>,
     ) -> Result<Option<Applied>> {
         let shared = match write {
             GuardedWrite::Start => {
                 self.starts
-                    .write(coalesce::Start::new(task_id, token))
+                    .write(coalesce::Start::new(task_id, token, acting))
                     .await
             }
             GuardedWrite::Complete(result) => {
-                let write = coalesce::Complete::new(task_id, token, result);
+                let write = coalesce::Complete::new(task_id, token, result, acting);
                 self.completes.write(write).await
             }
             GuardedWrite::ExtendLease(_) | GuardedWrite::Fail(_) => Shared::RunAlone,
@@ -192,7 +201,7 @@ impl PgStore {
         match shared {
             Shared::Applied(row) => applied_task(Ok(Some(*row))),
             Shared::NotApplied => Ok(None),
-            Shared::RunAlone => self.try_guarded(write, task_id, token).await,
+            Shared::RunAlone => self.try_guarded(write, task_id, token, acting).await,
         }
     }
 
@@ -202,15 +211,17 @@ impl PgStore {
         write: &GuardedWrite<'_>,
         task_id: TaskId,
         claim_token: ClaimToken,
+        acting: Option<RuntimeId>,
     ) -> Result<Option<Applied>> {
         let (task, token) = (task_id.as_uuid(), claim_token.as_uuid());
+        let holder = acting.map(|runtime| runtime.as_uuid());
         match write {
             GuardedWrite::Start => {
-                let write = coalesce::Start::new(task_id, claim_token);
+                let write = coalesce::Start::new(task_id, claim_token, acting);
                 applied_task(coalesce::alone(&self.pool, write).await)
             }
             GuardedWrite::Complete(result) => {
-                let write = coalesce::Complete::new(task_id, claim_token, result);
+                let write = coalesce::Complete::new(task_id, claim_token, result, acting);
                 applied_task(coalesce::alone(&self.pool, write).await)
             }
             GuardedWrite::Fail(failure) => {
@@ -223,6 +234,7 @@ impl PgStore {
                     .bind(backoff.base.as_secs_f64() * 1000.0)
                     .bind(backoff.max.as_secs_f64() * 1000.0)
                     .bind(failure.jitter)
+                    .bind(holder)
                     .fetch_optional(&self.pool)
                     .await;
                 applied_task(row)
@@ -233,6 +245,7 @@ impl PgStore {
                         .bind(task)
                         .bind(token)
                         .bind(interval(*extend_by))
+                        .bind(holder)
                         .fetch_optional(&self.pool)
                         .await
                         .map_err(plain)?;
@@ -341,13 +354,43 @@ impl TaskStore for PgStore {
         Ok(())
     }
 
-    async fn register_runtime(&self, runtime: NewRuntime) -> Result<Runtime> {
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
+        credentials::create(&self.pool, key).await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        credentials::list(&self.pool).await
+    }
+
+    async fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey> {
+        credentials::revoke(&self.pool, key_id).await
+    }
+
+    async fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>> {
+        credentials::find(&self.liveness_pool, key_id).await
+    }
+
+    async fn note_api_key_used(&self, key_id: Uuid) -> Result<()> {
+        credentials::note_used(&self.liveness_pool, key_id).await
+    }
+
+    async fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>> {
+        credentials::runtime(&self.liveness_pool, runtime_id).await
+    }
+
+    async fn register_runtime(
+        &self,
+        runtime: NewRuntime,
+        token_digest: SecretDigest,
+    ) -> Result<Runtime> {
         let row: RuntimeRow = sqlx::query_as(sql::REGISTER_RUNTIME)
             .bind(RuntimeId::new_random().as_uuid())
             .bind(&runtime.name)
             .bind(&runtime.queues)
             .bind(Json(&runtime.labels))
             .bind(i64::from(runtime.max_concurrency))
+            .bind(token_digest.as_bytes().as_slice())
+            .bind(i32::try_from(REMEMBERED_REVOKED_TOKENS).unwrap_or(i32::MAX))
             .fetch_one(&self.pool)
             .await
             .map_err(plain)?;
@@ -485,8 +528,13 @@ impl TaskStore for PgStore {
         sweep::run(&self.sweeper_pool, &self.policy, policy, oracle, due_since).await
     }
 
-    async fn start(&self, task_id: TaskId, token: ClaimToken) -> Result<Task> {
-        self.fenced(GuardedWrite::Start, task_id, token)
+    async fn start(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task> {
+        self.fenced(GuardedWrite::Start, task_id, token, acting)
             .await?
             .into_task()
     }
@@ -496,9 +544,10 @@ impl TaskStore for PgStore {
         task_id: TaskId,
         token: ClaimToken,
         extend_by: Duration,
+        acting: Option<RuntimeId>,
     ) -> Result<LeaseRenewal> {
         match self
-            .fenced(GuardedWrite::ExtendLease(extend_by), task_id, token)
+            .fenced(GuardedWrite::ExtendLease(extend_by), task_id, token, acting)
             .await?
         {
             Fenced::Applied(Applied::Lease(renewal)) => Ok(renewal),
@@ -508,8 +557,14 @@ impl TaskStore for PgStore {
         }
     }
 
-    async fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>) -> Result<Task> {
-        self.fenced(GuardedWrite::Complete(&result), task_id, token)
+    async fn complete(
+        &self,
+        task_id: TaskId,
+        token: ClaimToken,
+        result: Vec<u8>,
+        acting: Option<RuntimeId>,
+    ) -> Result<Task> {
+        self.fenced(GuardedWrite::Complete(&result), task_id, token, acting)
             .await?
             .into_task()
     }
@@ -519,10 +574,11 @@ impl TaskStore for PgStore {
         task_id: TaskId,
         token: ClaimToken,
         failure: Failure,
+        acting: Option<RuntimeId>,
     ) -> Result<FailOutcome> {
         Ok(
             match self
-                .fenced(GuardedWrite::Fail(&failure), task_id, token)
+                .fenced(GuardedWrite::Fail(&failure), task_id, token, acting)
                 .await?
             {
                 Fenced::Replayed(task) => FailOutcome {
@@ -545,8 +601,10 @@ impl TaskStore for PgStore {
         task_id: TaskId,
         token: ClaimToken,
         counters: BTreeMap<String, i64>,
+        acting: Option<RuntimeId>,
     ) -> Result<Option<RuntimeId>> {
         let (names, values): (Vec<String>, Vec<i64>) = counters.into_iter().unzip();
+        let holder = acting.map(|runtime| runtime.as_uuid());
         for _ in 0..FENCED_WRITE_ATTEMPTS {
             let (applied, holder, _written): (bool, Option<Uuid>, i64) =
                 sqlx::query_as(sql::REPORT_USAGE)
@@ -554,6 +612,7 @@ impl TaskStore for PgStore {
                     .bind(token.as_uuid())
                     .bind(&names)
                     .bind(&values)
+                    .bind(holder)
                     .fetch_one(&self.pool)
                     .await
                     .map_err(plain)?;
@@ -568,6 +627,9 @@ impl TaskStore for PgStore {
             {
                 return Ok(task.claimed_by);
             }
+            if fence::held_by_another(&task, acting) {
+                return Err(Error::RuntimeMismatch);
+            }
             match fence::judge(OwnerWrite::ReportUsage, &task, token, now) {
                 Verdict::Apply => continue,
                 Verdict::Replay => return Ok(task.claimed_by),
@@ -579,13 +641,22 @@ impl TaskStore for PgStore {
         ))
     }
 
-    async fn task_status(&self, task_id: TaskId) -> Result<(TaskStatus, u32)> {
-        let row: Option<(String, i64)> = sqlx::query_as(sql::TASK_STATUS)
+    async fn task_status(
+        &self,
+        task_id: TaskId,
+        acting: Option<RuntimeId>,
+    ) -> Result<(TaskStatus, u32)> {
+        type StatusRow = (String, i64, Option<Uuid>, Option<Uuid>);
+        let row: Option<StatusRow> = sqlx::query_as(sql::TASK_STATUS)
             .bind(task_id.as_uuid())
             .fetch_optional(&self.pool)
             .await
             .map_err(plain)?;
-        let (status, attempt) = row.ok_or(Error::TaskNotFound(task_id))?;
+        let (status, attempt, claimed_by, pinned_to) = row.ok_or(Error::TaskNotFound(task_id))?;
+        let runtime = |id: Option<Uuid>| id.map(RuntimeId::from_uuid);
+        if !fence::visible_to(runtime(claimed_by), runtime(pinned_to), acting) {
+            return Err(Error::RuntimeMismatch);
+        }
         let status = TaskStatus::parse(&status)
             .ok_or_else(|| Error::Internal(format!("unexpected task status {status}").into()))?;
         Ok((status, to_u32("attempt", attempt)?))

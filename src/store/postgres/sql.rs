@@ -2,16 +2,23 @@
 //! state guard in its WHERE clause; zero rows means "you no longer hold this" (or a replay),
 //! which the caller then classifies with `domain::fence::judge`.
 
+/// Upsert by name. $6 is the new runtime token's digest: the one it replaces joins the
+/// revoked ones (the latest $7 are kept).
 pub(super) const REGISTER_RUNTIME: &str = "
-INSERT INTO runtimes (id, name, queues, labels, max_concurrency, status, last_seen_at, registered_at)
-VALUES ($1, $2, $3, $4, $5, 'ONLINE', now(), now())
+INSERT INTO runtimes (id, name, queues, labels, max_concurrency, status, last_seen_at, registered_at,
+                      token_digest)
+VALUES ($1, $2, $3, $4, $5, 'ONLINE', now(), now(), $6)
 ON CONFLICT (name) DO UPDATE SET
     queues          = EXCLUDED.queues,
     labels          = EXCLUDED.labels,
     max_concurrency = EXCLUDED.max_concurrency,
     status          = 'ONLINE',
     last_seen_at    = now(),
-    offline_since   = NULL
+    offline_since   = NULL,
+    token_digest    = EXCLUDED.token_digest,
+    revoked_token_digests = (CASE WHEN runtimes.token_digest IS NULL THEN '{}'::bytea[]
+                                  ELSE ARRAY[runtimes.token_digest] END
+                             || runtimes.revoked_token_digests)[1:$7]
 RETURNING *";
 
 pub(super) const HEARTBEAT: &str = "
@@ -42,12 +49,13 @@ SELECT * FROM leasehold_claim($1, $2, $3, $4, $5)";
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";
 
-/// StartTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens; each row is
-/// written only while its token holds a live DISPATCHED claim.
+/// StartTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 acting
+/// runtimes (NULL: any); each row is written only while its token holds a live DISPATCHED
+/// claim of that runtime.
 pub(super) const START_MANY: &str = "
 UPDATE tasks t SET status = 'RUNNING', started_at = now()
-FROM unnest($1::uuid[], $2::uuid[]) AS w(id, token)
-WHERE t.id = w.id AND t.claim_token = w.token
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS w(id, token, holder)
+WHERE t.id = w.id AND t.claim_token = w.token AND (w.holder IS NULL OR t.claimed_by = w.holder)
   AND t.status = 'DISPATCHED' AND t.lease_expires_at >= now()
 RETURNING t.*";
 
@@ -55,15 +63,18 @@ pub(super) const EXTEND_LEASE: &str = "
 UPDATE tasks SET lease_expires_at = GREATEST(lease_expires_at, now() + $3)
 WHERE id = $1 AND claim_token = $2
   AND status = 'DISPATCHED' AND lease_expires_at >= now()
+  AND ($4::uuid IS NULL OR claimed_by = $4)
 RETURNING lease_expires_at, claimed_by";
 
-/// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results;
-/// each row is written only while its token holds it RUNNING.
+/// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results,
+/// $4 acting runtimes (NULL: any); each row is written only while its token holds it RUNNING
+/// for that runtime.
 pub(super) const COMPLETE_MANY: &str = "
 UPDATE tasks t SET status = 'COMPLETED', result = w.result, finished_at = now(),
                    lease_expires_at = NULL
-FROM unnest($1::uuid[], $2::uuid[], $3::bytea[]) AS w(id, token, result)
+FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::uuid[]) AS w(id, token, result, holder)
 WHERE t.id = w.id AND t.claim_token = w.token AND t.status = 'RUNNING'
+  AND (w.holder IS NULL OR t.claimed_by = w.holder)
 RETURNING t.*";
 
 /// $3 error, $4 retryable, $5 backoff base (ms), $6 backoff max (ms), $7 jitter in [0, 1).
@@ -87,7 +98,7 @@ UPDATE tasks t SET
     claim_token          = CASE WHEN d.retry THEN NULL ELSE t.claim_token END,
     lease_expires_at     = NULL
 FROM decision d
-WHERE t.id = d.id AND t.claim_token = $2
+WHERE t.id = d.id AND t.claim_token = $2 AND ($8::uuid IS NULL OR t.claimed_by = $8)
   AND (t.status = 'RUNNING' OR (t.status = 'DISPATCHED' AND t.lease_expires_at >= now()))
 RETURNING t.*";
 
@@ -96,7 +107,7 @@ RETURNING t.*";
 pub(super) const REPORT_USAGE: &str = "
 WITH owner AS (
     SELECT id, claimed_by FROM tasks
-    WHERE id = $1 AND claim_token = $2
+    WHERE id = $1 AND claim_token = $2 AND ($5::uuid IS NULL OR claimed_by = $5)
       AND (status = 'RUNNING' OR (status = 'DISPATCHED' AND lease_expires_at >= now()))
     FOR SHARE
 ),
@@ -117,7 +128,8 @@ JOIN unnest($3::text[], $4::int8[]) AS counter(name, value)
   ON u.name = counter.name AND u.value = counter.value
 WHERE u.task_id = $1 AND u.claim_token = $2";
 
-pub(super) const TASK_STATUS: &str = "SELECT status, attempt FROM tasks WHERE id = $1";
+pub(super) const TASK_STATUS: &str =
+    "SELECT status, attempt, claimed_by, runtime_id FROM tasks WHERE id = $1";
 
 pub(super) const ENQUEUE: &str = "
 INSERT INTO tasks (id, queue, runtime_id, concurrency_key, priority, payload, metadata, status,
