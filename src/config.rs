@@ -32,6 +32,9 @@ pub enum Command {
     /// Inspect registered runtimes.
     #[command(subcommand)]
     Runtime(cli::RuntimeCommand),
+    /// Create, list and revoke API keys (needs the admin token or an `admin` key).
+    #[command(subcommand)]
+    Key(cli::KeyCommand),
     /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
     Bench(Box<crate::bench::BenchArgs>),
 }

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Task(command) => command.run().await,
         Command::Queue(command) => command.run().await,
         Command::Runtime(command) => command.run().await,
+        Command::Key(command) => command.run().await,
         Command::Bench(args) => leasehold::bench::run(*args).await,
     }
 }

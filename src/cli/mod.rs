@@ -10,7 +10,7 @@ use tonic::Status;
 
 use crate::client::{Client, error_reason};
 
-pub use operator::{QueueCommand, RuntimeCommand, TaskCommand};
+pub use operator::{KeyCommand, QueueCommand, RuntimeCommand, TaskCommand};
 pub use worker_daemon::WorkerArgs;
 
 /// Where the server is; every client subcommand takes it.
@@ -23,12 +23,27 @@ pub struct ServerArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+
+    /// The bearer credential: an API key (`lhk_…`) or the admin token. For `leasehold
+    /// worker`, an API key with the `register` scope; the daemon then uses its runtime token.
+    #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// A file holding the credential (a mounted Kubernetes Secret), when --token is not given.
+    #[arg(long, env = "LEASEHOLD_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     fn client(&self) -> anyhow::Result<Client> {
-        Client::connect(self.server.clone())
-            .map_err(|error| anyhow::anyhow!("bad --server {:?}: {error}", self.server))
+        let client = Client::connect(self.server.clone())
+            .map_err(|error| anyhow::anyhow!("bad --server {:?}: {error}", self.server))?;
+        let token = crate::client::token_from(self.token.as_deref(), self.token_file.as_deref())
+            .map_err(|error| anyhow::anyhow!("cannot read --token-file: {error}"))?;
+        match token {
+            Some(token) => Ok(client.with_token(&token)?),
+            None => Ok(client),
+        }
     }
 }
 

@@ -200,6 +200,36 @@ pub(super) fn runtime_rows(runtimes: &[pb::Runtime]) -> String {
     table(&headers, &rows)
 }
 
+pub(super) fn api_key_json(key: &pb::ApiKey) -> Value {
+    json!({
+        "id": key.id,
+        "name": key.name,
+        "scopes": key.scopes,
+        "createdAt": timestamp(key.created_at.as_ref()),
+        "expiresAt": timestamp(key.expires_at.as_ref()),
+        "lastUsedAt": timestamp(key.last_used_at.as_ref()),
+        "revokedAt": timestamp(key.revoked_at.as_ref()),
+    })
+}
+
+pub(super) fn api_key_rows(keys: &[pb::ApiKey]) -> String {
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|key| {
+            vec![
+                key.id.clone(),
+                key.name.clone(),
+                key.scopes.join(","),
+                timestamp_or_dash(key.expires_at.as_ref()),
+                timestamp_or_dash(key.last_used_at.as_ref()),
+                timestamp_or_dash(key.revoked_at.as_ref()),
+            ]
+        })
+        .collect();
+    let headers = ["ID", "NAME", "SCOPES", "EXPIRES", "LAST USED", "REVOKED"];
+    table(&headers, &rows)
+}
+
 pub(super) fn queue_json(queue: &pb::DescribeQueueResponse) -> Value {
     let counts = queue.counts.unwrap_or_default();
     json!({

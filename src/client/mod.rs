@@ -101,6 +101,48 @@ impl Client {
         Client { transport }
     }
 
+    /// This connection, with every call carrying `authorization: Bearer <token>` (an API key,
+    /// a runtime token or the admin token; spec §9). The header is marked sensitive, so it
+    /// stays out of debug output.
+    pub fn with_token(&self, token: &str) -> Result<Client, InvalidToken> {
+        let mut value = http::HeaderValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| InvalidToken)?;
+        value.set_sensitive(true);
+        // Wrapping a client that had a token already: the newer one (outer) wins.
+        let transport = self.transport.clone().map_request(
+            move |mut request: http::Request<tonic::body::Body>| {
+                request
+                    .headers_mut()
+                    .entry(http::header::AUTHORIZATION)
+                    .or_insert_with(|| value.clone());
+                request
+            },
+        );
+        Ok(Client::from_transport(BoxCloneSyncService::new(transport)))
+    }
+}
+
+/// A token that cannot travel in a header (it holds control characters).
+#[derive(Debug, thiserror::Error)]
+#[error("the token holds characters a header cannot carry")]
+pub struct InvalidToken;
+
+/// The token the client commands and daemons use: `LEASEHOLD_TOKEN`, else the contents of the
+/// file `token_file` names (a Kubernetes Secret), else none.
+pub fn token_from(
+    token: Option<&str>,
+    token_file: Option<&std::path::Path>,
+) -> std::io::Result<Option<String>> {
+    if let Some(token) = token.map(str::trim).filter(|token| !token.is_empty()) {
+        return Ok(Some(token.to_owned()));
+    }
+    match token_file {
+        Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_owned())),
+        None => Ok(None),
+    }
+}
+
+impl Client {
     pub fn worker(&self) -> WorkerServiceClient<Transport> {
         WorkerServiceClient::new(self.transport.clone())
     }
@@ -112,6 +154,12 @@ impl Client {
     pub fn admin(&self) -> AdminServiceClient<Transport> {
         AdminServiceClient::new(self.transport.clone())
     }
+}
+
+/// True when the server revoked this credential: for a runtime token, another daemon
+/// registered the same name and now holds the identity.
+pub fn is_revoked(status: &Status) -> bool {
+    error_reason(status).as_deref() == Some("CREDENTIALS_REVOKED")
 }
 
 /// The `google.rpc.ErrorInfo` reason of a leasehold error (`CLAIM_SUPERSEDED`,

@@ -123,7 +123,7 @@ impl TaskRun<'_> {
             claim_token: self.token.to_owned(),
             extend_by: None,
         };
-        self.shared.client.worker().extend_lease(request).await?;
+        self.shared.client().worker().extend_lease(request).await?;
         Ok(())
     }
 
@@ -155,7 +155,7 @@ impl TaskRun<'_> {
             task_id: self.task_id.to_owned(),
             claim_token: self.token.to_owned(),
         };
-        self.shared.client.worker().start_task(request).await?;
+        self.shared.client().worker().start_task(request).await?;
         Ok(())
     }
 
@@ -175,7 +175,7 @@ impl TaskRun<'_> {
         };
         Ok(self
             .shared
-            .client
+            .client()
             .worker()
             .get_task_status(request)
             .await?
@@ -232,7 +232,7 @@ impl TaskRun<'_> {
         };
         self.retry_report("ReportUsage", || {
             let request = request.clone();
-            let mut worker = self.shared.client.worker();
+            let mut worker = self.shared.client().worker();
             async move { worker.report_usage(request).await.map(drop) }
         })
         .await;
@@ -248,7 +248,7 @@ impl TaskRun<'_> {
                 };
                 self.retry_report("CompleteTask", || {
                     let request = request.clone();
-                    let mut worker = self.shared.client.worker();
+                    let mut worker = self.shared.client().worker();
                     async move { worker.complete_task(request).await.map(drop) }
                 })
                 .await;
@@ -262,7 +262,7 @@ impl TaskRun<'_> {
                 };
                 self.retry_report("FailTask", || {
                     let request = request.clone();
-                    let mut worker = self.shared.client.worker();
+                    let mut worker = self.shared.client().worker();
                     async move { worker.fail_task(request).await.map(drop) }
                 })
                 .await;

@@ -119,7 +119,12 @@ pub(super) struct Tracked {
 
 /// State the claim loop, the heartbeat loop and every task share.
 pub(super) struct Shared {
-    pub(super) client: Client,
+    /// The credential the runtime registers with (an API key with `register`, or none).
+    registrar: Client,
+    /// The runtime's own token from its latest registration; every runtime call uses it.
+    runtime_client: RwLock<Option<Client>>,
+    /// Fired when the server revoked the runtime token: another daemon registered this name.
+    revoked: CancellationToken,
     pub(super) config: WorkerConfig,
     pub(super) handler: Arc<dyn Handler>,
     /// Fires when shutdown's grace has run out: in-flight handlers are cancelled.
@@ -133,6 +138,28 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The client for this runtime's calls: with its runtime token once it has one.
+    pub(super) fn client(&self) -> Client {
+        self.runtime_client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| self.registrar.clone())
+    }
+
+    /// Stops claiming if the server says this runtime's token was revoked.
+    pub(super) fn notice_revocation(&self, status: &Status) {
+        if super::is_revoked(status) && !self.revoked.is_cancelled() {
+            tracing::error!(
+                name = %self.config.name,
+                "this runtime's token was revoked: another daemon registered the name {:?} \
+                 and now holds it; this daemon stops claiming",
+                self.config.name
+            );
+            self.revoked.cancel();
+        }
+    }
+
     fn registration(&self) -> Option<Registration> {
         self.registration
             .read()
@@ -192,7 +219,9 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1) as usize));
         Worker {
             shared: Arc::new(Shared {
-                client,
+                registrar: client,
+                runtime_client: RwLock::new(None),
+                revoked: CancellationToken::new(),
                 handler: Arc::new(handler),
                 abort: CancellationToken::new(),
                 streaming: AtomicBool::new(config.claim_mode == ClaimMode::Stream),
@@ -218,7 +247,15 @@ impl Worker {
         let stop_heartbeats = CancellationToken::new();
         let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), stop_heartbeats.clone()));
 
-        claim_loop(&shared, &shutdown).await;
+        // Claiming stops at shutdown, or when another daemon took this runtime's name.
+        let stop_claiming = shutdown.child_token();
+        let revoked = shared.revoked.clone();
+        let stop_on_revocation = stop_claiming.clone();
+        tokio::spawn(async move {
+            revoked.cancelled().await;
+            stop_on_revocation.cancel();
+        });
+        claim_loop(&shared, &stop_claiming).await;
         drain_in_flight(&shared).await;
 
         stop_heartbeats.cancel();
@@ -252,7 +289,7 @@ async fn register_until_done(
 async fn register(shared: &Shared) -> Result<(), Status> {
     let config = &shared.config;
     let response = shared
-        .client
+        .registrar
         .worker()
         .register_runtime(pb::RegisterRuntimeRequest {
             name: config.name.clone(),
@@ -266,6 +303,20 @@ async fn register(shared: &Shared) -> Result<(), Status> {
         .runtime
         .map(|runtime| runtime.id)
         .unwrap_or_default();
+    // Empty when the server runs `--auth none`: the registrar's connection serves then.
+    let runtime_client = match response.runtime_token.as_str() {
+        "" => None,
+        token => Some(
+            shared
+                .registrar
+                .with_token(token)
+                .map_err(|error| Status::internal(error.to_string()))?,
+        ),
+    };
+    *shared
+        .runtime_client
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = runtime_client;
     let registration = Registration {
         heartbeat_interval: std_duration(response.heartbeat_interval, Duration::from_secs(15)),
         lease_duration: std_duration(response.lease_duration, Duration::from_secs(60)),
@@ -292,7 +343,7 @@ async fn recover_orphans(shared: &Shared) {
     let request = pb::RecoverOrphansRequest {
         runtime_id: shared.runtime_id(),
     };
-    match shared.client.worker().recover_orphans(request).await {
+    match shared.client().worker().recover_orphans(request).await {
         Ok(response) => {
             let response = response.into_inner();
             if response.failed > 0 {
@@ -320,9 +371,13 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let request = pb::HeartbeatRequest {
             runtime_id: shared.runtime_id(),
         };
-        match shared.client.worker().heartbeat(request).await {
+        match shared.client().worker().heartbeat(request).await {
             Ok(_) => {}
             Err(status) if is_runtime_not_found(&status) => reregister(&shared).await,
+            Err(status) if super::is_revoked(&status) => {
+                shared.notice_revocation(&status);
+                return;
+            }
             Err(status) => tracing::warn!(error = %status.message(), "heartbeat failed"),
         }
     }
@@ -357,6 +412,9 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken) {
             shared.streaming.store(false, Ordering::SeqCst);
         } else if is_runtime_not_found(&status) {
             reregister(shared).await;
+        } else if super::is_revoked(&status) {
+            shared.notice_revocation(&status);
+            return;
         } else {
             let delay = backoff.next_delay();
             tracing::warn!(error = %status.message(), ?delay, "claiming failed; reconnecting");
@@ -408,7 +466,7 @@ async fn stream_session(
         credits: reserved.len() as u32,
     };
     let _ = outbound.send(outbound_message(Outbound::Open(open))).await;
-    let mut worker = shared.client.worker();
+    let mut worker = shared.client().worker();
     let mut inbound = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         opened = worker.stream_claims(ReceiverStream::new(requests)) => {
@@ -474,7 +532,7 @@ async fn unary_claim(
         wait: prost_types::Duration::try_from(wait).ok(),
     });
     request.set_timeout(wait + Duration::from_secs(5));
-    let mut worker = shared.client.worker();
+    let mut worker = shared.client().worker();
     let claimed = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         response = worker.claim_task(request) => response?.into_inner().tasks,
@@ -516,7 +574,7 @@ async fn deregister(shared: &Shared) {
     let request = pb::DeregisterRuntimeRequest {
         runtime_id: shared.runtime_id(),
     };
-    match shared.client.worker().deregister_runtime(request).await {
+    match shared.client().worker().deregister_runtime(request).await {
         Ok(response) => tracing::info!(requeued = response.into_inner().requeued, "deregistered"),
         Err(status) => tracing::warn!(error = %status.message(), "DeregisterRuntime failed"),
     }

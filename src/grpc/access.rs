@@ -82,6 +82,12 @@ pub(super) fn principal<T>(request: &tonic::Request<T>) -> Result<Principal> {
         .ok_or(Error::Unauthenticated(CredentialProblem::Missing))
 }
 
+/// The bearer token a call carried, for a stream that checks it again later.
+pub(super) fn bearer_of<T>(request: &tonic::Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    bearer_token(value).map(str::to_owned)
+}
+
 /// The caller holds `scope` for `queue`.
 pub(super) fn queue(principal: &Principal, scope: Scope, queue: &str) -> Result<()> {
     if principal.has(scope, Some(queue)) {
@@ -193,7 +199,11 @@ where
 
 /// The token of an `authorization: Bearer <token>` header (the scheme in any case).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// `Bearer <token>` → the token.
+fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }

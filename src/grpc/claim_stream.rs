@@ -41,7 +41,7 @@ pub(super) type Sender = mpsc::Sender<std::result::Result<pb::StreamClaimsRespon
 /// Reads the `open` message and prepares the session; errors end the call before it starts.
 pub(super) async fn open(
     coordinator: &Arc<Coordinator>,
-    principal: &Principal,
+    (principal, credential): (&Principal, Option<String>),
     inbound: &mut Streaming<pb::StreamClaimsRequest>,
 ) -> Result<Session> {
     if coordinator.draining().is_cancelled() {
@@ -65,6 +65,7 @@ pub(super) async fn open(
     }
     let subscription = coordinator.subscribe(runtime_id).await?;
     Ok(Session {
+        credential,
         coordinator: coordinator.clone(),
         runtime_id,
         credits: u64::from(open.credits),
@@ -78,6 +79,8 @@ pub(super) async fn open(
 }
 
 pub(super) struct Session {
+    /// The bearer token the stream opened with, checked again before every claim.
+    credential: Option<String>,
     coordinator: Arc<Coordinator>,
     runtime_id: RuntimeId,
     /// Granted and not yet used.
@@ -162,8 +165,8 @@ impl Session {
                         recheck = self.next_recheck(settings.stream_poll_interval);
                     }
                     Ok(PushOutcome::WorkerGone) => return End::WorkerGone,
-                    Err(Error::RuntimeNotFound(id)) => {
-                        return End::Failed(Error::RuntimeNotFound(id).into());
+                    Err(error @ (Error::RuntimeNotFound(_) | Error::Unauthenticated(_))) => {
+                        return End::Failed(error.into());
                     }
                     Err(error) => {
                         tracing::warn!(%error, runtime_id = %self.runtime_id, "stream claim failed; retrying after the poll interval");
@@ -245,6 +248,11 @@ impl Session {
 
     /// Claims up to the credits left (one batch) and pushes them.
     async fn push_claims(&mut self, outbound: &Sender) -> Result<PushOutcome> {
+        // The credential the stream opened with must still hold: a runtime token revoked by a
+        // re-registration stops its old streams too. (From the credential cache: no round trip.)
+        self.coordinator
+            .authenticate(self.credential.as_deref())
+            .await?;
         self.forget_passed_leases();
         let asked = u32::try_from(self.credits.min(u64::from(MAX_CLAIM_BATCH))).unwrap_or(1);
         let cache = std::mem::replace(&mut self.cache, CacheUse::Read);

@@ -115,8 +115,10 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::StreamClaimsRequest>>,
     ) -> Result<Response<Self::StreamClaimsStream>, Status> {
         let principal = access::principal(&request)?;
+        let credential = access::bearer_of(&request);
         let mut inbound = request.into_inner();
-        let session = claim_stream::open(&self.coordinator, &principal, &mut inbound).await?;
+        let session =
+            claim_stream::open(&self.coordinator, (&principal, credential), &mut inbound).await?;
         let (outbound, responses) = tokio::sync::mpsc::channel(claim_stream::OUTBOUND_BUFFER);
         tokio::spawn(session.run(inbound, outbound));
         Ok(Response::new(Box::pin(

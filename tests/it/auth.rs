@@ -66,16 +66,16 @@ impl As {
         Self::new(server, Bearer::new(token))
     }
 
-    async fn enqueue(&self, queue: &str) -> Result<pb::Task, Status> {
+    pub async fn enqueue(&self, queue: &str) -> Result<pb::Task, Status> {
         let response = self.tasks.clone().enqueue_task(task_in(queue)).await?;
         Ok(response.into_inner().task.unwrap())
     }
 
-    async fn create_key(&self, scopes: &[&str]) -> String {
+    pub async fn create_key(&self, scopes: &[&str]) -> String {
         self.try_create_key(scopes, None).await.unwrap().1
     }
 
-    async fn try_create_key(
+    pub async fn try_create_key(
         &self,
         scopes: &[&str],
         expires_in: Option<Duration>,
@@ -94,7 +94,7 @@ impl As {
     }
 
     /// Registers a runtime; its id and runtime token.
-    async fn register(&self, name: &str, queues: &[&str]) -> Result<(String, String), Status> {
+    pub async fn register(&self, name: &str, queues: &[&str]) -> Result<(String, String), Status> {
         let registered = self
             .worker
             .clone()
@@ -109,7 +109,7 @@ impl As {
         Ok((registered.runtime.unwrap().id, registered.runtime_token))
     }
 
-    async fn heartbeat(&self, runtime_id: &str) -> Result<(), Status> {
+    pub async fn heartbeat(&self, runtime_id: &str) -> Result<(), Status> {
         self.worker
             .clone()
             .heartbeat(pb::HeartbeatRequest {
@@ -119,7 +119,7 @@ impl As {
             .map(drop)
     }
 
-    async fn claim(&self, runtime_id: &str) -> Result<Vec<pb::ClaimedTask>, Status> {
+    pub async fn claim(&self, runtime_id: &str) -> Result<Vec<pb::ClaimedTask>, Status> {
         let response = self
             .worker
             .clone()
@@ -133,7 +133,7 @@ impl As {
     }
 
     /// Opens a claim stream for `runtime_id`; the error when the server refuses it.
-    async fn open_stream(&self, runtime_id: &str) -> Result<(), Status> {
+    pub async fn open_stream(&self, runtime_id: &str) -> Result<(), Status> {
         use pb::stream_claims_request::Msg;
         let open = pb::StreamClaimsRequest {
             msg: Some(Msg::Open(pb::OpenStream {
@@ -148,7 +148,7 @@ impl As {
             .map(drop)
     }
 
-    async fn start(&self, claimed: &pb::ClaimedTask) -> Result<pb::Task, Status> {
+    pub async fn start(&self, claimed: &pb::ClaimedTask) -> Result<pb::Task, Status> {
         let response = self
             .worker
             .clone()
@@ -175,7 +175,7 @@ pub fn with_tokens(admin_file: PathBuf) -> impl FnOnce(&mut Config) {
     }
 }
 
-const ADMIN: &str = "the-admin-token-of-this-test";
+pub const ADMIN: &str = "the-admin-token-of-this-test";
 
 async fn start(backend: Backend) -> (TestServer, As) {
     let server = backend

@@ -320,3 +320,78 @@ async fn the_worker_daemon_runs_a_command_per_task(pool: PgPoolOptions, connect:
         "it deregistered"
     );
 }
+
+/// `leasehold key create|list|revoke`, and the operator commands carrying a token from
+/// `LEASEHOLD_TOKEN` or `--token-file`.
+#[sqlx::test]
+async fn keys_are_managed_from_the_command_line(pool: PgPoolOptions, connect: PgConnectOptions) {
+    use crate::auth::{ADMIN, admin_token_file, with_tokens};
+    let server = TestServer::start_with(pool, connect, with_tokens(admin_token_file(ADMIN))).await;
+    let as_token = |token: &str, args: &[&str]| {
+        let mut command = leasehold(&server);
+        command
+            .env("LEASEHOLD_TOKEN", token)
+            .args(args)
+            .args(["--output", "json"]);
+        command
+    };
+
+    let created = as_token(
+        ADMIN,
+        &["key", "create", "producer", "--scope", "enqueue:ops*"],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let key_id = created["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("lhk_"));
+
+    let listed = as_token(ADMIN, &["key", "list"]).output().await.unwrap();
+    let listed_text = text(&listed.stdout);
+    assert!(listed_text.contains(&key_id) && !listed_text.contains(&token));
+
+    let token_file = std::env::temp_dir().join(format!("leasehold-key-{key_id}"));
+    std::fs::write(&token_file, &token).unwrap();
+    let enqueued = leasehold(&server)
+        .env_remove("LEASEHOLD_TOKEN")
+        .args([
+            "task",
+            "enqueue",
+            "--queue",
+            "ops",
+            "--payload",
+            "x",
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .output()
+        .await
+        .unwrap();
+    assert!(enqueued.status.success(), "{}", text(&enqueued.stderr));
+    let outside = as_token(
+        &token,
+        &["task", "enqueue", "--queue", "billing", "--payload", "x"],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(!outside.status.success());
+    assert!(text(&outside.stderr).contains("SCOPE_MISSING"));
+
+    let revoked = as_token(ADMIN, &["key", "revoke", &key_id])
+        .output()
+        .await
+        .unwrap();
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let refused = as_token(
+        &token,
+        &["task", "enqueue", "--queue", "ops", "--payload", "x"],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(text(&refused.stderr).contains("CREDENTIALS_REVOKED"));
+}

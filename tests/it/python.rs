@@ -59,12 +59,29 @@ async fn the_python_worker_processes_what_python_enqueued(
     connect: PgConnectOptions,
 ) {
     let server = TestServer::start(pool, connect).await;
-    let output = Command::new(python())
+    python_end_to_end(&server, None).await;
+}
+
+/// The same with `--auth token`: the client takes the admin token from `LEASEHOLD_TOKEN`, and
+/// the worker switches to the runtime token its registration returned.
+#[sqlx::test]
+async fn the_python_client_carries_credentials(pool: PgPoolOptions, connect: PgConnectOptions) {
+    let admin = "python-admin-token";
+    let file = crate::auth::admin_token_file(admin);
+    let server = TestServer::start_with(pool, connect, crate::auth::with_tokens(file)).await;
+    python_end_to_end(&server, Some(admin)).await;
+}
+
+async fn python_end_to_end(server: &TestServer, token: Option<&str>) {
+    let mut command = Command::new(python());
+    command
         .arg(client_dir().join("tests/end_to_end.py"))
         .arg(server.address.to_string())
-        .output()
-        .await
-        .unwrap();
+        .env_remove("LEASEHOLD_TOKEN");
+    if let Some(token) = token {
+        command.env("LEASEHOLD_TOKEN", token);
+    }
+    let output = command.output().await.unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -72,6 +89,10 @@ async fn the_python_worker_processes_what_python_enqueued(
     );
     let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(seen["superseded_reason"], "CLAIM_SUPERSEDED");
+    if token.is_some() {
+        // The script checked every outcome itself; the harness's own clients carry no token.
+        return;
+    }
     for id in seen["completed"].as_array().unwrap() {
         let task = server.get_task(id.as_str().unwrap()).await;
         assert_eq!(status_of(&task), pb::TaskStatus::Completed);

@@ -767,3 +767,67 @@ async fn cancellations_arrive_after_a_reconnect_even_when_every_slot_is_busy(
     wait_for_cancellation(&seen).await;
     worker.stop().await;
 }
+
+/// With `--auth token`: the worker registers with an API key that may only register, then
+/// works with the runtime token its registration returned. When another daemon registers the
+/// same name, the token is revoked: the worker stops claiming and its run ends by itself.
+#[sqlx::test]
+async fn the_worker_works_with_its_runtime_token_and_stops_when_it_is_revoked(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use crate::auth::{ADMIN, As, admin_token_file, with_tokens};
+    let file = admin_token_file(ADMIN);
+    let server = TestServer::start_with(pool, connect, with_tokens(file)).await;
+    let admin = As::token(&server, ADMIN);
+    let register_only = admin.create_key(&["register"]).await;
+    let client = Client::from_channel(server.channel.clone())
+        .with_token(&register_only)
+        .unwrap();
+    let worker = RunningWorker::spawn(client, quick_config(ClaimMode::Stream), TestHandler::echo());
+
+    let task = admin.enqueue(QUEUE).await.unwrap();
+    let done = wait_for_as(&admin, &task.id, pb::TaskStatus::Completed).await;
+    assert_eq!(done.attempt, 1);
+
+    // Another daemon takes the name.
+    admin.register(WORKER_NAME, &[QUEUE]).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), worker.handle).await;
+    assert!(
+        ended.is_ok(),
+        "the worker kept running with a revoked token"
+    );
+    let later = admin.enqueue(QUEUE).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let untouched = admin
+        .tasks
+        .clone()
+        .get_task(pb::GetTaskRequest { task_id: later.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(status_of(&untouched), pb::TaskStatus::Queued);
+}
+
+async fn wait_for_as(client: &crate::auth::As, task_id: &str, status: pb::TaskStatus) -> pb::Task {
+    for _ in 0..500 {
+        let task = client
+            .tasks
+            .clone()
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        if status_of(&task) == status {
+            return task;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("task {task_id} never became {status:?}");
+}

@@ -31,14 +31,16 @@ class RegisterRuntimeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
 class RegisterRuntimeResponse(_message.Message):
-    __slots__ = ("runtime", "heartbeat_interval", "lease_duration")
+    __slots__ = ("runtime", "heartbeat_interval", "lease_duration", "runtime_token")
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runtime: _types_pb2.Runtime
     heartbeat_interval: _duration_pb2.Duration
     lease_duration: _duration_pb2.Duration
-    def __init__(self, runtime: _Optional[_Union[_types_pb2.Runtime, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    runtime_token: str
+    def __init__(self, runtime: _Optional[_Union[_types_pb2.Runtime, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., runtime_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("runtime_id",)
