@@ -1,6 +1,7 @@
 //! Wiring: build the service from its configuration, then serve until told to stop.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
 use crate::sweeper;
+use crate::tls::{ReloadingTls, TlsFiles};
 
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
 const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -172,7 +174,10 @@ impl App {
         // limit with a typed INVALID_FIELD error instead of a bare transport error.
         let message_limit = (self.config.max_payload_bytes + MESSAGE_OVERHEAD_BYTES)
             .max(DEFAULT_MESSAGE_LIMIT_BYTES);
-        let server = Server::builder()
+        if let Some(health_address) = self.config.health_listen {
+            serve_health_only(health_address, health_service.clone(), stopping.clone()).await?;
+        }
+        let router = Server::builder()
             // Idle connections stay open through proxies, and dead ones (whose claim streams
             // must give their claims back) are noticed.
             .http2_keepalive_interval(Some(self.config.stream_keepalive))
@@ -195,13 +200,26 @@ impl App {
             )
             .add_service(AdminServiceServer::new(AdminApi::new(
                 self.coordinator.clone(),
-            )))
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY, small responses wait on the peer's delayed ACK (~40ms).
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stopping.clone().cancelled_owned(),
-            );
-        tracing::info!(%address, "leasehold serving");
+            )));
+        let stopped = stopping.clone().cancelled_owned();
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls()? {
+                Some(tls) => {
+                    let incoming = tls.incoming(listener, stopping.clone());
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+                }
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    // Without TCP_NODELAY, small responses wait on the peer's delayed ACK.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                )),
+            };
+        let tls = if self.config.tls_cert.is_some() {
+            "TLS"
+        } else {
+            "plaintext"
+        };
+        tracing::info!(%address, tls, auth = ?self.config.auth, "leasehold serving");
 
         let grace = self.config.shutdown_grace;
         let grace_elapsed = async {
@@ -217,6 +235,21 @@ impl App {
         drop(background);
         tracing::info!("leasehold stopped");
         Ok(())
+    }
+
+    /// The listener's TLS, when --tls-cert and --tls-key are given.
+    fn tls(&self) -> anyhow::Result<Option<Arc<ReloadingTls>>> {
+        let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) else {
+            return Ok(None);
+        };
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.config.tls_client_ca.clone(),
+        };
+        Ok(Some(Arc::new(
+            ReloadingTls::load(files).context("cannot load the TLS certificates")?,
+        )))
     }
 
     /// The sweeper and the Redis watcher, stopped by `stop` (or by the returned guard, when
@@ -259,6 +292,40 @@ fn warn_about_liveness_chain(config: &Config) {
              runtime that only heartbeats marked OFFLINE"
         );
     }
+}
+
+/// `grpc.health.v1` alone, in plaintext, on its own port: the kubelet's gRPC probe speaks
+/// neither TLS nor tokens (spec §9). Same health states as the main listener.
+async fn serve_health_only<S>(
+    address: std::net::SocketAddr,
+    health: S,
+    stopping: CancellationToken,
+) -> anyhow::Result<()>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on --health-listen {address}"))?;
+    tracing::info!(address = %listener.local_addr()?, "health probes served in plaintext");
+    let server = Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopping.cancelled_owned());
+    tokio::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::warn!(%error, "the health listener failed");
+        }
+    });
+    Ok(())
 }
 
 async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result<PgStore> {

@@ -58,6 +58,24 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// PEM certificate chain of the gRPC listener; with --tls-key the listener is TLS-only.
+    /// Re-read when the file changes (rotation needs no restart).
+    #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "LEASEHOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA: with it, every client must present a certificate this CA signed (mutual TLS).
+    #[arg(long, env = "LEASEHOLD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Address of a plaintext listener serving `grpc.health.v1` only, for kubelet probes
+    /// (which speak neither TLS nor tokens); unset = off.
+    #[arg(long, env = "LEASEHOLD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

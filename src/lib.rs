@@ -19,4 +19,5 @@ pub mod signs_of_life;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod tls;
 pub mod wakeups;

@@ -8,7 +8,7 @@ mod worker_daemon;
 use clap::{Args, ValueEnum};
 use tonic::Status;
 
-use crate::client::{Client, error_reason};
+use crate::client::{Client, TlsOptions, error_reason};
 
 pub use operator::{KeyCommand, QueueCommand, RuntimeCommand, TaskCommand};
 pub use worker_daemon::WorkerArgs;
@@ -32,11 +32,24 @@ pub struct ServerArgs {
     /// A file holding the credential (a mounted Kubernetes Secret), when --token is not given.
     #[arg(long, env = "LEASEHOLD_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+
+    /// PEM CA that signed the server's certificate: the connection uses TLS (an https URL).
+    #[arg(long, env = "LEASEHOLD_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
+    /// PEM client certificate, for a server that requires mutual TLS (with --client-key).
+    #[arg(long, env = "LEASEHOLD_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "LEASEHOLD_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     fn client(&self) -> anyhow::Result<Client> {
-        let client = Client::connect(self.server.clone())
+        let tls = self.tls()?;
+        let client = Client::connect_with(self.server.clone(), tls.as_ref())
             .map_err(|error| anyhow::anyhow!("bad --server {:?}: {error}", self.server))?;
         let token = crate::client::token_from(self.token.as_deref(), self.token_file.as_deref())
             .map_err(|error| anyhow::anyhow!("cannot read --token-file: {error}"))?;
@@ -44,6 +57,19 @@ impl ServerArgs {
             Some(token) => Ok(client.with_token(&token)?),
             None => Ok(client),
         }
+    }
+}
+
+impl ServerArgs {
+    /// TLS when a CA or a client certificate is given, or the URL is https.
+    fn tls(&self) -> anyhow::Result<Option<TlsOptions>> {
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        if self.ca_cert.is_none() && identity.is_none() && !self.server.starts_with("https:") {
+            return Ok(None);
+        }
+        let tls = TlsOptions::from_files(self.ca_cert.as_deref(), identity)
+            .map_err(|error| anyhow::anyhow!("cannot read a TLS file: {error}"))?;
+        Ok(Some(tls))
     }
 }
 

@@ -82,7 +82,19 @@ impl Client {
     /// Connects lazily to `url` (`http://host:port`): the first call dials, and a broken
     /// connection is re-dialled by the next call, so a worker may start before its server.
     pub fn connect(url: impl Into<String>) -> Result<Client, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(url.into())?
+        Client::connect_with(url, None)
+    }
+
+    /// As [`Client::connect`], over TLS when `tls` is given (an `https://` URL).
+    pub fn connect_with(
+        url: impl Into<String>,
+        tls: Option<&TlsOptions>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.into())?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.config())?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             // Pings keep idle claim streams alive through proxies and reveal dead peers.
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -119,6 +131,48 @@ impl Client {
             },
         );
         Ok(Client::from_transport(BoxCloneSyncService::new(transport)))
+    }
+}
+
+/// TLS for a client (spec §9): the CA to trust (else the system's roots are not used: give
+/// one), and for mutual TLS a certificate and key. All PEM.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    pub ca: Option<Vec<u8>>,
+    /// (certificate chain, private key).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry, when not the URL's host.
+    pub domain: Option<String>,
+}
+
+impl TlsOptions {
+    /// Reads the PEM files.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::io::Result<TlsOptions> {
+        Ok(TlsOptions {
+            ca: ca.map(std::fs::read).transpose()?,
+            identity: match identity {
+                Some((cert, key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+                None => None,
+            },
+            domain: None,
+        })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
     }
 }
 

@@ -32,4 +32,5 @@ mod redis;
 mod service;
 mod signs_of_life;
 mod streams;
+mod tls;
 mod worker_sdk;
