@@ -4,7 +4,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::process::Output;
 
-use leasehold::grpc::pb;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::Command;
@@ -33,6 +32,11 @@ struct Session {
 
 impl Session {
     fn new(server: &TestServer) -> Session {
+        Session::at(&server.address.to_string())
+    }
+
+    /// A session against `address`, carrying the admin token of `crate::auth::ADMIN`.
+    fn at(address: &str) -> Session {
         let grpcurl_dir = python_tool("grpcurl").parent().unwrap().to_owned();
         let path = format!(
             "{}:{}",
@@ -40,7 +44,8 @@ impl Session {
             std::env::var("PATH").unwrap()
         );
         let variables = HashMap::from([
-            ("LEASEHOLD".to_owned(), server.address.to_string()),
+            ("LEASEHOLD".to_owned(), address.to_owned()),
+            ("LEASEHOLD_TOKEN".to_owned(), crate::auth::ADMIN.to_owned()),
             ("PATH".to_owned(), path),
         ]);
         Session {
@@ -94,7 +99,8 @@ async fn every_grpcurl_recipe_works_against_a_server(
     pool: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let server = TestServer::start(pool, connect).await;
+    let admin_file = crate::auth::admin_token_file(crate::auth::ADMIN);
+    let server = TestServer::start_with(pool, connect, crate::auth::with_tokens(admin_file)).await;
     let mut session = Session::new(&server);
 
     let services = session.text("list").await;
@@ -118,6 +124,7 @@ async fn every_grpcurl_recipe_works_against_a_server(
 
     let registered = session.answer("register").await;
     session.set("RUNTIME_ID", &registered["runtime"]["id"]);
+    session.set("RUNTIME_TOKEN", &registered["runtimeToken"]);
     let claimed = session.answer("claim").await;
     assert_eq!(claimed["tasks"][0]["task"]["id"], enqueued["task"]["id"]);
     session.set("CLAIM_TOKEN", &claimed["tasks"][0]["claimToken"]);
@@ -166,15 +173,60 @@ async fn every_grpcurl_recipe_works_against_a_server(
     let runtimes = session.answer("runtimes").await;
     assert_eq!(runtimes["runtimes"][0]["id"], registered["runtime"]["id"]);
     session.answer("deregister").await;
-    let runtime_id = registered["runtime"]["id"].as_str().unwrap();
-    assert_eq!(
-        server.runtime_status(runtime_id).await,
-        pb::RuntimeStatus::Offline
+    let offline = session.answer("runtimes").await;
+    assert!(
+        offline["runtimes"].as_array().is_none_or(Vec::is_empty),
+        "no runtime is ONLINE after the deregistration: {offline}"
     );
 
-    let documented: BTreeSet<String> = session.recipes.keys().cloned().collect();
+    let created = session.answer("key-create").await;
+    assert!(created["token"].as_str().unwrap().starts_with("lhk_"));
+    session.set("KEY_ID", &created["apiKey"]["id"]);
+    let listed = session.answer("key-list").await;
+    assert_eq!(listed["apiKeys"][0]["id"], created["apiKey"]["id"]);
+    assert!(
+        !listed
+            .to_string()
+            .contains(created["token"].as_str().unwrap())
+    );
+    let revoked = session.answer("key-revoke").await;
+    assert!(revoked["apiKey"]["revokedAt"].is_string());
+
+    // The TLS recipes run against a TLS server (below).
+    let documented: BTreeSet<String> = session
+        .recipes
+        .keys()
+        .filter(|name| !name.starts_with("tls-"))
+        .cloned()
+        .collect();
     assert_eq!(
         session.ran, documented,
         "every documented recipe is exercised"
     );
+}
+
+/// The TLS recipes, against a listener that requires mutual TLS and tokens.
+#[tokio::test]
+async fn the_tls_recipes_work_against_a_mutual_tls_server() {
+    use crate::tls::{Pki, TlsServer, with_tls};
+    let pki = Pki::new("grpcurl");
+    let cert = pki.issue("server", &["localhost"]);
+    let (client_cert, client_key) = pki.issue("client", &["operator"]);
+    let admin_file = crate::auth::admin_token_file(crate::auth::ADMIN);
+    let server = TlsServer::start(|config| {
+        with_tls(&cert, Some(pki.ca_path()))(config);
+        crate::auth::with_tokens(admin_file)(config);
+    })
+    .await;
+    let mut session = Session::at(&format!("127.0.0.1:{}", server.port));
+    for (name, path) in [
+        ("LEASEHOLD_CA", pki.ca_path()),
+        ("LEASEHOLD_CLIENT_CERT", client_cert),
+        ("LEASEHOLD_CLIENT_KEY", client_key),
+    ] {
+        session.set(name, &Value::from(path.display().to_string()));
+    }
+
+    let described = session.answer("tls-describe-queue").await;
+    assert_eq!(described["queue"], "emails");
 }

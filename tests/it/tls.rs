@@ -20,13 +20,13 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// A CA and what it signed, as PEM files in a fresh directory.
-struct Pki {
+pub struct Pki {
     dir: PathBuf,
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub fn new(name: &str) -> Pki {
         let dir =
             std::env::temp_dir().join(format!("leasehold-tls-{name}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -40,12 +40,12 @@ impl Pki {
         Pki { dir, ca }
     }
 
-    fn ca_path(&self) -> PathBuf {
+    pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
 
     /// A certificate for `names` signed by this CA: (cert path, key path).
-    fn issue(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    pub fn issue(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(ToString::to_string).collect();
         let cert = CertificateParams::new(names)
@@ -76,14 +76,14 @@ impl Pki {
 }
 
 /// A server on the memory store with `configure` applied, stopped when dropped.
-struct TlsServer {
-    port: u16,
+pub struct TlsServer {
+    pub port: u16,
     health_port: u16,
     _stop: oneshot::Sender<()>,
 }
 
 impl TlsServer {
-    async fn start(configure: impl FnOnce(&mut Config)) -> TlsServer {
+    pub async fn start(configure: impl FnOnce(&mut Config)) -> TlsServer {
         let mut config = crate::harness::test_config();
         let health_port = crate::harness::free_port();
         config.health_listen = Some(([127, 0, 0, 1], health_port).into());
@@ -118,7 +118,7 @@ impl TlsServer {
     }
 }
 
-fn with_tls(cert: &(PathBuf, PathBuf), client_ca: Option<PathBuf>) -> impl FnOnce(&mut Config) {
+pub fn with_tls(cert: &(PathBuf, PathBuf), client_ca: Option<PathBuf>) -> impl FnOnce(&mut Config) {
     let (cert, key) = cert.clone();
     move |config| {
         config.tls_cert = Some(cert);

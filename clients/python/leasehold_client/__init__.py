@@ -100,15 +100,44 @@ class Client:
     a runtime token or the admin token; default: from the environment, see ``token_from_environment``).
     """
 
-    def __init__(self, address, token=None):
+    def __init__(self, address, token=None, ca_cert=None, client_cert=None, client_key=None):
+        """``ca_cert`` (PEM path, or ``LEASEHOLD_CA_CERT``) makes the channel TLS; ``client_cert`` and
+        ``client_key`` (or ``LEASEHOLD_CLIENT_CERT`` / ``LEASEHOLD_CLIENT_KEY``) add a client
+        certificate for a server that requires mutual TLS."""
         self.address = address
+        self._tls = (
+            ca_cert or os.environ.get("LEASEHOLD_CA_CERT"),
+            client_cert or os.environ.get("LEASEHOLD_CLIENT_CERT"),
+            client_key or os.environ.get("LEASEHOLD_CLIENT_KEY"),
+        )
         token = token if token is not None else token_from_environment()
-        self.channel = grpc.insecure_channel(address)
+        self.channel = self._plain_channel()
         if token:
             self.channel = grpc.intercept_channel(self.channel, _Bearer(token))
         self.worker = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.tasks = task_service_pb2_grpc.TaskServiceStub(self.channel)
         self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
+
+    def _plain_channel(self):
+        ca_cert, client_cert, client_key = self._tls
+        if not ca_cert:
+            return grpc.insecure_channel(self.address)
+
+        def read(path):
+            with open(path, "rb") as file:
+                return file.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(ca_cert),
+            private_key=read(client_key) if client_key else None,
+            certificate_chain=read(client_cert) if client_cert else None,
+        )
+        return grpc.secure_channel(self.address, credentials)
+
+    def with_token(self, token):
+        """The same server, TLS settings and all, with another credential."""
+        ca_cert, client_cert, client_key = self._tls
+        return Client(self.address, token=token, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key)
 
     def enqueue(self, queue, payload, **fields):
         request = tasks_pb2.EnqueueTaskRequest(queue=queue, payload=payload, **fields)
@@ -154,7 +183,7 @@ class Worker:
         request = worker_pb2.RegisterRuntimeRequest(name=self.name, queues=self.queues, max_concurrency=1)
         response = self.registrar.worker.RegisterRuntime(request)
         if response.runtime_token:
-            self.client = Client(self.registrar.address, token=response.runtime_token)
+            self.client = self.registrar.with_token(response.runtime_token)
         self.runtime_id = response.runtime.id
         self.heartbeat_seconds = response.heartbeat_interval.ToTimedelta().total_seconds() or 15.0
         return self.runtime_id
