@@ -62,9 +62,11 @@ def main():
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports["grpc"] == listen_port, "the grpc containerPort is not the listen port"
 
+    health_port = int(config["LEASEHOLD_HEALTH_LISTEN"].rsplit(":", 1)[1])
+    assert ports["health"] == health_port, "the health containerPort is not the health port"
     probes = {kind: container[kind]["grpc"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
     for kind, probe in probes.items():
-        assert probe["port"] == listen_port, f"{kind} does not probe the listen port"
+        assert probe["port"] == health_port, f"{kind} does not probe the plaintext health port"
     assert probes["readinessProbe"].get("service", "") == "", "readiness must use the overall status"
     assert probes["livenessProbe"].get("service", "") != "", "liveness must not follow readiness"
 
@@ -76,13 +78,26 @@ def main():
     envs = {source.get("configMapRef", source.get("secretRef", {})).get("name") for source in container["envFrom"]}
     assert {"leasehold"} == envs
 
+    assert config["LEASEHOLD_AUTH"] == "token", "a deployment requires credentials"
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"]}
+    for variable in ("LEASEHOLD_ADMIN_TOKEN_FILE", "LEASEHOLD_TLS_CERT", "LEASEHOLD_TLS_KEY"):
+        directory = config[variable].rsplit("/", 1)[0]
+        assert directory in mounts, f"{variable} is not on a mounted Secret"
+        assert volumes[mounts[directory]], f"{variable} is not on a mounted Secret"
+
     for service in only(resources, "Service"):
         targets = {port["targetPort"] for port in service["spec"]["ports"]}
         assert "grpc" in targets, f"{service['metadata']['name']} does not expose grpc"
+        assert "metrics" not in targets, f"{service['metadata']['name']} exposes metrics"
+    policy = only(resources, "NetworkPolicy")[0]
+    admitted = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert admitted == {"grpc", "metrics", "health"}, f"the NetworkPolicy admits {admitted}"
     assert only(resources, "PodDisruptionBudget")[0]["spec"]["minAvailable"] >= 1
 
     print(json.dumps({
         "listen_port": listen_port,
+        "health_port": health_port,
         "readiness_service": probes["readinessProbe"].get("service", ""),
         "liveness_service": probes["livenessProbe"]["service"],
     }))

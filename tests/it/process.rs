@@ -24,17 +24,32 @@ struct ServerProcess {
 impl ServerProcess {
     /// Starts the binary with `args` and no database or Redis unless `env` names them.
     async fn start(args: &[&str], env: &[(&str, String)]) -> ServerProcess {
+        let args = [&["--auth", "none"], args].concat();
+        Self::start_logged(&args, env, None).await
+    }
+
+    /// As `start`, without `--auth none`, and with everything the process prints (stdout and
+    /// stderr) written to `log` when given.
+    async fn start_logged(
+        args: &[&str],
+        env: &[(&str, String)],
+        log: Option<&std::path::Path>,
+    ) -> ServerProcess {
         let port = crate::harness::free_port();
         let address = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
         command
-            .args(["serve", "--auth", "none", "--listen", &address])
+            .args(["serve", "--listen", &address])
             .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true);
+        if let Some(log) = log {
+            let file = std::fs::File::create(log).unwrap();
+            command.stdout(file.try_clone().unwrap()).stderr(file);
+        }
         for (name, value) in env {
             command.env(name, value);
         }
@@ -230,4 +245,118 @@ async fn statements_since(
     .fetch_one(&mut *database)
     .await
     .unwrap()
+}
+
+/// A full run with credentials, logged at the most verbose level: the log holds none of the
+/// secrets issued or presented (admin token, API key, runtime token, claim token's secret
+/// parts are not secrets, but the bearer tokens are).
+#[tokio::test]
+async fn the_server_log_holds_no_secret() {
+    use crate::auth::Bearer;
+    use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
+    use tonic::service::interceptor::InterceptedService;
+
+    let admin = "an-admin-token-that-must-not-be-logged";
+    let admin_file = crate::auth::admin_token_file(admin);
+    let log = std::env::temp_dir().join(format!("leasehold-log-{}", uuid::Uuid::new_v4()));
+    let server = ServerProcess::start_logged(
+        &[
+            "--auth",
+            "token",
+            "--admin-token-file",
+            admin_file.to_str().unwrap(),
+        ],
+        &[
+            ("RUST_LOG", "trace".into()),
+            ("LEASEHOLD_LOG_FORMAT", "json".into()),
+        ],
+        Some(&log),
+    )
+    .await;
+    let channel = server.channel().await;
+    type Worker = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+    let as_token = |token: &str| -> (
+        Worker,
+        TaskServiceClient<InterceptedService<Channel, Bearer>>,
+    ) {
+        (
+            WorkerServiceClient::with_interceptor(channel.clone(), Bearer::new(token)),
+            TaskServiceClient::with_interceptor(channel.clone(), Bearer::new(token)),
+        )
+    };
+
+    let mut keys = AdminServiceClient::with_interceptor(channel.clone(), Bearer::new(admin));
+    let key = keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "producer".into(),
+            scopes: vec!["enqueue".into(), "register".into()],
+            expires_in: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut registrar, mut producer) = as_token(&key.token);
+    producer
+        .enqueue_task(pb::EnqueueTaskRequest {
+            queue: "q".into(),
+            payload: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let registered = registrar
+        .register_runtime(pb::RegisterRuntimeRequest {
+            name: "logged".into(),
+            queues: vec!["q".into()],
+            labels: Default::default(),
+            max_concurrency: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let runtime_id = registered.runtime.unwrap().id;
+    let (mut worker, _) = as_token(&registered.runtime_token);
+    let claimed = worker
+        .claim_task(pb::ClaimTaskRequest {
+            runtime_id: runtime_id.clone(),
+            max_tasks: Some(1),
+            wait: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(claimed.len(), 1);
+    // Refused calls are logged too: a wrong token, and a revoked one.
+    let (mut wrong, _) = as_token(&format!("{}x", registered.runtime_token));
+    let _ = wrong
+        .heartbeat(pb::HeartbeatRequest {
+            runtime_id: runtime_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    keys.revoke_api_key(pb::RevokeApiKeyRequest {
+        key_id: key.api_key.unwrap().id,
+    })
+    .await
+    .unwrap();
+    let _ = producer
+        .enqueue_task(pb::EnqueueTaskRequest {
+            queue: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    server.terminate();
+    drop(server);
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("call refused"),
+        "the log is empty or not verbose"
+    );
+    for secret in [admin, key.token.as_str(), registered.runtime_token.as_str()] {
+        let secret_part = secret.rsplit('_').next().unwrap();
+        assert!(!logged.contains(secret_part), "a secret reached the log");
+    }
 }
