@@ -1,9 +1,12 @@
 //! Verifying credentials (spec §9): a bearer token becomes a [`Principal`], or a typed refusal.
 //!
-//! Verified outcomes are kept in memory for [`CACHE_FOR`], so in the steady state a call costs
-//! no database round trip. A revocation or re-registration on this replica forgets them at
-//! once, other replicas hear of it through Redis (`forget_everything` via the wake-up relay),
-//! and without Redis the cache lifetime bounds how long a revoked credential still works.
+//! Verified outcomes are kept in memory, so in the steady state a call costs no database round
+//! trip. A revocation or re-registration on this replica forgets them at once; other replicas
+//! hear of it through Redis (`forget_everything` via the wake-up relay, which also forgets
+//! everything whenever it subscribes again, as messages may have been missed). While Redis
+//! carries those messages an outcome is trusted for [`CACHE_WITH_REDIS`]; without Redis,
+//! [`CACHE_WITHOUT_REDIS`] bounds how long a revoked credential still works on another
+//! replica (spec: 10 s).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,13 +17,15 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::advisory::RedisLink;
 use crate::domain::auth::{CredentialProblem, Presented, Principal, SecretDigest};
 use crate::domain::{Error, Result};
 use crate::store::TaskStore;
 
-/// How long a verified (or refused) credential is trusted without asking the store again.
-/// Revocation reaches every replica within this even when Redis is down (spec: 10 s).
-pub const CACHE_FOR: Duration = Duration::from_secs(5);
+/// How long a verified (or refused) credential is trusted while revocations arrive by Redis.
+pub const CACHE_WITH_REDIS: Duration = Duration::from_secs(60);
+/// ... and when they cannot: a revocation reaches every replica within this.
+pub const CACHE_WITHOUT_REDIS: Duration = Duration::from_secs(5);
 
 /// An API key's `last_used_at` is written at most this often (per replica).
 const NOTE_USE_EVERY: Duration = Duration::from_secs(60);
@@ -42,6 +47,8 @@ pub enum AuthMode {
 pub struct Authenticator {
     mode: AuthMode,
     store: Arc<dyn TaskStore>,
+    /// Whether revocations from other replicas can reach this one.
+    redis: Option<Arc<RedisLink>>,
     admin_file: Option<PathBuf>,
     /// The admin token's digest and the file's modification time it was read at.
     admin: RwLock<Option<(SecretDigest, Option<SystemTime>)>>,
@@ -60,10 +67,16 @@ struct Cached {
 }
 
 impl Authenticator {
-    pub fn new(mode: AuthMode, store: Arc<dyn TaskStore>, admin_file: Option<PathBuf>) -> Self {
+    pub fn new(
+        mode: AuthMode,
+        store: Arc<dyn TaskStore>,
+        redis: Option<Arc<RedisLink>>,
+        admin_file: Option<PathBuf>,
+    ) -> Self {
         let authenticator = Self {
             mode,
             store,
+            redis,
             admin_file,
             admin: RwLock::new(None),
             cache: Mutex::new(HashMap::new()),
@@ -226,10 +239,14 @@ impl Authenticator {
     }
 
     fn cached(&self, cache_key: &SecretDigest) -> Option<Cached> {
+        let trusted_for = match &self.redis {
+            Some(redis) if redis.is_healthy() => CACHE_WITH_REDIS,
+            _ => CACHE_WITHOUT_REDIS,
+        };
         let cache = self.lock_cache();
         cache
             .get(cache_key)
-            .filter(|cached| cached.checked_at.elapsed() < CACHE_FOR)
+            .filter(|cached| cached.checked_at.elapsed() < trusted_for)
             .cloned()
     }
 

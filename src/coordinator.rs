@@ -99,7 +99,7 @@ impl Coordinator {
     ) -> Self {
         let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store));
         Self {
-            authenticator: Authenticator::new(auth.0, store.clone(), auth.1),
+            authenticator: Authenticator::new(auth.0, store.clone(), redis.clone(), auth.1),
             liveness: Liveness::new(
                 redis.clone(),
                 settings.liveness_ttl,

@@ -124,6 +124,8 @@ impl WakeRelay {
     ) -> redis::RedisResult<()> {
         let mut pubsub = redis.client().get_async_pubsub().await?;
         pubsub.subscribe(channel(redis)).await?;
+        // Revocations published while this replica was not subscribed were missed.
+        on_revocation();
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
             let Ok(payload) = message.get_payload::<String>() else {
