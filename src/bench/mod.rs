@@ -62,6 +62,9 @@ enum Scenario {
     LifecycleStream,
     Wakeup,
     Idle,
+    /// The unary and streamed lifecycles with `--auth token` (runtime tokens) against the same
+    /// with `--auth none`, in turns, on one database.
+    Auth,
 }
 
 impl BenchArgs {
@@ -197,8 +200,59 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
     if args.runs(Scenario::Idle) {
         report["idle"] = idle(args, database, &server, &client).await?;
     }
+    if args.runs(Scenario::Auth) {
+        report["auth"] = auth_overhead(args, database, &server).await?;
+    }
     report["targets"] = targets(&report);
     Ok(report)
+}
+
+/// What credentials cost: the same lifecycles on a server with `--auth none` (`open`) and on
+/// one with `--auth token` whose workers use their runtime tokens (`authenticated`), in
+/// alternating rounds so that drift in the machine's speed hits both alike.
+async fn auth_overhead(
+    args: &BenchArgs,
+    database: &ScratchDatabase,
+    open: &ServerProcess,
+) -> anyhow::Result<Value> {
+    let redis = args.redis_url.as_deref();
+    let authenticated =
+        ServerProcess::start_with_auth(Some(&database.url), redis, &[], true).await?;
+    let sides = [
+        ("open", open.client()?),
+        ("authenticated", authenticated.client()?),
+    ];
+    let rounds = if args.smoke { 1 } else { 2 };
+    let mut unary = [0.0_f64; 2];
+    let mut streamed = [0.0_f64; 2];
+    for round in 0..rounds {
+        for (side, (name, client)) in sides.iter().enumerate() {
+            let queue = format!("auth-{name}-{round}");
+            scenarios::enqueue_in_batches(client, &queue, args.tasks, args.producers).await?;
+            ServerProcess::vacuum(&database.url).await?;
+            let throughput = scenarios::lifecycle_unary(client, &queue, args.workers).await?;
+            unary[side] += throughput.tasks_per_second / f64::from(rounds);
+            let queue = format!("{queue}-stream");
+            scenarios::enqueue_in_batches(client, &queue, args.tasks, args.producers).await?;
+            ServerProcess::vacuum(&database.url).await?;
+            let rate = scenarios::lifecycle_stream(
+                client,
+                &queue,
+                args.workers,
+                args.stream_credits,
+                args.tasks,
+            )
+            .await?;
+            streamed[side] += rate / f64::from(rounds);
+        }
+    }
+    Ok(json!({
+        "rounds": rounds,
+        "unary_tasks_per_second": { "open": unary[0], "authenticated": unary[1] },
+        "stream_tasks_per_second": { "open": streamed[0], "authenticated": streamed[1] },
+        "unary_ratio": unary[1] / unary[0],
+        "stream_ratio": streamed[1] / streamed[0],
+    }))
 }
 
 fn latency_figures(wakeups: &Wakeups) -> Value {
@@ -283,6 +337,8 @@ fn targets(report: &Value) -> Value {
         "idle_transactions_per_claim": at_most(figure("/idle/transactions_per_idle_claim"), 0.01),
         "server_rss_mib_with_idle_streams": at_most(figure("/idle/server_rss_mib_with_streams"), 300.0),
         "enqueue_batch_tasks_per_second": at_least(figure("/enqueue/batch_tasks_per_second"), 10_000.0),
+        "auth_unary_vs_open": at_least(figure("/auth/unary_ratio"), 0.95),
+        "auth_stream_vs_open": at_least(figure("/auth/stream_ratio"), 0.95),
     })
 }
 

@@ -40,6 +40,22 @@ impl Latencies {
 }
 
 pub(super) async fn register(client: &Client, name: String, queue: &str) -> anyhow::Result<String> {
+    Ok(register_worker(client, name, queue).await?.id)
+}
+
+/// A registered runtime and the client its calls go through: under `--auth token` one carrying
+/// the runtime's own token, as a daemon's does.
+#[derive(Clone)]
+pub(super) struct Registered {
+    pub(super) id: String,
+    pub(super) client: Client,
+}
+
+pub(super) async fn register_worker(
+    client: &Client,
+    name: String,
+    queue: &str,
+) -> anyhow::Result<Registered> {
     let request = pb::RegisterRuntimeRequest {
         name,
         queues: vec![queue.to_owned()],
@@ -51,23 +67,28 @@ pub(super) async fn register(client: &Client, name: String, queue: &str) -> anyh
         .register_runtime(request)
         .await?
         .into_inner();
-    Ok(answer.runtime.context("no runtime in the answer")?.id)
+    let client = match answer.runtime_token.as_str() {
+        "" => client.clone(),
+        token => client.with_token(token)?,
+    };
+    Ok(Registered {
+        id: answer.runtime.context("no runtime in the answer")?.id,
+        client,
+    })
 }
 
 /// Heartbeats `runtimes` every 10 s, as their daemons would (a runtime that only claims goes
 /// OFFLINE after `--offline-after`, and the sweeper then fails what it holds). Stops when the
 /// returned guard drops.
-pub(super) fn keep_alive(client: &Client, runtimes: Vec<String>) -> HeartbeatGuard {
-    let client = client.clone();
+pub(super) fn keep_alive(runtimes: Vec<Registered>) -> HeartbeatGuard {
     HeartbeatGuard(tokio::spawn(async move {
-        let mut worker = client.worker();
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            for runtime_id in &runtimes {
+            for runtime in &runtimes {
                 let request = pb::HeartbeatRequest {
-                    runtime_id: runtime_id.clone(),
+                    runtime_id: runtime.id.clone(),
                 };
-                let _ = worker.heartbeat(request).await;
+                let _ = runtime.client.worker().heartbeat(request).await;
             }
         }
     }))
@@ -172,14 +193,19 @@ pub(super) async fn lifecycle_unary(
 ) -> anyhow::Result<Throughput> {
     let mut runtimes = Vec::new();
     for index in 0..workers {
-        runtimes.push(register(client, format!("unary-{index}"), queue).await?);
+        runtimes.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
     }
-    let _alive = keep_alive(client, runtimes.clone());
+    let _alive = keep_alive(runtimes.clone());
     let started = Instant::now();
     let done = AtomicUsize::new(0);
-    let latencies = try_join_all(runtimes.into_iter().map(|runtime_id| {
+    let latencies = try_join_all(runtimes.into_iter().map(|runtime| {
         let done = &done;
         async move {
+            let Registered {
+                id: runtime_id,
+                client,
+            } = runtime;
+            let client = &client;
             let mut worker = client.worker();
             let mut latencies = Vec::new();
             loop {
@@ -276,17 +302,16 @@ pub(super) async fn lifecycle_stream(
 ) -> anyhow::Result<f64> {
     let mut streams = Vec::new();
     for index in 0..workers {
-        let runtime_id = register(client, format!("stream-{index}"), queue).await?;
-        streams.push((runtime_id, index));
+        streams.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
     }
-    let _alive = keep_alive(client, streams.iter().map(|(id, _)| id.clone()).collect());
+    let _alive = keep_alive(streams.clone());
     let started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(tokio::sync::Notify::new());
     let mut sessions = Vec::new();
-    for (runtime_id, _) in streams {
-        let mut stream = Stream::open(client, runtime_id, credits).await?;
-        let (client, done, finished) = (client.clone(), done.clone(), finished.clone());
+    for runtime in streams {
+        let mut stream = Stream::open(&runtime.client, runtime.id, credits).await?;
+        let (client, done, finished) = (runtime.client, done.clone(), finished.clone());
         sessions.push(tokio::spawn(async move {
             let mut in_flight = tokio::task::JoinSet::new();
             loop {

@@ -83,14 +83,45 @@ impl ScratchDatabase {
 pub(super) struct ServerProcess {
     child: Child,
     pub(super) url: String,
+    /// With `--auth token`: the admin token its clients carry (the file is removed on drop).
+    admin: Option<(String, std::path::PathBuf)>,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some((_, file)) = &self.admin {
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }
 
 impl ServerProcess {
+    /// A server with `--auth none`: the scenarios' clients carry no credential.
     pub(super) async fn start(
         database_url: Option<&str>,
         redis_url: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<ServerProcess> {
+        Self::start_with_auth(database_url, redis_url, extra, false).await
+    }
+
+    /// With `authenticated`, a server with `--auth token` and a fresh admin token: its
+    /// [`ServerProcess::client`] carries that token, and runtimes use their own tokens.
+    pub(super) async fn start_with_auth(
+        database_url: Option<&str>,
+        redis_url: Option<&str>,
+        extra: &[&str],
+        authenticated: bool,
+    ) -> anyhow::Result<ServerProcess> {
+        let admin = if authenticated {
+            let token = format!("bench-{:032x}", rand::random::<u128>());
+            let file =
+                std::env::temp_dir().join(format!("leasehold-bench-admin-{}", std::process::id()));
+            std::fs::write(&file, &token)?;
+            Some((token, file))
+        } else {
+            None
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -99,9 +130,6 @@ impl ServerProcess {
         command
             .args([
                 "serve",
-                // The workers it drives carry no credential (the auth ratio is not measured yet).
-                "--auth",
-                "none",
                 "--listen",
                 &address,
                 "--database-max-connections",
@@ -113,6 +141,12 @@ impl ServerProcess {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true);
+        match &admin {
+            Some((_, file)) => command
+                .args(["--auth", "token", "--admin-token-file"])
+                .arg(file),
+            None => command.args(["--auth", "none"]),
+        };
         if let Some(url) = database_url {
             command.args(["--database-url", url]);
         }
@@ -122,6 +156,7 @@ impl ServerProcess {
         let server = ServerProcess {
             child: command.spawn().context("start leasehold serve")?,
             url: format!("http://{address}"),
+            admin,
         };
         server.wait_until_serving().await?;
         Ok(server)
@@ -146,7 +181,11 @@ impl ServerProcess {
     }
 
     pub(super) fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(self.url.clone())?)
+        let client = Client::connect(self.url.clone())?;
+        Ok(match &self.admin {
+            Some((token, _)) => client.with_token(token)?,
+            None => client,
+        })
     }
 
     pub(super) fn pid(&self) -> Option<u32> {

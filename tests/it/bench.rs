@@ -37,6 +37,8 @@ async fn the_bench_runs_every_scenario_in_smoke_mode() {
         "/wakeup/one_replica/p50_ms",
         "/wakeup/two_replicas/p99_ms",
         "/idle/transactions_per_idle_claim",
+        "/auth/unary_ratio",
+        "/auth/stream_ratio",
         "/idle/transactions_per_second_with_idle_streams",
         "/idle/server_rss_mib_with_streams",
     ] {
@@ -44,5 +46,5 @@ async fn the_bench_runs_every_scenario_in_smoke_mode() {
         assert!(value.is_number(), "{figure} is not a number in {report:#}");
     }
     let targets = report["targets"].as_object().unwrap();
-    assert_eq!(targets.len(), 9, "every target is reported");
+    assert_eq!(targets.len(), 11, "every target is reported");
 }
