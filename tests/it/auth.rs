@@ -284,6 +284,13 @@ async fn api_keys_hold_their_scopes_and_queue_globs(backend: Backend) {
         .await
         .unwrap_err();
     assert_error(&other_queue, Code::PermissionDenied, "SCOPE_MISSING");
+
+    // An `admin` key holds every scope: key management, and any runtime's calls.
+    let admin_key = As::token(&server, &admin.create_key(&["admin"]).await);
+    assert!(admin_key.create_key(&["read"]).await.starts_with("lhk_"));
+    let (runtime_id, _) = admin_key.register("anyone", &["q"]).await.unwrap();
+    assert!(admin_key.heartbeat(&runtime_id).await.is_ok());
+    assert!(admin_key.claim(&runtime_id).await.is_ok());
 }
 
 async fn a_register_key_registers_only_matching_queues(backend: Backend) {
