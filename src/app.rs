@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::Connection;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -28,6 +29,7 @@ use crate::grpc::{AdminApi, AuthLayer, ObserveLayer, TaskApi, WorkerApi, pb};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
+use crate::supervise::supervise;
 use crate::sweeper;
 use crate::tls::{ReloadingTls, TlsFiles};
 
@@ -57,6 +59,9 @@ const HEALTH_SERVICES: [&str; 4] = [
     <TaskServiceServer<TaskApi> as NamedService>::NAME,
     <AdminServiceServer<AdminApi> as NamedService>::NAME,
 ];
+
+/// A background duty, started afresh by its supervisor.
+type BoxedDuty = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub struct App {
     config: Config,
@@ -255,28 +260,45 @@ impl App {
     /// The sweeper and the Redis watcher, stopped by `stop` (or by the returned guard, when
     /// the server ends some other way).
     async fn spawn_background(&self, stop: CancellationToken) -> tokio_util::sync::DropGuard {
+        // Each duty is supervised: one that panics is started again (spec §10).
+        let duty = |name: &'static str,
+                    run: fn(Arc<Coordinator>, CancellationToken) -> BoxedDuty| {
+            let (coordinator, stop) = (self.coordinator.clone(), stop.clone());
+            supervise(name, stop.clone(), move || {
+                run(coordinator.clone(), stop.clone())
+            });
+        };
         if let Some(redis) = self.coordinator.redis() {
             redis.connect_now().await;
-            let (watched, stop_watch) = (redis.clone(), stop.clone());
-            tokio::spawn(async move { watched.watch(stop_watch).await });
-            let coordinator = self.coordinator.clone();
-            let (redis, stop_relay) = (redis.clone(), stop.clone());
-            tokio::spawn(async move { coordinator.relay_wakeups(redis, stop_relay).await });
+            duty("redis_watch", |coordinator, stop| {
+                Box::pin(async move {
+                    if let Some(redis) = coordinator.redis() {
+                        redis.watch(stop).await;
+                    }
+                })
+            });
+            duty("wakeup_relay", |coordinator, stop| {
+                Box::pin(async move {
+                    if let Some(redis) = coordinator.redis().cloned() {
+                        coordinator.relay_wakeups(redis, stop).await;
+                    }
+                })
+            });
         }
-        let coordinator = self.coordinator.clone();
-        let stop_admin = stop.clone();
-        tokio::spawn(async move { coordinator.watch_admin_token(stop_admin).await });
-        let coordinator = self.coordinator.clone();
-        let stop_signs = stop.clone();
-        tokio::spawn(async move { coordinator.record_signs_of_life(stop_signs).await });
-        let coordinator = self.coordinator.clone();
-        let stop_due = stop.clone();
-        tokio::spawn(async move { coordinator.announce_due_tasks(stop_due).await });
-        tokio::spawn(sweeper::run(
-            self.coordinator.clone(),
-            self.config.sweep_interval,
-            stop.clone(),
-        ));
+        duty("admin_token_watch", |coordinator, stop| {
+            Box::pin(async move { coordinator.watch_admin_token(stop).await })
+        });
+        duty("signs_of_life", |coordinator, stop| {
+            Box::pin(async move { coordinator.record_signs_of_life(stop).await })
+        });
+        duty("due_tasks", |coordinator, stop| {
+            Box::pin(async move { coordinator.announce_due_tasks(stop).await })
+        });
+        let interval = self.config.sweep_interval;
+        let (coordinator, stop_sweeper) = (self.coordinator.clone(), stop.clone());
+        supervise("sweeper", stop.clone(), move || {
+            sweeper::run(coordinator.clone(), interval, stop_sweeper.clone())
+        });
         stop.drop_guard()
     }
 }
@@ -328,6 +350,21 @@ where
     Ok(())
 }
 
+/// The connection settings of every pooled connection: the URL's, plus a `statement_timeout`
+/// and a `lock_timeout` (spec §10), so no statement or lock wait holds a connection for long.
+pub fn connect_options(database_url: &str, config: &Config) -> anyhow::Result<PgConnectOptions> {
+    let millis = |duration: Duration| format!("{}ms", duration.as_millis());
+    Ok(PgConnectOptions::from_str(database_url)
+        .context("invalid DATABASE_URL")?
+        .options([
+            (
+                "statement_timeout",
+                millis(config.database_statement_timeout),
+            ),
+            ("lock_timeout", millis(config.database_lock_timeout)),
+        ]))
+}
+
 async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result<PgStore> {
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
@@ -343,7 +380,7 @@ async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result
                 Ok(true)
             })
         })
-        .connect(database_url)
+        .connect_with(connect_options(database_url, config)?)
         .await
         .context("cannot connect to PostgreSQL")?;
     let store = PgStore::new(pool, store_policy(config));

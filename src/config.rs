@@ -84,6 +84,15 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
 
+    /// PostgreSQL `statement_timeout` of every connection (migrations excepted): no statement
+    /// holds a connection longer.
+    #[arg(long, env = "LEASEHOLD_DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub database_statement_timeout: Duration,
+
+    /// PostgreSQL `lock_timeout` of every connection: no statement waits longer for a lock.
+    #[arg(long, env = "LEASEHOLD_DATABASE_LOCK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub database_lock_timeout: Duration,
+
     /// Redis connection URL (liveness, empty-queue cache, cross-replica wake-ups).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,

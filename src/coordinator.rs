@@ -195,10 +195,14 @@ impl Coordinator {
 
     pub async fn register_runtime(&self, mut runtime: NewRuntime) -> Result<Registration> {
         validate::required_text("name", &runtime.name)?;
-        if runtime.queues.is_empty() {
+        validate::string_map("labels", &runtime.labels)?;
+        if runtime.queues.is_empty() || runtime.queues.len() > validate::MAX_RUNTIME_QUEUES {
             return Err(Error::invalid(
                 "queues",
-                "a runtime serves at least one queue",
+                format!(
+                    "a runtime serves 1 to {} queues",
+                    validate::MAX_RUNTIME_QUEUES
+                ),
             ));
         }
         for queue in &runtime.queues {
@@ -639,9 +643,9 @@ impl Coordinator {
         retryable: bool,
         acting: Option<RuntimeId>,
     ) -> Result<FailOutcome> {
-        validate::payload_size("error", error.as_bytes(), self.settings.max_payload_bytes)?;
+        // Never refused for its content: a refusal would strand the task RUNNING (spec §10).
         let failure = Failure {
-            error,
+            error: validate::failure_text(&error, self.settings.max_payload_bytes),
             retryable,
             jitter: rand::random::<f64>(),
         };
@@ -690,6 +694,11 @@ impl Coordinator {
     fn prepare(&self, mut task: NewTask) -> Result<NewTask> {
         validate::queue_name("queue", &task.queue)?;
         validate::payload_size("payload", &task.payload, self.settings.max_payload_bytes)?;
+        validate::string_map("metadata", &task.metadata)?;
+        validate::duration("delay", task.delay)?;
+        if let Some(timeout) = task.execution_timeout {
+            validate::duration("execution_timeout", timeout)?;
+        }
         if task.max_attempts == 0 {
             task.max_attempts = DEFAULT_MAX_ATTEMPTS;
         }

@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod signs_of_life;
 pub mod store;
+pub mod supervise;
 pub mod sweeper;
 pub mod telemetry;
 pub mod tls;

@@ -208,8 +208,9 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
 }
 
 /// What credentials cost: the same lifecycles on a server with `--auth none` (`open`) and on
-/// one with `--auth token` whose workers use their runtime tokens (`authenticated`), in
-/// alternating rounds so that drift in the machine's speed hits both alike.
+/// one with `--auth token` whose workers use their runtime tokens (`authenticated`). The
+/// rounds go open, authenticated, authenticated, open, …, so that what drifts during the run
+/// (the tasks table grows, the machine's other load) weighs on both sides alike.
 async fn auth_overhead(
     args: &BenchArgs,
     database: &ScratchDatabase,
@@ -226,7 +227,9 @@ async fn auth_overhead(
     let mut unary = [0.0_f64; 2];
     let mut streamed = [0.0_f64; 2];
     for round in 0..rounds {
-        for (side, (name, client)) in sides.iter().enumerate() {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (name, client) = &sides[side];
             let queue = format!("auth-{name}-{round}");
             scenarios::enqueue_in_batches(client, &queue, args.tasks, args.producers).await?;
             ServerProcess::vacuum(&database.url).await?;

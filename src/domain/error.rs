@@ -26,6 +26,9 @@ pub enum Error {
     Refused(Box<RefusedWrite>),
     #[error("the task store is unavailable")]
     StoreUnavailable(#[source] BoxError),
+    /// A serialization failure or deadlock that the server's own retries did not resolve.
+    #[error("the change conflicted with a concurrent one; retry it")]
+    StoreConflict(#[source] BoxError),
     #[error("the request's deadline passed before the claim committed")]
     DeadlineExceeded,
     #[error("the server is shutting down; reconnect to another replica")]

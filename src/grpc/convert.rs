@@ -86,9 +86,10 @@ pub(crate) fn duration(
     if duration.seconds < 0 || duration.nanos < 0 {
         return Err(Error::invalid(field, "must not be negative"));
     }
-    Duration::try_from(duration)
-        .map(Some)
-        .map_err(|_| Error::invalid(field, "is not a valid duration"))
+    let duration = Duration::try_from(duration)
+        .map_err(|_| Error::invalid(field, "is not a valid duration"))?;
+    crate::domain::validate::duration(field, duration)?;
+    Ok(Some(duration))
 }
 
 pub(crate) fn wire_duration(duration: Duration) -> prost_types::Duration {

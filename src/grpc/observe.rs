@@ -70,16 +70,48 @@ where
     }
 }
 
-/// `/leasehold.v1.WorkerService/ClaimTask` → `WorkerService/ClaimTask`.
+/// `/leasehold.v1.WorkerService/ClaimTask` → `WorkerService/ClaimTask`; a path the server
+/// does not serve → `unknown`, so made-up paths cannot grow the metric series (spec §10).
 fn method_label(path: &str) -> String {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, method)) => {
+    let label = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .map(|(service, method)| {
             let service = service.rsplit('.').next().unwrap_or(service);
             format!("{service}/{method}")
-        }
-        None => path.to_owned(),
+        });
+    match label {
+        Some(label) if served_methods().contains(label.as_str()) => label,
+        _ => "unknown".to_owned(),
     }
+}
+
+/// Every `Service/Method` the server serves: leasehold's, from its own descriptors (so a new
+/// RPC is known without a list to keep), and health's and reflection's.
+fn served_methods() -> &'static std::collections::HashSet<String> {
+    static SERVED: std::sync::LazyLock<std::collections::HashSet<String>> =
+        std::sync::LazyLock::new(|| {
+            use prost::Message as _;
+            let mut served: std::collections::HashSet<String> = [
+                "Health/Check",
+                "Health/Watch",
+                "ServerReflection/ServerReflectionInfo",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+            if let Ok(files) =
+                prost_types::FileDescriptorSet::decode(super::pb::FILE_DESCRIPTOR_SET)
+            {
+                for service in files.file.iter().flat_map(|file| &file.service) {
+                    for method in &service.method {
+                        served.insert(format!("{}/{}", service.name(), method.name()));
+                    }
+                }
+            }
+            served
+        });
+    &SERVED
 }
 
 /// The canonical name of the `grpc-status` in `headers` (absent = OK).
@@ -125,6 +157,17 @@ mod tests {
             "WorkerService/ClaimTask"
         );
         assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Health/Check");
+        assert_eq!(
+            method_label("/leasehold.v1.AdminService/CreateApiKey"),
+            "AdminService/CreateApiKey"
+        );
+    }
+
+    #[test]
+    fn paths_the_server_does_not_serve_are_one_label() {
+        assert_eq!(method_label("/leasehold.v1.WorkerService/Nope"), "unknown");
+        assert_eq!(method_label("/made.up.Service/X1"), "unknown");
+        assert_eq!(method_label("/"), "unknown");
     }
 
     #[test]

@@ -45,6 +45,9 @@ impl From<Error> for Status {
                 "the task store is unavailable; retry with backoff",
                 error_info("STORE_UNAVAILABLE", []),
             ),
+            Error::StoreConflict(_) => {
+                Status::with_error_details(Code::Aborted, message, error_info("STORE_CONFLICT", []))
+            }
             Error::DeadlineExceeded => Status::with_error_details(
                 Code::DeadlineExceeded,
                 message,

@@ -1,5 +1,7 @@
-//! A store that times every call of the store it wraps:
-//! `leasehold_store_call_duration_seconds{operation, outcome}`.
+//! A store that times every call of the store it wraps
+//! (`leasehold_store_call_duration_seconds{operation, outcome}`), and tries a call again when
+//! it lost to a concurrent change (a serialization failure or a deadlock: nothing of it was
+//! committed, so running it again is safe), before answering `STORE_CONFLICT` (spec §10).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,17 +43,40 @@ fn record<T>(operation: &'static str, started: Instant, result: &Result<T>) {
     .record(started.elapsed().as_secs_f64());
 }
 
-/// Each method forwards to the wrapped store and records how long it took.
+/// Attempts after the first when a call lost to a concurrent change.
+const CONFLICT_RETRIES: u32 = 3;
+
+fn lost_to_a_conflict<T>(result: &Result<T>) -> bool {
+    matches!(result, Err(crate::domain::Error::StoreConflict(_)))
+}
+
+/// A short, growing, jittered pause, so two conflicting calls do not collide again.
+fn conflict_pause(attempt: u32) -> Duration {
+    Duration::from_millis(u64::from(attempt) * 5).mul_f64(0.5 + rand::random::<f64>())
+}
+
+/// Each method forwards to the wrapped store, again after a conflict, and records how long it
+/// took. (The arguments are cloned for each attempt; most are ids.)
 macro_rules! measured {
     ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
         #[async_trait]
         impl TaskStore for MeasuredStore {
             $(
+                #[allow(clippy::clone_on_copy, clippy::redundant_clone)]
                 async fn $name(&self $(, $arg: $ty)*) -> $ret {
                     let started = Instant::now();
-                    let result = self.inner.$name($($arg),*).await;
-                    record(stringify!($name), started, &result);
-                    result
+                    let mut attempt = 0;
+                    loop {
+                        let result = self.inner.$name($(Clone::clone(&$arg)),*).await;
+                        if attempt < CONFLICT_RETRIES && lost_to_a_conflict(&result) {
+                            attempt += 1;
+                            metrics::counter!("leasehold_store_conflict_retries_total").increment(1);
+                            tokio::time::sleep(conflict_pause(attempt)).await;
+                            continue;
+                        }
+                        record(stringify!($name), started, &result);
+                        return result;
+                    }
                 }
             )*
         }

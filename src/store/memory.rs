@@ -216,6 +216,20 @@ impl State {
 
     /// Ends a DISPATCHED task's claim as a lease expiry: back to QUEUED, or FAILED by the
     /// poison guard (T10).
+    /// T4': a claim stream ended; its unstarted claim goes back to QUEUED at once. Not a lease
+    /// expiry for the poison guard: the task never ran, and a flapping client must not fail a
+    /// queue's tasks (spec §2). A late StartTask with the token gets LEASE_EXPIRED.
+    fn give_back_stream_claim(&mut self, task_id: TaskId) -> TaskMove {
+        let task = self.task_mut(task_id);
+        task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
+            token,
+            end: ClaimEnd::LeaseExpired,
+        });
+        task.lease_expires_at = None;
+        self.set_status(task_id, TaskStatus::Queued);
+        TaskMove::from(&*self.task_mut(task_id))
+    }
+
     fn expire_claim(
         &mut self,
         task_id: TaskId,
@@ -869,7 +883,6 @@ impl TaskStore for MemoryStore {
         runtime_id: RuntimeId,
         claims: &[(TaskId, ClaimToken)],
     ) -> Result<Vec<TaskMove>> {
-        let now = self.now();
         let mut state = self.state();
         let unstarted: Vec<TaskId> = claims
             .iter()
@@ -884,7 +897,7 @@ impl TaskStore for MemoryStore {
             .collect();
         Ok(unstarted
             .into_iter()
-            .map(|task_id| state.expire_claim(task_id, &self.policy, now))
+            .map(|task_id| state.give_back_stream_claim(task_id))
             .collect())
     }
 

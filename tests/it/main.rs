@@ -19,6 +19,7 @@ mod deploy;
 mod differential;
 mod errors;
 mod grpcurl;
+mod hostile;
 mod lifecycle;
 mod listing;
 mod liveness;

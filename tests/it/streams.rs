@@ -298,6 +298,26 @@ async fn an_idle_stream_hears_keepalives(backend: Backend) {
     assert!(keepalives >= 3, "{messages:?}");
 }
 
+/// Spec §2 T4': streams opened with many credits and closed again, more often than the poison
+/// guard allows, fail nothing: every task is still QUEUED, on its first attempt.
+async fn flapping_streams_fail_no_task(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("flapping", &["q"]).await;
+    let task = server.enqueue_to("q").await;
+    for _ in 0..7 {
+        let mut stream = ClaimStream::open(&server, &runtime, 1000).await;
+        let claimed = stream.next_claimed().await;
+        assert_eq!(task_id(&claimed), task.id);
+        drop(stream);
+        wait_for_status(&server, &task.id, pb::TaskStatus::Queued).await;
+    }
+    let task = server.get_task(&task.id).await;
+    assert_eq!(
+        (status_of(&task), task.attempt, task.lease_expirations),
+        (pb::TaskStatus::Queued, 1, 0)
+    );
+}
+
 async fn a_broken_stream_gives_back_its_unstarted_claims(backend: Backend) {
     let server = start(backend).await;
     let runtime = server.register("fragile", &["q"]).await;
@@ -311,7 +331,10 @@ async fn a_broken_stream_gives_back_its_unstarted_claims(backend: Backend) {
     drop(stream);
 
     let requeued = wait_for_status(&server, task_id(&unstarted), pb::TaskStatus::Queued).await;
-    assert_eq!(requeued.lease_expirations, 1);
+    assert_eq!(
+        requeued.lease_expirations, 0,
+        "a stream break is not a lease expiry for the poison guard"
+    );
     let late = server.start_task(&unstarted).await.unwrap_err();
     assert_error(&late, Code::FailedPrecondition, "LEASE_EXPIRED");
     let running = server.get_task(task_id(&started)).await;
@@ -439,6 +462,7 @@ async fn draining_tells_streams_and_gives_back_their_claims(backend: Backend) {
 
 conformance!(
     credits_bound_the_claims_in_flight,
+    flapping_streams_fail_no_task,
     a_flowing_stream_gathers_returned_credits,
     an_enqueue_wakes_one_idle_stream_not_all,
     an_enqueue_wakes_a_waiting_stream,

@@ -8,6 +8,11 @@ const RUNTIME_NOT_FOUND: &str = "LH001";
 /// leasehold_claim(): the request's budget ran out before commit.
 const CLAIM_DEADLINE_PASSED: &str = "LH002";
 const FOREIGN_KEY_VIOLATION: &str = "23503";
+const SERIALIZATION_FAILURE: &str = "40001";
+const DEADLOCK_DETECTED: &str = "40P01";
+/// A read-only transaction: the database is a standby (after a failover, until the pooler or
+/// DNS points at the new primary).
+const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 
 /// What a failed statement was about, so SQLSTATEs with a business meaning map precisely.
 #[derive(Clone, Copy, Debug)]
@@ -28,6 +33,10 @@ pub(super) fn classify(error: sqlx::Error, context: Context) -> Error {
             (code, _) if is_unavailable_sqlstate(code) => {
                 tracing::warn!(%error, "database unavailable");
                 return Error::StoreUnavailable(error.into());
+            }
+            (SERIALIZATION_FAILURE | DEADLOCK_DETECTED, _) => {
+                tracing::info!(%error, "a statement conflicted with a concurrent one");
+                return Error::StoreConflict(error.into());
             }
             _ => {}
         }
@@ -55,8 +64,12 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
     )
 }
 
-/// Connection exceptions (08), shutdown and "cannot connect now" (57P0x), too many
-/// connections (53300): the database is there but not serving us right now.
+/// Connection exceptions (08), admin/crash shutdown and "cannot connect now" (57P0x), too many
+/// connections (53300), a read-only standby (25006): the database is there but not serving our
+/// writes right now; the client retries.
 fn is_unavailable_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("57P0") || code == "53300"
+    code.starts_with("08")
+        || code.starts_with("57P0")
+        || code == "53300"
+        || code == READ_ONLY_SQL_TRANSACTION
 }

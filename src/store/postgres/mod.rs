@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
+use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
 use crate::domain::auth::{ApiKey, SecretDigest};
@@ -137,10 +137,21 @@ impl PgStore {
     /// Applies pending migrations. The migrator takes an advisory lock, so replicas may start
     /// together.
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await.map_err(|error| match error {
-            sqlx::migrate::MigrateError::Execute(error) => plain(error),
-            other => Error::Internal(other.into()),
-        })
+        // On a connection of its own without the pool's statement and lock timeouts: an index
+        // build may rightly take longer than any request.
+        let options = (*self.pool.connect_options())
+            .clone()
+            .options([("statement_timeout", "0"), ("lock_timeout", "0")]);
+        let mut connection = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(plain)?;
+        MIGRATOR
+            .run(&mut connection)
+            .await
+            .map_err(|error| match error {
+                sqlx::migrate::MigrateError::Execute(error) => plain(error),
+                other => Error::Internal(other.into()),
+            })
     }
 
     /// Runs the guarded statement for `write`; when it matches no row, reads the row and lets
@@ -502,7 +513,6 @@ impl TaskStore for PgStore {
             .bind(runtime_id.as_uuid())
             .bind(ids)
             .bind(tokens)
-            .bind(i64::from(self.policy.max_lease_expirations))
             .fetch_all(&self.pool)
             .await
             .map_err(plain)?;

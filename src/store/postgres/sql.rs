@@ -425,19 +425,13 @@ SELECT r.queues,
         ) next) AS next_available_secs
 FROM runtimes r WHERE r.id = $1";
 
-/// T4': claims pushed on a claim stream that ended, as ($2 task, $3 token) pairs, expire like
-/// the preflight's (`leasehold_claim`): back to QUEUED, or FAILED past $4 expirations.
+/// T4': claims pushed on a claim stream that ended, as ($2 task, $3 token) pairs, go back to
+/// QUEUED at once. Not counted toward the poison guard (spec §2): the task never ran, and a
+/// flapping client must not fail a queue's tasks. A late start gets LEASE_EXPIRED.
 pub(super) const EXPIRE_CLAIMS: &str = concat!(
     "
 UPDATE tasks t SET
-    status               = CASE WHEN t.lease_expirations + 1 > $4 THEN 'FAILED' ELSE 'QUEUED' END,
-    failure_reason       = CASE WHEN t.lease_expirations + 1 > $4
-                                THEN 'LEASE_EXPIRED_TOO_OFTEN' ELSE t.failure_reason END,
-    error                = CASE WHEN t.lease_expirations + 1 > $4
-                                THEN format('lease expired %s times', t.lease_expirations + 1)
-                                ELSE t.error END,
-    finished_at          = CASE WHEN t.lease_expirations + 1 > $4 THEN now() END,
-    lease_expirations    = t.lease_expirations + 1,
+    status               = 'QUEUED',
     previous_claim_token = t.claim_token,
     previous_claim_end   = 'LEASE_EXPIRED',
     claim_token          = NULL,

@@ -62,25 +62,37 @@ pub(super) async fn run(
         swept_at: Some(swept_at),
         ..SweepReport::default()
     };
-    sweep.credit_blackout().await?;
-    report.marked_offline = sweep.mark_stale_runtimes_offline(oracle).await?;
-    report.runtime_offline = sweep
-        .fail_in_batches(
-            sql::FAIL_OFFLINE_RUNTIME_TASKS,
-            FailureReason::RuntimeOffline,
-            "the runtime holding the task went offline",
-            StageArgument::Nothing,
-        )
-        .await?;
-    report.timed_out = sweep
-        .fail_in_batches(
-            sql::FAIL_DISPATCH_TIMEOUTS,
-            FailureReason::DispatchTimeout,
-            "the task was dispatched but not started within the dispatch timeout",
-            StageArgument::Age(policy.dispatch_timeout),
-        )
-        .await?;
-    report.timed_out.extend(
+    // Each stage on its own (spec §10): one that fails is logged and counted, and the ones
+    // after it still run. Every statement commits alone, so a failed one leaves nothing open.
+    isolated("blackout_credit", sweep.credit_blackout().await);
+    report.marked_offline = isolated(
+        "mark_offline",
+        sweep.mark_stale_runtimes_offline(oracle).await,
+    );
+    report.runtime_offline = isolated(
+        "runtime_offline",
+        sweep
+            .fail_in_batches(
+                sql::FAIL_OFFLINE_RUNTIME_TASKS,
+                FailureReason::RuntimeOffline,
+                "the runtime holding the task went offline",
+                StageArgument::Nothing,
+            )
+            .await,
+    );
+    report.timed_out = isolated(
+        "dispatch_timeout",
+        sweep
+            .fail_in_batches(
+                sql::FAIL_DISPATCH_TIMEOUTS,
+                FailureReason::DispatchTimeout,
+                "the task was dispatched but not started within the dispatch timeout",
+                StageArgument::Age(policy.dispatch_timeout),
+            )
+            .await,
+    );
+    report.timed_out.extend(isolated(
+        "execution_timeout",
         sweep
             .fail_in_batches(
                 sql::FAIL_EXECUTION_TIMEOUTS,
@@ -88,11 +100,14 @@ pub(super) async fn run(
                 "the task ran longer than its execution timeout",
                 StageArgument::Nothing,
             )
-            .await?,
-    );
-    report.runtime_gone = sweep.fail_pinned_orphans().await?;
+            .await,
+    ));
+    report.runtime_gone = isolated("runtime_gone", sweep.fail_pinned_orphans().await);
     if let Some(since) = due_since {
-        report.became_available = sweep.became_available(since, swept_at).await?;
+        report.became_available = isolated(
+            "became_available",
+            sweep.became_available(since, swept_at).await,
+        );
     }
     // Released explicitly so the next sweep (here or on another replica) can start at once;
     // closing the connection would release it too, but not before this returns.
@@ -102,6 +117,15 @@ pub(super) async fn run(
         .await
         .map_err(plain)?;
     Ok(Some(report))
+}
+
+/// A stage's outcome, or nothing when it failed (logged and counted).
+fn isolated<T: Default>(stage: &'static str, outcome: Result<T>) -> T {
+    outcome.unwrap_or_else(|error| {
+        metrics::counter!("leasehold_sweeper_stage_failures_total", "stage" => stage).increment(1);
+        tracing::warn!(stage, %error, "a sweeper stage failed; the other stages still run");
+        T::default()
+    })
 }
 
 struct Sweep<'a> {
