@@ -25,7 +25,7 @@ use crate::domain::RetryBackoff;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::task_service_server::TaskServiceServer;
 use crate::grpc::pb::worker_service_server::WorkerServiceServer;
-use crate::grpc::{AdminApi, AuthLayer, ObserveLayer, TaskApi, WorkerApi, pb};
+use crate::grpc::{AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, WorkerApi, pb};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
@@ -41,6 +41,9 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// How long an HTTP/2 keepalive ping may go unanswered before the connection is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// HTTP/2 concurrent streams per connection (spec §10).
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Room for a message's other fields beyond the payload limit.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -104,6 +107,7 @@ impl App {
             stream_keepalive: config.stream_keepalive,
             stream_poll_interval: config.stream_poll_interval,
             stream_claim_linger: config.stream_claim_linger,
+            max_streams_per_runtime: config.max_streams_per_runtime,
         };
         warn_about_liveness_chain(&config);
         if config.auth == AuthMode::None && !config.listen.ip().is_loopback() {
@@ -187,9 +191,12 @@ impl App {
             // must give their claims back) are noticed.
             .http2_keepalive_interval(Some(self.config.stream_keepalive))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            // HTTP/2: at most this many concurrent streams per connection (tonic sets none).
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .layer(
                 tower::ServiceBuilder::new()
                     .layer(ObserveLayer)
+                    .layer(ShedLayer::new(self.config.max_inflight_calls))
                     .layer(AuthLayer::new(self.coordinator.clone())),
             )
             .add_service(health_service)

@@ -58,6 +58,15 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// Calls in progress on this replica beyond which a call is refused at once with
+    /// RESOURCE_EXHAUSTED / OVERLOADED (load shedding, not queueing).
+    #[arg(long, env = "LEASEHOLD_MAX_INFLIGHT_CALLS", default_value_t = 2048)]
+    pub max_inflight_calls: usize,
+
+    /// Claim streams one runtime may hold open on this replica; more → TOO_MANY_STREAMS.
+    #[arg(long, env = "LEASEHOLD_MAX_STREAMS_PER_RUNTIME", default_value_t = 4)]
+    pub max_streams_per_runtime: usize,
+
     /// PEM certificate chain of the gRPC listener; with --tls-key the listener is TLS-only.
     /// Re-read when the file changes (rotation needs no restart).
     #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]

@@ -59,6 +59,8 @@ pub struct Settings {
     pub stream_poll_interval: Duration,
     /// See `--stream-claim-linger`.
     pub stream_claim_linger: Duration,
+    /// See `--max-streams-per-runtime`.
+    pub max_streams_per_runtime: usize,
 }
 
 /// What a runtime learns when it registers.
@@ -87,6 +89,29 @@ pub struct Coordinator {
     /// Cancelled when the server starts draining: claim streams say `draining` and end.
     draining: CancellationToken,
     authenticator: Authenticator,
+    /// Claim streams open on this replica, per runtime.
+    open_streams: Arc<std::sync::Mutex<std::collections::HashMap<RuntimeId, usize>>>,
+}
+
+/// One open claim stream of a runtime, counted until dropped.
+pub struct StreamSlot {
+    runtime: RuntimeId,
+    open_streams: Arc<std::sync::Mutex<std::collections::HashMap<RuntimeId, usize>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open_streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.runtime) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.runtime);
+            }
+        }
+    }
 }
 
 impl Coordinator {
@@ -100,6 +125,7 @@ impl Coordinator {
         let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store));
         Self {
             authenticator: Authenticator::new(auth.0, store.clone(), redis.clone(), auth.1),
+            open_streams: Arc::default(),
             liveness: Liveness::new(
                 redis.clone(),
                 settings.liveness_ttl,
@@ -274,6 +300,24 @@ impl Coordinator {
         self.signs_of_life
             .record(&self.liveness, self.store.as_ref())
             .await;
+    }
+
+    /// A slot for one more claim stream of `runtime_id` on this replica, or TOO_MANY_STREAMS.
+    pub fn admit_stream(&self, runtime_id: RuntimeId) -> Result<StreamSlot> {
+        let limit = self.settings.max_streams_per_runtime;
+        let mut open = self
+            .open_streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(runtime_id).or_default();
+        if *count >= limit {
+            return Err(Error::TooManyStreams(limit));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            runtime: runtime_id,
+            open_streams: self.open_streams.clone(),
+        })
     }
 
     /// A claim stream opened: a sign of life that, like a claim, brings an OFFLINE runtime

@@ -52,6 +52,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "LEASEHOLD_WORKER_SHUTDOWN_GRACE", default_value = "30s",
           value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// The most of a command's stdout kept as its result (the server's --max-payload-bytes);
+    /// a command that prints more fails its task, not retried, rather than fill this daemon's
+    /// memory or be refused by the server.
+    #[arg(long, env = "LEASEHOLD_MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
+    max_result_bytes: usize,
     /// Streamed claims (default), or long-poll `ClaimTask` for proxies without bidi streams.
     #[arg(long, value_enum, default_value_t = ClaimModeArg::Stream)]
     claim_mode: ClaimModeArg,
@@ -92,6 +97,7 @@ impl WorkerArgs {
             arguments: arguments.to_vec(),
             permanent_exit_codes: self.permanent_exit_codes.clone(),
             kill_grace: self.kill_grace,
+            max_result_bytes: self.max_result_bytes,
         };
         let stop = CancellationToken::new();
         let stop_on_signal = stop.clone();
@@ -122,6 +128,7 @@ struct CommandHandler {
     arguments: Vec<String>,
     permanent_exit_codes: Vec<i32>,
     kill_grace: Duration,
+    max_result_bytes: usize,
 }
 
 #[async_trait]
@@ -146,7 +153,7 @@ impl Handler for CommandHandler {
                 let _ = stdin.write_all(&payload).await;
             }
         });
-        let stdout = tokio::spawn(read_all(child.stdout.take()));
+        let stdout = tokio::spawn(read_capped(child.stdout.take(), self.max_result_bytes));
         let stderr = tokio::spawn(read_tail(child.stderr.take(), STDERR_TAIL_BYTES));
         let status = tokio::select! {
             status = child.wait() => status,
@@ -164,9 +171,18 @@ impl CommandHandler {
     fn outcome(
         &self,
         status: ExitStatus,
-        stdout: Vec<u8>,
+        (stdout, overflowed): (Vec<u8>, bool),
         stderr: &[u8],
     ) -> Result<Vec<u8>, TaskError> {
+        if status.success() && overflowed {
+            return Err(TaskError {
+                message: format!(
+                    "the command printed more than {} bytes on stdout, the most a result holds",
+                    self.max_result_bytes
+                ),
+                retryable: false,
+            });
+        }
         if status.success() {
             return Ok(stdout);
         }
@@ -238,12 +254,24 @@ fn environment_name(key: &str) -> String {
         .collect()
 }
 
-async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    if let Some(mut pipe) = pipe {
-        let _ = pipe.read_to_end(&mut bytes).await;
+/// Reads the pipe to its end (so the child never blocks on a full pipe), keeping at most
+/// `keep` bytes; `true` when there was more.
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>, keep: usize) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut overflowed = false;
+    let Some(mut pipe) = pipe else {
+        return (kept, overflowed);
+    };
+    let mut buffer = [0u8; 8192];
+    while let Ok(read) = pipe.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+        let room = keep.saturating_sub(kept.len());
+        kept.extend_from_slice(&buffer[..read.min(room)]);
+        overflowed |= read > room;
     }
-    bytes
+    (kept, overflowed)
 }
 
 /// Reads the pipe to its end, keeping only the last `keep` bytes.
@@ -268,6 +296,13 @@ async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, keep: usize) -> Vec<u8>
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn stdout_is_kept_up_to_the_cap_and_read_to_its_end() {
+        let text: &[u8] = b"0123456789";
+        assert_eq!(read_capped(Some(text), 4).await, (b"0123".to_vec(), true));
+        assert_eq!(read_capped(Some(text), 10).await, (text.to_vec(), false));
+    }
+
     #[test]
     fn metadata_keys_become_shell_names() {
         assert_eq!(environment_name("content-type"), "CONTENT_TYPE");
@@ -289,17 +324,24 @@ mod tests {
             arguments: Vec::new(),
             permanent_exit_codes: vec![4],
             kill_grace: Duration::from_secs(1),
+            max_result_bytes: 16,
         };
         let exit = |code: i32| ExitStatus::from_raw(code << 8);
         assert_eq!(
-            handler.outcome(exit(0), b"out".to_vec(), b""),
+            handler.outcome(exit(0), (b"out".to_vec(), false), b""),
             Ok(b"out".to_vec())
         );
-        let retryable = handler.outcome(exit(3), Vec::new(), b"boom\n").unwrap_err();
+        let retryable = handler
+            .outcome(exit(3), (Vec::new(), false), b"boom\n")
+            .unwrap_err();
         assert_eq!(retryable, TaskError::retryable("exit code 3: boom"));
         let permanent = handler
-            .outcome(exit(4), Vec::new(), b"bad input")
+            .outcome(exit(4), (Vec::new(), false), b"bad input")
             .unwrap_err();
         assert!(!permanent.retryable);
+        let too_much = handler
+            .outcome(exit(0), (b"0123456789abcdef".to_vec(), true), b"")
+            .unwrap_err();
+        assert!(!too_much.retryable);
     }
 }

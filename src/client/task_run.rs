@@ -230,7 +230,7 @@ impl TaskRun<'_> {
             claim_token: self.token.to_owned(),
             counters,
         };
-        self.retry_report("ReportUsage", || {
+        self.retry_report("ReportUsage", Persistence::UntilDeadline, || {
             let request = request.clone();
             let mut worker = self.shared.client().worker();
             async move { worker.report_usage(request).await.map(drop) }
@@ -246,7 +246,7 @@ impl TaskRun<'_> {
                     claim_token: self.token.to_owned(),
                     result,
                 };
-                self.retry_report("CompleteTask", || {
+                self.retry_report("CompleteTask", Persistence::WhileAlive, || {
                     let request = request.clone();
                     let mut worker = self.shared.client().worker();
                     async move { worker.complete_task(request).await.map(drop) }
@@ -260,7 +260,7 @@ impl TaskRun<'_> {
                     error: error.message,
                     retryable: error.retryable,
                 };
-                self.retry_report("FailTask", || {
+                self.retry_report("FailTask", Persistence::WhileAlive, || {
                     let request = request.clone();
                     let mut worker = self.shared.client().worker();
                     async move { worker.fail_task(request).await.map(drop) }
@@ -271,15 +271,18 @@ impl TaskRun<'_> {
         }
     }
 
-    /// Sends a token-fenced report until it lands, is refused for good, or the report deadline
-    /// passes. Replays with the same token are safe: the server answers them with success.
-    async fn retry_report<F, Fut>(&self, rpc: &'static str, mut call: F)
+    /// Sends a token-fenced report until it lands or is refused for good; a usage report gives
+    /// up at the report deadline, a finished task's report never does while the process lives
+    /// (spec §10: the server's sweeper would otherwise run it again). Replays with the same
+    /// token are safe: the server answers them with success.
+    async fn retry_report<F, Fut>(&self, rpc: &'static str, persistence: Persistence, mut call: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), Status>>,
     {
         let deadline = Instant::now() + self.shared.config.report_deadline;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut warned = false;
         loop {
             let error = match tokio::time::timeout(REPORT_CALL_TIMEOUT, call()).await {
                 Ok(Ok(())) => return,
@@ -293,14 +296,33 @@ impl TaskRun<'_> {
             };
             let delay = backoff.next_delay();
             if Instant::now() + delay > deadline {
-                tracing::error!(task_id = self.task_id, rpc, error = %error.message(),
-                    "giving up on the report; the server's sweeper will settle the task");
-                return;
+                match persistence {
+                    Persistence::UntilDeadline => {
+                        tracing::error!(task_id = self.task_id, rpc, error = %error.message(),
+                            "giving up on the report");
+                        return;
+                    }
+                    Persistence::WhileAlive if !warned => {
+                        warned = true;
+                        tracing::error!(task_id = self.task_id, rpc, error = %error.message(),
+                            "the server has not taken this finished task's report for a while; \
+                             still trying");
+                    }
+                    Persistence::WhileAlive => {}
+                }
             }
             tracing::debug!(task_id = self.task_id, rpc, error = %error.message(), "retrying");
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// How long a report keeps being retried.
+#[derive(Clone, Copy)]
+enum Persistence {
+    UntilDeadline,
+    /// A finished task's result or failure: lost, the task would run again.
+    WhileAlive,
 }
 
 fn start_failed(status: &Status) -> Verdict {

@@ -55,8 +55,10 @@ pub struct WorkerConfig {
     pub cancel_poll_interval: Duration,
     /// A claim stream silent for this long (no claim, no keepalive) is treated as broken.
     pub stream_idle_timeout: Duration,
-    /// How long a final report (`CompleteTask`/`FailTask`) keeps being retried; independent of
-    /// shutdown, so a finished task's outcome is not lost because the worker is stopping.
+    /// How long a usage report keeps being retried, and after how long a final report
+    /// (`CompleteTask`/`FailTask`) that is still being retried is logged as an error. A final
+    /// report itself is retried while the process lives (spec §10), independent of shutdown,
+    /// so a finished task's outcome is not lost because the server or the worker is slow.
     pub report_deadline: Duration,
     /// Pause before the one retry of a `StartTask` whose answer was lost.
     pub start_retry_pause: Duration,

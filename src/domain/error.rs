@@ -43,6 +43,10 @@ pub enum Error {
     RuntimeMismatch,
     #[error("API key {0} not found")]
     ApiKeyNotFound(uuid::Uuid),
+    #[error("this runtime already has {0} claim streams open here, the most allowed")]
+    TooManyStreams(usize),
+    #[error("the server is at its limit of calls in progress; retry shortly")]
+    Overloaded,
     #[error("internal error")]
     Internal(#[source] BoxError),
 }

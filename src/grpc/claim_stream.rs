@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Status, Streaming};
 
-use crate::coordinator::{CacheUse, Coordinator, MAX_CLAIM_BATCH, jittered};
+use crate::coordinator::{CacheUse, Coordinator, MAX_CLAIM_BATCH, StreamSlot, jittered};
 use crate::domain::auth::Principal;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
@@ -33,8 +33,12 @@ use super::{access, convert};
 /// so this only bounds keepalives and cancellations behind a slow reader.
 pub(super) const OUTBOUND_BUFFER: usize = 64;
 
-/// Credits a worker may hold unused; grants beyond this are capped.
-const MAX_CREDITS: u64 = 100_000;
+/// Credits a stream may hold unused, at open and after grants (spec §10); more are capped. A
+/// runtime's `max_concurrency` bounds what its claims take anyway.
+const MAX_CREDITS: u64 = 1_000;
+
+/// The `open` message must arrive within this, or the call ends (spec §10).
+const OPEN_WITHIN: Duration = Duration::from_secs(10);
 
 pub(super) type Sender = mpsc::Sender<std::result::Result<pb::StreamClaimsResponse, Status>>;
 
@@ -47,9 +51,9 @@ pub(super) async fn open(
     if coordinator.draining().is_cancelled() {
         return Err(Error::Draining);
     }
-    let first = inbound
-        .message()
+    let first = tokio::time::timeout(OPEN_WITHIN, inbound.message())
         .await
+        .map_err(|_| Error::invalid("open", "the first message must arrive within 10 s"))?
         .map_err(|_| Error::invalid("open", "the stream ended before its first message"))?;
     let Some(pb::StreamClaimsRequest {
         msg: Some(Inbound::Open(open)),
@@ -59,26 +63,31 @@ pub(super) async fn open(
     };
     let runtime_id = convert::runtime_id("open.runtime_id", &open.runtime_id)?;
     access::runtime(principal, runtime_id)?;
+    let slot = coordinator.admit_stream(runtime_id)?;
     if open.credits == 0 {
         // With credits, the first claim comes at once and does the same.
         coordinator.stream_opened(runtime_id).await?;
     }
     let subscription = coordinator.subscribe(runtime_id).await?;
+    let credits = u64::from(open.credits).min(MAX_CREDITS);
     Ok(Session {
+        _slot: slot,
         credential,
         coordinator: coordinator.clone(),
         runtime_id,
-        credits: u64::from(open.credits),
+        credits,
         subscription,
         cancellations: coordinator.hold_cancellations(runtime_id),
         pushed: VecDeque::new(),
         cache: CacheUse::Read,
-        peak_credits: u64::from(open.credits),
+        peak_credits: credits,
         flowing: false,
     })
 }
 
 pub(super) struct Session {
+    /// This stream's place among its runtime's open streams (`--max-streams-per-runtime`).
+    _slot: StreamSlot,
     /// The bearer token the stream opened with, checked again before every claim.
     credential: Option<String>,
     coordinator: Arc<Coordinator>,

@@ -7,6 +7,7 @@ mod convert;
 mod deadline;
 mod observe;
 mod page_token;
+mod shed;
 pub mod status;
 mod tasks;
 mod worker;
@@ -14,6 +15,7 @@ mod worker;
 pub use access::AuthLayer;
 pub use admin::AdminApi;
 pub use observe::ObserveLayer;
+pub use shed::ShedLayer;
 pub use tasks::TaskApi;
 pub use worker::WorkerApi;
 

@@ -11,6 +11,9 @@ use super::convert::{task_status_name, timestamp_text};
 
 pub const DOMAIN: &str = "leasehold.v1";
 
+/// What an OVERLOADED answer suggests waiting (google.rpc.RetryInfo) before trying again.
+const OVERLOADED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
@@ -95,6 +98,17 @@ impl From<Error> for Status {
                     message,
                     error_info("RUNTIME_MISMATCH", []),
                 )
+            }
+            Error::TooManyStreams(limit) => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                error_info("TOO_MANY_STREAMS", [("limit", limit.to_string())]),
+            ),
+            Error::Overloaded => {
+                metrics::counter!("leasehold_calls_shed_total").increment(1);
+                let mut details = error_info("OVERLOADED", []);
+                details.set_retry_info(Some(OVERLOADED_RETRY_AFTER));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
             }
             Error::ApiKeyNotFound(key_id) => Status::with_error_details(
                 Code::NotFound,

@@ -873,8 +873,20 @@ impl TaskStore for MemoryStore {
                 preflight,
             });
         }
+        // Never beyond the runtime's max_concurrency (0 = no limit), counted after the
+        // preflight (under the lock, so racing claims cannot both see the same free slots).
+        let max_tasks = match runtime.max_concurrency {
+            0 => request.max_tasks,
+            most => {
+                let held = state.held_by(runtime.id, TaskStatus::is_active).len();
+                let free = (most as usize).saturating_sub(held);
+                request
+                    .max_tasks
+                    .min(u32::try_from(free).unwrap_or(u32::MAX))
+            }
+        };
         // Claiming here is instantaneous and cannot outlive the caller's budget.
-        let claimed = state.claim(&runtime, request.max_tasks, self.policy.lease_duration, now);
+        let claimed = state.claim(&runtime, max_tasks, self.policy.lease_duration, now);
         Ok(ClaimOutcome { claimed, preflight })
     }
 

@@ -363,7 +363,7 @@ async fn register(store: &dyn TaskStore, names: &Names) -> Vec<leasehold::domain
                     name: format!("c{}-r{index}", names.case),
                     queues: queues.iter().map(|queue| names.queue(*queue)).collect(),
                     labels: BTreeMap::new(),
-                    max_concurrency: 1,
+                    max_concurrency: 3,
                 },
                 leasehold::domain::auth::Secret::random().digest(),
             )

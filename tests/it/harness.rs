@@ -209,7 +209,7 @@ impl TestServer {
                 name: name.into(),
                 queues: queues.iter().map(|queue| queue.to_string()).collect(),
                 labels: Default::default(),
-                max_concurrency: 4,
+                max_concurrency: 0,
             })
             .await
             .expect("register runtime");

@@ -134,9 +134,47 @@ async fn a_failure_report_with_any_text_is_stored(backend: Backend) {
     );
 }
 
+/// 20 concurrent claims by one runtime with `max_concurrency` 3 hold 3 tasks at most; a
+/// finished one frees its slot.
+async fn racing_claims_never_exceed_max_concurrency(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server
+        .worker
+        .clone()
+        .register_runtime(pb::RegisterRuntimeRequest {
+            name: "capped".into(),
+            queues: vec!["q".into()],
+            labels: Default::default(),
+            max_concurrency: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime
+        .unwrap()
+        .id;
+    for _ in 0..30 {
+        server.enqueue_to("q").await;
+    }
+
+    let claims = (0..20).map(|_| server.claim(&runtime, Some(2)));
+    let claimed: Vec<pb::ClaimedTask> = futures::future::join_all(claims)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+
+    assert_eq!(claimed.len(), 3, "claimed {} tasks", claimed.len());
+    assert!(server.claim(&runtime, Some(5)).await.is_empty());
+    server.start_task(&claimed[0]).await.unwrap();
+    server.complete(&claimed[0], b"done").await.unwrap();
+    assert_eq!(server.claim(&runtime, Some(5)).await.len(), 1);
+}
+
 conformance!(
     out_of_range_input_is_refused_with_invalid_field,
     a_failure_report_with_any_text_is_stored,
+    racing_claims_never_exceed_max_concurrency,
 );
 
 /// A row the server no longer accepts (an execution timeout of 10^13 s, stored before the
@@ -211,4 +249,122 @@ async fn pooled_connections_have_statement_and_lock_timeouts() {
         .unwrap();
 
     assert_eq!((statement.as_str(), lock.as_str()), ("7s", "1500ms"));
+}
+
+/// At most `--max-streams-per-runtime` claim streams per runtime; the next is refused until
+/// one closes.
+async fn a_runtime_holds_at_most_four_streams(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server.register("greedy", &["q"]).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(crate::streams::ClaimStream::open(&server, &runtime, 1).await);
+    }
+
+    let refused = crate::streams::ClaimStream::try_open(&server, &runtime, 1)
+        .await
+        .err()
+        .expect("a fifth stream was opened");
+
+    assert_error(&refused, Code::ResourceExhausted, "TOO_MANY_STREAMS");
+    drop(open.pop());
+    let mut reopened = None;
+    for _ in 0..50 {
+        if let Ok(stream) = crate::streams::ClaimStream::try_open(&server, &runtime, 1).await {
+            reopened = Some(stream);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reopened.is_some(), "a closed stream's slot was never freed");
+}
+
+/// Credits are capped at 1,000 however many a worker asks for.
+async fn stream_credits_are_capped_at_a_thousand(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server.register("hungry", &["q"]).await;
+    for _ in 0..2 {
+        let requests = (0..550).map(|_| task_in("q")).collect();
+        server
+            .tasks
+            .clone()
+            .enqueue_tasks(pb::EnqueueTasksRequest { requests })
+            .await
+            .unwrap();
+    }
+    let mut stream = crate::streams::ClaimStream::open(&server, &runtime, u32::MAX).await;
+
+    let mut pushed = 0;
+    while let Some(pb::stream_claims_response::Msg::Claimed(_)) =
+        stream.next(Duration::from_millis(1500)).await
+    {
+        pushed += 1;
+    }
+
+    assert_eq!(pushed, 1000);
+}
+
+conformance!(
+    a_runtime_holds_at_most_four_streams,
+    stream_credits_are_capped_at_a_thousand,
+);
+
+/// A stream whose first message never comes is ended after 10 s.
+#[tokio::test]
+async fn a_stream_without_its_open_message_is_ended() {
+    let server = Backend::Memory.start().await;
+    let (_keep, silent) = tokio::sync::mpsc::channel::<pb::StreamClaimsRequest>(1);
+    let opened = tokio::time::timeout(
+        Duration::from_secs(15),
+        server
+            .worker
+            .clone()
+            .stream_claims(tokio_stream::wrappers::ReceiverStream::new(silent)),
+    )
+    .await
+    .expect("the server kept waiting for the open message");
+
+    assert_error(&opened.unwrap_err(), Code::InvalidArgument, "INVALID_FIELD");
+}
+
+/// Past `--max-inflight-calls`, a call is refused at once with OVERLOADED and a RetryInfo;
+/// health checks are not shed.
+#[tokio::test]
+async fn calls_beyond_the_in_flight_limit_are_shed() {
+    use tonic_types::StatusExt as _;
+    let server = Backend::Memory
+        .start_with(|config| config.max_inflight_calls = 1)
+        .await;
+    let runtime = server.register("waiting", &["q"]).await;
+    let mut worker = server.worker.clone();
+    let long_poll = tokio::spawn(async move {
+        worker
+            .claim_task(pb::ClaimTaskRequest {
+                runtime_id: runtime,
+                max_tasks: Some(1),
+                wait: Some(seconds(2)),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let shed = refused_enqueue(&server, task_in("q")).await;
+
+    assert_error(&shed, Code::ResourceExhausted, "OVERLOADED");
+    assert!(shed.get_details_retry_info().is_some(), "no RetryInfo");
+    let health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(health.is_ok(), "a health check was shed");
+    long_poll.await.unwrap().unwrap();
+    assert!(
+        server
+            .tasks
+            .clone()
+            .enqueue_task(task_in("q"))
+            .await
+            .is_ok()
+    );
 }

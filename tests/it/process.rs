@@ -171,7 +171,15 @@ async fn a_thousand_idle_streams_cost_postgres_nothing(
 ) {
     let database_url = connect.to_url_lossy().to_string();
     let server = ServerProcess::start(
-        &["--sweep-interval", "1h", "--stream-poll-interval", "1s"],
+        &[
+            "--sweep-interval",
+            "1h",
+            "--stream-poll-interval",
+            "1s",
+            // 20 streams per runtime below.
+            "--max-streams-per-runtime",
+            "20",
+        ],
         &[
             ("DATABASE_URL", database_url),
             ("REDIS_URL", crate::redis::redis_url()),

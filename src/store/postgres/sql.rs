@@ -36,15 +36,16 @@ FROM (SELECT id FROM runtimes WHERE id = ANY ($1) AND status = 'ONLINE'
 WHERE r.id = seen.id AND r.status = 'ONLINE'
 RETURNING r.id";
 
-/// The claim. A claim is a sign of life: an OFFLINE runtime comes back ONLINE in the same
-/// statement, so nothing it claims can be failed by the sweeper for a stale status. (An
-/// ONLINE runtime's row matches nothing here and is neither written nor locked.)
+/// The claim, within the runtime's `max_concurrency` (migration 11). A claim is a sign of
+/// life: an OFFLINE runtime comes back ONLINE in the same statement, so nothing it claims can
+/// be failed by the sweeper for a stale status. (An ONLINE runtime's row matches nothing here
+/// and is not written.)
 pub(super) const CLAIM: &str = "
 WITH revived AS (
     UPDATE runtimes SET status = 'ONLINE', last_seen_at = now(), offline_since = NULL
     WHERE id = $1 AND status = 'OFFLINE'
 )
-SELECT * FROM leasehold_claim($1, $2, $3, $4, $5)";
+SELECT * FROM leasehold_claim_within_capacity($1, $2, $3, $4, $5)";
 
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";
