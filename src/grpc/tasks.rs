@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::coordinator::Coordinator;
 use crate::domain::auth::Scope;
 use crate::domain::{Result, validate};
-use crate::store::{Enqueued, NewTask, TaskFilter};
+use crate::store::{Enqueued, NewTask, PageCursor, TaskFilter, TaskPage};
 
 use super::pb::{self, task_service_server::TaskService};
 use super::{access, convert, page_token, status};
@@ -50,6 +50,40 @@ fn enqueue_result(result: Result<Enqueued>) -> pb::EnqueueTasksResult {
             deduplicated: false,
             error: Some(status::rpc_status(Status::from(error))),
         },
+    }
+}
+
+/// No response may exceed 4 MiB, the default receive limit of gRPC clients (spec §10): a page
+/// ends early, before the task that would take it past this, and its token continues from
+/// the last task it holds. (One task always fits: payload, result and error are each at most
+/// `--max-payload-bytes`, 1 MiB by default, and metadata 64 KiB.)
+const RESPONSE_BUDGET_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+fn bounded_page(page: TaskPage) -> pb::ListTasksResponse {
+    use prost::Message as _;
+    let mut next = page.next;
+    let mut tasks = Vec::with_capacity(page.tasks.len());
+    let mut last_kept: Option<PageCursor> = None;
+    let mut size = 0;
+    for task in page.tasks {
+        let cursor = PageCursor {
+            created_at: task.created_at,
+            id: task.id,
+        };
+        let task = convert::task(task);
+        // The field tag and length prefix of each repeated entry take a few bytes more.
+        let task_size = task.encoded_len() + 8;
+        if last_kept.is_some() && size + task_size > RESPONSE_BUDGET_BYTES {
+            next = last_kept;
+            break;
+        }
+        size += task_size;
+        last_kept = Some(cursor);
+        tasks.push(task);
+    }
+    pb::ListTasksResponse {
+        tasks,
+        next_page_token: next.map(page_token::encode).unwrap_or_default(),
     }
 }
 
@@ -135,10 +169,7 @@ impl TaskService for TaskApi {
             .coordinator
             .list_tasks(filter, after, request.page_size)
             .await?;
-        Ok(Response::new(pb::ListTasksResponse {
-            tasks: page.tasks.into_iter().map(convert::task).collect(),
-            next_page_token: page.next.map(page_token::encode).unwrap_or_default(),
-        }))
+        Ok(Response::new(bounded_page(page)))
     }
 
     async fn cancel_task(
