@@ -25,7 +25,9 @@ use crate::domain::RetryBackoff;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::task_service_server::TaskServiceServer;
 use crate::grpc::pb::worker_service_server::WorkerServiceServer;
-use crate::grpc::{AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, WorkerApi, pb};
+use crate::grpc::{
+    AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, TypedErrorsLayer, WorkerApi, pb,
+};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
@@ -196,6 +198,7 @@ impl App {
             .layer(
                 tower::ServiceBuilder::new()
                     .layer(ObserveLayer)
+                    .layer(TypedErrorsLayer)
                     .layer(ShedLayer::new(self.config.max_inflight_calls))
                     .layer(AuthLayer::new(self.coordinator.clone())),
             )

@@ -10,6 +10,7 @@ mod page_token;
 mod shed;
 pub mod status;
 mod tasks;
+mod typed_errors;
 mod worker;
 
 pub use access::AuthLayer;
@@ -17,6 +18,7 @@ pub use admin::AdminApi;
 pub use observe::ObserveLayer;
 pub use shed::ShedLayer;
 pub use tasks::TaskApi;
+pub use typed_errors::TypedErrorsLayer;
 pub use worker::WorkerApi;
 
 /// Generated protobuf and tonic code for `leasehold.v1`.

@@ -16,9 +16,12 @@ const OVERLOADED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_mi
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        let message = error.to_string();
+        // Messages may quote what a client sent; an error travels in HTTP/2 headers, which a
+        // peer refuses past a few KiB, so what a client sent can never make it unsendable.
+        let message = bounded(error.to_string());
         match error {
             Error::InvalidField { field, description } => {
+                let (field, description) = (bounded(field), bounded(description));
                 let mut details = error_info("INVALID_FIELD", [("field", field.clone())]);
                 details.add_bad_request_violation(field, description);
                 Status::with_error_details(Code::InvalidArgument, message, details)
@@ -124,6 +127,21 @@ impl From<Error> for Status {
             ),
         }
     }
+}
+
+/// The most of a text an error carries.
+const MAX_ERROR_TEXT_BYTES: usize = 1024;
+
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT_BYTES {
+        let mut end = MAX_ERROR_TEXT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 fn refused_status(refused: &RefusedWrite, message: String) -> Status {

@@ -18,6 +18,7 @@ mod coalesce;
 mod deploy;
 mod differential;
 mod errors;
+mod fuzz;
 mod grpcurl;
 mod hostile;
 mod lifecycle;
