@@ -350,8 +350,25 @@ impl Coordinator {
         Ok(recovered)
     }
 
-    pub async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
-        self.store.list_runtimes(status).await
+    /// A page of runtimes by name after `after`, and whether more follow (the page's last
+    /// name is then where the next starts). `page_size`: 0 = the default, capped.
+    pub async fn list_runtimes(
+        &self,
+        status: Option<RuntimeStatus>,
+        after: Option<String>,
+        page_size: u32,
+    ) -> Result<(Vec<Runtime>, bool)> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let mut runtimes = self
+            .store
+            .list_runtimes(status, after, page_size + 1)
+            .await?;
+        let more = runtimes.len() > page_size as usize;
+        runtimes.truncate(page_size as usize);
+        Ok((runtimes, more))
     }
 
     /// Preflight requeue and claim. `max_tasks`: absent = 1, 0 = only the preflight, capped at

@@ -338,12 +338,25 @@ impl RuntimeCommand {
             RuntimeFilter::Offline => pb::RuntimeStatus::Offline as i32,
         });
         let mut admin = args.common.server.client()?.admin();
-        let runtimes = admin
-            .list_runtimes(pb::ListRuntimesRequest { status })
-            .await
-            .map_err(rpc_error)?
-            .into_inner()
-            .runtimes;
+        // Every page: an operator listing runtimes wants them all.
+        let mut runtimes = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = admin
+                .list_runtimes(pb::ListRuntimesRequest {
+                    status,
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            runtimes.extend(page.runtimes);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let json = json!({
             "runtimes": runtimes.iter().map(render::runtime_json).collect::<Vec<_>>(),
         });

@@ -9,7 +9,7 @@ use crate::domain::auth::Scope;
 use crate::store::QueueUpdate;
 
 use super::pb::{self, admin_service_server::AdminService};
-use super::{access, convert};
+use super::{access, convert, page_token};
 
 pub struct AdminApi {
     coordinator: Arc<Coordinator>,
@@ -21,17 +21,45 @@ impl AdminApi {
     }
 }
 
+/// A page under 4 MiB (spec §10; labels may fill 64 KiB a runtime): it ends early, and its
+/// token continues after the last runtime it holds.
+fn bounded_runtimes(runtimes: Vec<crate::domain::Runtime>, more: bool) -> pb::ListRuntimesResponse {
+    use prost::Message as _;
+    let total = runtimes.len();
+    let mut page = Vec::with_capacity(total);
+    let mut size = 0;
+    for runtime in runtimes {
+        let runtime = convert::runtime(runtime);
+        let runtime_size = runtime.encoded_len() + 8;
+        if !page.is_empty() && size + runtime_size > super::tasks::RESPONSE_BUDGET_BYTES {
+            break;
+        }
+        size += runtime_size;
+        page.push(runtime);
+    }
+    let next = (more || page.len() < total)
+        .then(|| page.last().map(|last| page_token::encode_name(&last.name)))
+        .flatten();
+    pb::ListRuntimesResponse {
+        runtimes: page,
+        next_page_token: next.unwrap_or_default(),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn list_runtimes(
         &self,
         request: Request<pb::ListRuntimesRequest>,
     ) -> Result<Response<pb::ListRuntimesResponse>, Status> {
-        let status = convert::runtime_status_filter("status", request.get_ref().status)?;
-        let runtimes = self.coordinator.list_runtimes(status).await?;
-        Ok(Response::new(pb::ListRuntimesResponse {
-            runtimes: runtimes.into_iter().map(convert::runtime).collect(),
-        }))
+        let request = request.into_inner();
+        let status = convert::runtime_status_filter("status", request.status)?;
+        let after = page_token::decode_name(&request.page_token)?;
+        let (runtimes, more) = self
+            .coordinator
+            .list_runtimes(status, after, request.page_size)
+            .await?;
+        Ok(Response::new(bounded_runtimes(runtimes, more)))
     }
 
     async fn describe_queue(

@@ -19,6 +19,26 @@ pub(crate) fn encode(cursor: PageCursor) -> String {
     URL_SAFE_NO_PAD.encode(raw)
 }
 
+/// A ListRuntimes token: the name the next page starts after.
+pub(crate) fn encode_name(name: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{VERSION}|runtime|{name}"))
+}
+
+/// Empty = the first page.
+pub(crate) fn decode_name(token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok());
+    raw.as_deref()
+        .and_then(|raw| raw.strip_prefix(&format!("{VERSION}|runtime|")))
+        .map(|name| Some(name.to_owned()))
+        .ok_or_else(|| Error::invalid("page_token", "is not a token this server issued"))
+}
+
 /// Empty = the first page.
 pub(crate) fn decode(token: &str) -> Result<Option<PageCursor>> {
     if token.is_empty() {

@@ -57,7 +57,7 @@ fn enqueue_result(result: Result<Enqueued>) -> pb::EnqueueTasksResult {
 /// ends early, before the task that would take it past this, and its token continues from
 /// the last task it holds. (One task always fits: payload, result and error are each at most
 /// `--max-payload-bytes`, 1 MiB by default, and metadata 64 KiB.)
-const RESPONSE_BUDGET_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+pub(super) const RESPONSE_BUDGET_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 fn bounded_page(page: TaskPage) -> pb::ListTasksResponse {
     use prost::Message as _;

@@ -96,7 +96,7 @@ measured! {
     fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
     fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
     fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
-    fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>>;
+    fn list_runtimes(&self, status: Option<RuntimeStatus>, after: Option<String>, limit: u32) -> Result<Vec<Runtime>>;
     fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
     fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
     fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;

@@ -842,15 +842,22 @@ impl TaskStore for MemoryStore {
         Ok(Recovered { moved })
     }
 
-    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
+    async fn list_runtimes(
+        &self,
+        status: Option<RuntimeStatus>,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Runtime>> {
         let state = self.state();
         let mut runtimes: Vec<Runtime> = state
             .runtimes
             .values()
             .filter(|runtime| status.is_none_or(|status| runtime.status == status))
+            .filter(|runtime| after.as_ref().is_none_or(|after| runtime.name > *after))
             .cloned()
             .collect();
         runtimes.sort_by(|a, b| a.name.cmp(&b.name));
+        runtimes.truncate(limit as usize);
         Ok(runtimes)
     }
 
@@ -866,6 +873,9 @@ impl TaskStore for MemoryStore {
             // Claiming is a sign of life: nothing it claims may be failed for a stale status.
             state.revive(runtime.id, now)?;
         }
+        // What the runtime holds before the preflight, as the PostgreSQL store counts it (its
+        // claim function counts before its preflight runs): a claim may take fewer, never more.
+        let held = state.held_by(runtime.id, TaskStatus::is_active).len();
         let preflight = state.requeue_expired_leases(runtime.id, &self.policy, now);
         if request.max_tasks == 0 {
             return Ok(ClaimOutcome {
@@ -873,12 +883,11 @@ impl TaskStore for MemoryStore {
                 preflight,
             });
         }
-        // Never beyond the runtime's max_concurrency (0 = no limit), counted after the
-        // preflight (under the lock, so racing claims cannot both see the same free slots).
+        // Never beyond the runtime's max_concurrency (0 = no limit); under the lock, so racing
+        // claims cannot both see the same free slots.
         let max_tasks = match runtime.max_concurrency {
             0 => request.max_tasks,
             most => {
-                let held = state.held_by(runtime.id, TaskStatus::is_active).len();
                 let free = (most as usize).saturating_sub(held);
                 request
                     .max_tasks

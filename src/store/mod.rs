@@ -330,7 +330,13 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
 
     /// Sorted by name.
-    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>>;
+    /// By name: at most `limit`, after the name `after` when given.
+    async fn list_runtimes(
+        &self,
+        status: Option<RuntimeStatus>,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Runtime>>;
 
     /// The preflight requeue of the caller's own expired leases (T4, with the poison guard),
     /// then the claim (T2), as one atomic change.

@@ -259,7 +259,10 @@ async fn api_keys_hold_their_scopes_and_queue_globs(backend: Backend) {
         reader
             .admin
             .clone()
-            .list_runtimes(pb::ListRuntimesRequest { status: None })
+            .list_runtimes(pb::ListRuntimesRequest {
+                status: None,
+                ..Default::default()
+            })
             .await
             .is_ok()
     );
@@ -314,7 +317,10 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
         .await
         .unwrap();
     let reader = As::token(&server, &token);
-    let list = pb::ListRuntimesRequest { status: None };
+    let list = pb::ListRuntimesRequest {
+        status: None,
+        ..Default::default()
+    };
     assert!(reader.admin.clone().list_runtimes(list).await.is_ok());
 
     let listed = admin
@@ -334,7 +340,10 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     let expired = As::token(&server, &short_lived)
         .admin
         .clone()
-        .list_runtimes(pb::ListRuntimesRequest { status: None })
+        .list_runtimes(pb::ListRuntimesRequest {
+            status: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&expired, Code::Unauthenticated, "CREDENTIALS_EXPIRED");
@@ -354,7 +363,10 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     let refused = reader
         .admin
         .clone()
-        .list_runtimes(pb::ListRuntimesRequest { status: None })
+        .list_runtimes(pb::ListRuntimesRequest {
+            status: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&refused, Code::Unauthenticated, "CREDENTIALS_REVOKED");
@@ -497,7 +509,10 @@ async fn a_revocation_reaches_another_replica_within_ten_seconds(
     let admin = As::token(&first, ADMIN);
     let (key, token) = admin.try_create_key(&["read"], None).await.unwrap();
     let reader = As::token(&second, &token);
-    let list = || pb::ListRuntimesRequest { status: None };
+    let list = || pb::ListRuntimesRequest {
+        status: None,
+        ..Default::default()
+    };
     assert!(reader.admin.clone().list_runtimes(list()).await.is_ok());
 
     let revoked_at = tokio::time::Instant::now();
@@ -535,7 +550,10 @@ async fn without_redis_a_revocation_reaches_another_replica_within_ten_seconds(
     let admin = As::token(&first, ADMIN);
     let (key, token) = admin.try_create_key(&["read"], None).await.unwrap();
     let reader = As::token(&second, &token);
-    let list = || pb::ListRuntimesRequest { status: None };
+    let list = || pb::ListRuntimesRequest {
+        status: None,
+        ..Default::default()
+    };
     assert!(reader.admin.clone().list_runtimes(list()).await.is_ok());
 
     let revoked_at = tokio::time::Instant::now();

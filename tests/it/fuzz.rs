@@ -271,7 +271,11 @@ fn structured() -> impl Strategy<Value = Case> {
         any::<Option<i32>>().prop_map(move |status| {
             raw(
                 UNARY[16],
-                pb::ListRuntimesRequest { status }.encode_to_vec(),
+                pb::ListRuntimesRequest {
+                    status,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
             )
         }),
         (text(), proptest::collection::vec(text(), 0..3), duration()).prop_map(

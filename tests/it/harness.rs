@@ -383,6 +383,8 @@ impl TestServer {
             .clone()
             .list_runtimes(pb::ListRuntimesRequest {
                 status: status.map(Into::into),
+                page_size: 1000,
+                ..Default::default()
             })
             .await
             .expect("list runtimes")

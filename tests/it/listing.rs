@@ -148,3 +148,51 @@ async fn describe_queue_reads_indexes_not_the_table(
     let plan = plan.join("\n");
     assert!(!plan.contains("Seq Scan on tasks"), "{plan}");
 }
+
+/// ListRuntimes is paged like ListTasks: by name, `page_size` at a time, the token continuing
+/// after the page's last runtime.
+async fn runtimes_are_listed_in_pages(backend: Backend) {
+    let server = backend.start().await;
+    let mut names: Vec<String> = (0..7).map(|index| format!("runtime-{index}")).collect();
+    for name in &names {
+        server.register(name, &["q"]).await;
+    }
+    names.sort();
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = server
+            .admin
+            .clone()
+            .list_runtimes(pb::ListRuntimesRequest {
+                status: None,
+                page_size: 3,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.runtimes.len() <= 3);
+        listed.extend(page.runtimes.into_iter().map(|runtime| runtime.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!((listed, pages), (names, 3));
+    let bad = server
+        .admin
+        .clone()
+        .list_runtimes(pb::ListRuntimesRequest {
+            status: None,
+            page_size: 3,
+            page_token: "not-a-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&bad, Code::InvalidArgument, "INVALID_FIELD");
+}
+
+conformance!(runtimes_are_listed_in_pages);

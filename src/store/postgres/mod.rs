@@ -467,9 +467,16 @@ impl TaskStore for PgStore {
         Ok(Recovered { moved })
     }
 
-    async fn list_runtimes(&self, status: Option<RuntimeStatus>) -> Result<Vec<Runtime>> {
+    async fn list_runtimes(
+        &self,
+        status: Option<RuntimeStatus>,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Runtime>> {
         let rows: Vec<RuntimeRow> = sqlx::query_as(sql::LIST_RUNTIMES)
             .bind(status.map(RuntimeStatus::as_str))
+            .bind(after)
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(plain)?;

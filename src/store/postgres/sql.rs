@@ -245,8 +245,11 @@ macro_rules! task_move_columns {
 
 pub(super) const RUNTIME_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM runtimes WHERE id = $1)";
 
+/// $1 status (NULL: any), $2 the name a page starts after (NULL: the first), $3 page size.
 pub(super) const LIST_RUNTIMES: &str = "
-SELECT * FROM runtimes WHERE ($1::text IS NULL OR status = $1) ORDER BY name";
+SELECT * FROM runtimes
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR name > $2)
+ORDER BY name LIMIT $3";
 
 /// Keeps `offline_since` of a runtime that was already OFFLINE: the pinned-orphan grace counts
 /// from when it first went away.

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from leasehold.v1 import types_pb2 as leasehold_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n leasehold/v1/admin_service.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xf4\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12-\n\nexpires_in\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x14\x43reateApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.leasehold.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.leasehold.v1.ApiKey\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x14RevokeApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.leasehold.v1.ApiKey\"R\n\x13ListRuntimesRequest\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatusH\x00\x88\x01\x01\x42\t\n\x07_status\"?\n\x14ListRuntimesResponse\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.leasehold.v1.Runtime\"%\n\x14\x44\x65scribeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"w\n\nTaskCounts\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x12\n\ndispatched\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\"\xae\x01\n\x15\x44\x65scribeQueueResponse\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x16\n\x0emax_concurrent\x18\x02 \x01(\r\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12(\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x18.leasehold.v1.TaskCounts\x12\x34\n\x10oldest_queued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x12UpdateQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x1b\n\x0emax_concurrent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06paused\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_max_concurrentB\t\n\x07_paused\"#\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"5\n\x11RetryTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task2\xe5\x04\n\x0c\x41\x64minService\x12U\n\x0cListRuntimes\x12!.leasehold.v1.ListRuntimesRequest\x1a\".leasehold.v1.ListRuntimesResponse\x12X\n\rDescribeQueue\x12\".leasehold.v1.DescribeQueueRequest\x1a#.leasehold.v1.DescribeQueueResponse\x12T\n\x0bUpdateQueue\x12 .leasehold.v1.UpdateQueueRequest\x1a#.leasehold.v1.DescribeQueueResponse\x12L\n\tRetryTask\x12\x1e.leasehold.v1.RetryTaskRequest\x1a\x1f.leasehold.v1.RetryTaskResponse\x12U\n\x0c\x43reateApiKey\x12!.leasehold.v1.CreateApiKeyRequest\x1a\".leasehold.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .leasehold.v1.ListApiKeysRequest\x1a!.leasehold.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.leasehold.v1.RevokeApiKeyRequest\x1a\".leasehold.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n leasehold/v1/admin_service.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xf4\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12-\n\nexpires_in\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x14\x43reateApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.leasehold.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.leasehold.v1.ApiKey\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x14RevokeApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.leasehold.v1.ApiKey\"y\n\x13ListRuntimesRequest\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatusH\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\tB\t\n\x07_status\"X\n\x14ListRuntimesResponse\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.leasehold.v1.Runtime\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x14\x44\x65scribeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"w\n\nTaskCounts\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x12\n\ndispatched\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\"\xae\x01\n\x15\x44\x65scribeQueueResponse\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x16\n\x0emax_concurrent\x18\x02 \x01(\r\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12(\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x18.leasehold.v1.TaskCounts\x12\x34\n\x10oldest_queued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x12UpdateQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x1b\n\x0emax_concurrent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06paused\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_max_concurrentB\t\n\x07_paused\"#\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"5\n\x11RetryTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task2\xe5\x04\n\x0c\x41\x64minService\x12U\n\x0cListRuntimes\x12!.leasehold.v1.ListRuntimesRequest\x1a\".leasehold.v1.ListRuntimesResponse\x12X\n\rDescribeQueue\x12\".leasehold.v1.DescribeQueueRequest\x1a#.leasehold.v1.DescribeQueueResponse\x12T\n\x0bUpdateQueue\x12 .leasehold.v1.UpdateQueueRequest\x1a#.leasehold.v1.DescribeQueueResponse\x12L\n\tRetryTask\x12\x1e.leasehold.v1.RetryTaskRequest\x1a\x1f.leasehold.v1.RetryTaskResponse\x12U\n\x0c\x43reateApiKey\x12!.leasehold.v1.CreateApiKeyRequest\x1a\".leasehold.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .leasehold.v1.ListApiKeysRequest\x1a!.leasehold.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.leasehold.v1.RevokeApiKeyRequest\x1a\".leasehold.v1.RevokeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=690
   _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=751
   _globals['_LISTRUNTIMESREQUEST']._serialized_start=753
-  _globals['_LISTRUNTIMESREQUEST']._serialized_end=835
-  _globals['_LISTRUNTIMESRESPONSE']._serialized_start=837
-  _globals['_LISTRUNTIMESRESPONSE']._serialized_end=900
-  _globals['_DESCRIBEQUEUEREQUEST']._serialized_start=902
-  _globals['_DESCRIBEQUEUEREQUEST']._serialized_end=939
-  _globals['_TASKCOUNTS']._serialized_start=941
-  _globals['_TASKCOUNTS']._serialized_end=1060
-  _globals['_DESCRIBEQUEUERESPONSE']._serialized_start=1063
-  _globals['_DESCRIBEQUEUERESPONSE']._serialized_end=1237
-  _globals['_UPDATEQUEUEREQUEST']._serialized_start=1239
-  _globals['_UPDATEQUEUEREQUEST']._serialized_end=1354
-  _globals['_RETRYTASKREQUEST']._serialized_start=1356
-  _globals['_RETRYTASKREQUEST']._serialized_end=1391
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1393
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1446
-  _globals['_ADMINSERVICE']._serialized_start=1449
-  _globals['_ADMINSERVICE']._serialized_end=2062
+  _globals['_LISTRUNTIMESREQUEST']._serialized_end=874
+  _globals['_LISTRUNTIMESRESPONSE']._serialized_start=876
+  _globals['_LISTRUNTIMESRESPONSE']._serialized_end=964
+  _globals['_DESCRIBEQUEUEREQUEST']._serialized_start=966
+  _globals['_DESCRIBEQUEUEREQUEST']._serialized_end=1003
+  _globals['_TASKCOUNTS']._serialized_start=1005
+  _globals['_TASKCOUNTS']._serialized_end=1124
+  _globals['_DESCRIBEQUEUERESPONSE']._serialized_start=1127
+  _globals['_DESCRIBEQUEUERESPONSE']._serialized_end=1301
+  _globals['_UPDATEQUEUEREQUEST']._serialized_start=1303
+  _globals['_UPDATEQUEUEREQUEST']._serialized_end=1418
+  _globals['_RETRYTASKREQUEST']._serialized_start=1420
+  _globals['_RETRYTASKREQUEST']._serialized_end=1455
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1457
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1510
+  _globals['_ADMINSERVICE']._serialized_start=1513
+  _globals['_ADMINSERVICE']._serialized_end=2126
 # @@protoc_insertion_point(module_scope)

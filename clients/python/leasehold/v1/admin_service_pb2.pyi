@@ -70,16 +70,22 @@ class RevokeApiKeyResponse(_message.Message):
     def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
 
 class ListRuntimesRequest(_message.Message):
-    __slots__ = ("status",)
+    __slots__ = ("status", "page_size", "page_token")
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     status: _types_pb2.RuntimeStatus
-    def __init__(self, status: _Optional[_Union[_types_pb2.RuntimeStatus, str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, status: _Optional[_Union[_types_pb2.RuntimeStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRuntimesResponse(_message.Message):
-    __slots__ = ("runtimes",)
+    __slots__ = ("runtimes", "next_page_token")
     RUNTIMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runtimes: _containers.RepeatedCompositeFieldContainer[_types_pb2.Runtime]
-    def __init__(self, runtimes: _Optional[_Iterable[_Union[_types_pb2.Runtime, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, runtimes: _Optional[_Iterable[_Union[_types_pb2.Runtime, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DescribeQueueRequest(_message.Message):
     __slots__ = ("queue",)
