@@ -831,3 +831,38 @@ async fn wait_for_as(client: &crate::auth::As, task_id: &str, status: pb::TaskSt
     }
     panic!("task {task_id} never became {status:?}");
 }
+
+/// A finished task's report outlasts every refusal the server may answer while it recovers
+/// (UNAVAILABLE, ABORTED, OVERLOADED), also past the report deadline: it is never given up.
+#[sqlx::test]
+async fn a_finished_task_is_reported_however_long_the_server_refuses(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = server(pool, connect).await;
+    let faults = Faults::default();
+    for code in [
+        Code::Unavailable,
+        Code::Aborted,
+        Code::ResourceExhausted,
+        Code::Unavailable,
+        Code::Unavailable,
+        Code::Unavailable,
+    ] {
+        faults.inject("CompleteTask", Fault::Refuse(code));
+    }
+    let mut config = quick_config(ClaimMode::Stream);
+    config.report_deadline = Duration::from_millis(50);
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        config,
+        TestHandler::echo(),
+    );
+    let task = enqueue_payload(&server, "persistent").await;
+
+    let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+
+    worker.stop().await;
+    assert_eq!(done.attempt, 1);
+    assert_eq!(faults.calls("CompleteTask"), 7);
+}

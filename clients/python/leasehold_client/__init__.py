@@ -26,8 +26,15 @@ __all__ = ["Client", "Worker", "TaskFailed", "error_reason", "tasks_pb2", "types
 
 log = logging.getLogger("leasehold")
 
-# Codes after which the same call may be tried again: the server or the network failed.
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Codes after which the same call may be tried again: the server or the network failed, a
+# change lost to a concurrent one (ABORTED), or the server shed load (RESOURCE_EXHAUSTED).
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 # Codes that mean "this claim is not yours any more": drop the task, report nothing.
 CLAIM_LOST = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS}
 
@@ -260,9 +267,10 @@ class Worker:
         request = worker_pb2.FailTaskRequest(task_id=task_id, claim_token=token, error=message, retryable=retryable)
         return self._report(self.client.worker.FailTask, request, "failed")
 
-    def _report(self, call, request, outcome, deadline_seconds=60.0):
-        """Sends a token-fenced report until it lands; replays with the same token are safe."""
-        give_up = time.monotonic() + deadline_seconds
+    def _report(self, call, request, outcome):
+        """Sends a finished task's token-fenced report until it lands, however long the server
+        refuses it transiently (a lost report would run the task again); replays with the same
+        token are safe."""
         delay = 0.1
         while True:
             try:
@@ -271,7 +279,8 @@ class Worker:
             except grpc.RpcError as error:
                 if error.code() in CLAIM_LOST:
                     return "dropped:%s" % error_reason(error)
-                if error.code() not in TRANSIENT or time.monotonic() + delay > give_up:
+                if error.code() not in TRANSIENT:
                     raise
+                log.warning("reporting %s failed (%s); retrying", outcome, error.code())
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
