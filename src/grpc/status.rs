@@ -186,3 +186,37 @@ pub fn rpc_status(status: Status) -> tonic_types::pb::Status {
         details: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(status: &Status) -> String {
+        status
+            .get_error_details()
+            .error_info()
+            .map(|info| info.reason.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_lost_conflict_is_aborted_and_shedding_carries_retry_info() {
+        let conflict = Status::from(Error::StoreConflict("deadlock".into()));
+        assert_eq!(
+            (conflict.code(), reason(&conflict).as_str()),
+            (Code::Aborted, "STORE_CONFLICT")
+        );
+        let shed = Status::from(Error::Overloaded);
+        assert_eq!(
+            (shed.code(), reason(&shed).as_str()),
+            (Code::ResourceExhausted, "OVERLOADED")
+        );
+        assert!(shed.get_error_details().retry_info().is_some());
+    }
+
+    #[test]
+    fn error_texts_stay_small_enough_for_headers() {
+        let huge = Status::from(Error::invalid("name", "x".repeat(100_000)));
+        assert!(huge.message().len() <= MAX_ERROR_TEXT_BYTES + 3);
+    }
+}

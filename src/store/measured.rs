@@ -117,3 +117,18 @@ measured! {
     fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
     fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_conflicts_are_tried_again() {
+        let conflict: Result<()> = Err(crate::domain::Error::StoreConflict("deadlock".into()));
+        let unavailable: Result<()> = Err(crate::domain::Error::StoreUnavailable("down".into()));
+        assert!(lost_to_a_conflict(&conflict));
+        assert!(!lost_to_a_conflict(&unavailable));
+        assert!(!lost_to_a_conflict(&Ok(())));
+        assert!(conflict_pause(3) <= Duration::from_millis(23));
+    }
+}

@@ -417,3 +417,75 @@ async fn large_tasks_come_in_pages_under_four_mebibytes(backend: Backend) {
 }
 
 conformance!(large_tasks_come_in_pages_under_four_mebibytes);
+
+/// A stream's pushes never exceed the runtime's free `max_concurrency`, whatever credits it
+/// holds: with 2 allowed and 1 held, one claim is pushed.
+async fn a_stream_gets_no_more_than_the_free_slots(backend: Backend) {
+    let server = backend.start().await;
+    let runtime = server
+        .worker
+        .clone()
+        .register_runtime(pb::RegisterRuntimeRequest {
+            name: "small".into(),
+            queues: vec!["q".into()],
+            labels: Default::default(),
+            max_concurrency: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime
+        .unwrap()
+        .id;
+    for _ in 0..10 {
+        server.enqueue_to("q").await;
+    }
+    let held = server.claim_one(&runtime).await;
+    server.start_task(&held).await.unwrap();
+    let mut stream = crate::streams::ClaimStream::open(&server, &runtime, 100).await;
+
+    let mut pushed = 0;
+    while let Some(pb::stream_claims_response::Msg::Claimed(_)) =
+        stream.next(Duration::from_millis(700)).await
+    {
+        pushed += 1;
+    }
+
+    assert_eq!(pushed, 1);
+}
+
+conformance!(a_stream_gets_no_more_than_the_free_slots);
+
+/// HTTP/2 allows 256 concurrent streams per connection: 300 long-polls on one connection
+/// reach the server at most 256 at a time, so with a limit of 257 calls in progress none is
+/// shed. (Without the HTTP/2 limit, all 300 would be in progress at once.)
+#[tokio::test]
+async fn one_connection_holds_at_most_256_calls_in_progress() {
+    let server = Backend::Memory
+        .start_with(|config| config.max_inflight_calls = 257)
+        .await;
+    let runtime = server.register("patient", &["nothing-here"]).await;
+    let calls = (0..300).map(|_| {
+        let mut worker = server.worker.clone();
+        let runtime_id = runtime.clone();
+        async move {
+            worker
+                .claim_task(pb::ClaimTaskRequest {
+                    runtime_id,
+                    max_tasks: Some(1),
+                    wait: Some(seconds(1)),
+                })
+                .await
+        }
+    });
+
+    let answers = futures::future::join_all(calls).await;
+
+    let shed = answers.iter().filter(|answer| answer.is_err()).count();
+    assert_eq!(
+        shed,
+        0,
+        "{:?}",
+        answers.iter().find(|answer| answer.is_err())
+    );
+}

@@ -73,3 +73,65 @@ fn is_unavailable_sqlstate(code: &str) -> bool {
         || code == "53300"
         || code == READ_ONLY_SQL_TRANSACTION
 }
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with only a SQLSTATE, as PostgreSQL would send it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(formatter, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "test"
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn classified(code: &'static str) -> Error {
+        plain(sqlx::Error::Database(Box::new(Sqlstate(code))))
+    }
+
+    #[test]
+    fn conflicts_and_unavailable_databases_are_told_apart_by_sqlstate() {
+        assert!(matches!(classified("40001"), Error::StoreConflict(_)));
+        assert!(matches!(classified("40P01"), Error::StoreConflict(_)));
+        for unavailable in ["25006", "57P01", "57P03", "08006", "53300"] {
+            assert!(
+                matches!(classified(unavailable), Error::StoreUnavailable(_)),
+                "{unavailable}"
+            );
+        }
+        assert!(matches!(classified("42601"), Error::Internal(_)));
+    }
+}
