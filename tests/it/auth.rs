@@ -335,6 +335,26 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     assert_eq!(listed[0].scopes, ["read"]);
     assert!(listed[1].expires_at.is_some());
     assert!(!format!("{listed:?}").contains(&token));
+    // The use above is written down (off the call's path, so it may take a moment); the key
+    // never used has no last use.
+    let mut last_used = None;
+    for _ in 0..50 {
+        let keys = admin
+            .admin
+            .clone()
+            .list_api_keys(pb::ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .api_keys;
+        assert!(keys[1].last_used_at.is_none());
+        last_used = keys[0].last_used_at;
+        if last_used.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last_used.is_some(), "the key's use was never recorded");
 
     tokio::time::sleep(Duration::from_millis(900)).await;
     let expired = As::token(&server, &short_lived)
