@@ -21,9 +21,9 @@ use crate::domain::{
 use crate::signs_of_life::SignsOfLife;
 use crate::store::measured::MeasuredStore;
 use crate::store::{
-    ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewApiKey, NewRuntime, NewTask,
-    PageCursor, QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage,
-    TaskStore,
+    Capacity, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewApiKey, NewRuntime,
+    NewTask, PageCursor, QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove,
+    TaskPage, TaskStore,
 };
 use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
 use tokio::sync::mpsc;
@@ -318,6 +318,12 @@ impl Coordinator {
             runtime: runtime_id,
             open_streams: self.open_streams.clone(),
         })
+    }
+
+    /// What a new claim stream may be granted: the runtime's free slots under its
+    /// `max_concurrency` (spec §10).
+    pub async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity> {
+        self.store.runtime_capacity(runtime_id).await
     }
 
     /// A claim stream opened: a sign of life that, like a claim, brings an OFFLINE runtime

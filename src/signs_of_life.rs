@@ -1,8 +1,10 @@
 //! Every accepted call of a runtime is a sign of life (spec §6). Calls only note the runtime
 //! here, in memory, at no cost on their path; every [`RECORD_INTERVAL`] the runtimes noted
-//! since are recorded together: in Redis (one script call), and in PostgreSQL for those whose
-//! `last_seen_at` is due (one statement on the liveness connections). When Redis cannot take
-//! them, PostgreSQL takes them all; a failed PostgreSQL write never undoes the Redis record.
+//! since are recorded together in Redis (one script call). PostgreSQL is not written for them
+//! while Redis takes them, so idle claims and streams cost it nothing: heartbeats keep
+//! `last_seen_at` within the flush interval, and the sweeper copies Redis's time into a stale
+//! `last_seen_at` of a runtime Redis saw. When Redis cannot take them, PostgreSQL takes them
+//! all (one statement on the liveness connections).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -56,22 +58,14 @@ impl SignsOfLife {
             return;
         }
         metrics::counter!("leasehold_signs_of_life_total").increment(runtimes.len() as u64);
-        let due = match liveness.record(&runtimes).await {
-            Some(due) => runtimes
-                .iter()
-                .zip(due)
-                .filter_map(|(runtime, due)| due.then_some(*runtime))
-                .collect(),
-            None => runtimes,
-        };
-        if due.is_empty() {
+        if liveness.record(&runtimes).await.is_some() {
             return;
         }
-        match store.touch_runtimes(&due).await {
+        match store.touch_runtimes(&runtimes).await {
             Ok(written) => liveness.flushed(&written).await,
             Err(error) => {
                 metrics::counter!("leasehold_liveness_write_failures_total").increment(1);
-                tracing::warn!(%error, runtimes = due.len(), "cannot write last_seen_at");
+                tracing::warn!(%error, runtimes = runtimes.len(), "cannot write last_seen_at");
             }
         }
     }

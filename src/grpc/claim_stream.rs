@@ -69,8 +69,17 @@ pub(super) async fn open(
         coordinator.stream_opened(runtime_id).await?;
     }
     let subscription = coordinator.subscribe(runtime_id).await?;
-    let credits = u64::from(open.credits).min(MAX_CREDITS);
+    // Credits at open: at most the runtime's free slots (a worker offers what it can run);
+    // grants later: at most its max_concurrency. The claim enforces the cap in any case.
+    let capacity = coordinator.runtime_capacity(runtime_id).await?;
+    let credit_cap = match capacity.max_concurrency {
+        0 => MAX_CREDITS,
+        most => u64::from(most).min(MAX_CREDITS),
+    };
+    let free = capacity.free().map_or(MAX_CREDITS, u64::from);
+    let credits = u64::from(open.credits).min(free).min(credit_cap);
     Ok(Session {
+        credit_cap,
         _slot: slot,
         credential,
         coordinator: coordinator.clone(),
@@ -86,6 +95,8 @@ pub(super) async fn open(
 }
 
 pub(super) struct Session {
+    /// The most unused credits this stream may hold.
+    credit_cap: u64,
     /// This stream's place among its runtime's open streams (`--max-streams-per-runtime`).
     _slot: StreamSlot,
     /// The bearer token the stream opened with, checked again before every claim.
@@ -242,7 +253,7 @@ impl Session {
         }
         match request.msg {
             Some(Inbound::Credit(grant)) => {
-                self.credits = (self.credits + u64::from(grant.n)).min(MAX_CREDITS);
+                self.credits = (self.credits + u64::from(grant.n)).min(self.credit_cap);
                 self.peak_credits = self.peak_credits.max(self.credits);
                 Ok(grant.n > 0)
             }

@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
-    QueueUpdate, Recovered, RuntimeCredential, SweepPolicy, SweepReport, TaskFilter, TaskMove,
-    TaskPage, TaskStore,
+    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
+    QueueDepth, QueueUpdate, Recovered, RuntimeCredential, SweepPolicy, SweepReport, TaskFilter,
+    TaskMove, TaskPage, TaskStore,
 };
 use uuid::Uuid;
 
@@ -100,6 +100,7 @@ measured! {
     fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
     fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
     fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
+    fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity>;
     fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
     fn start(&self, task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Result<Task>;
     fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration, acting: Option<RuntimeId>) -> Result<LeaseRenewal>;

@@ -21,10 +21,10 @@ use crate::domain::{
     Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus, retry,
 };
 use crate::store::{
-    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
-    QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy, SweepPolicy,
-    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
+    QueueDepth, QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 pub struct MemoryStore {
@@ -920,6 +920,19 @@ impl TaskStore for MemoryStore {
             .into_iter()
             .map(|task_id| state.give_back_stream_claim(task_id))
             .collect())
+    }
+
+    async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity> {
+        let state = self.state();
+        let runtime = state
+            .runtimes
+            .get(&runtime_id)
+            .ok_or(Error::RuntimeNotFound(runtime_id))?;
+        let held = state.held_by(runtime_id, TaskStatus::is_active).len();
+        Ok(Capacity {
+            max_concurrency: runtime.max_concurrency,
+            held: u32::try_from(held).unwrap_or(u32::MAX),
+        })
     }
 
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {

@@ -146,6 +146,20 @@ impl ClaimHorizon {
     }
 }
 
+/// A runtime's `max_concurrency` (0 = no limit) and what it holds against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub max_concurrency: u32,
+    pub held: u32,
+}
+
+impl Capacity {
+    /// Free slots; `None` when there is no limit.
+    pub fn free(&self) -> Option<u32> {
+        (self.max_concurrency > 0).then(|| self.max_concurrency.saturating_sub(self.held))
+    }
+}
+
 /// Counts of `RecoverOrphans`: every orphan was failed; `retried` of them went back to QUEUED.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovered {
@@ -352,6 +366,9 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// See [`ClaimHorizon`].
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
+
+    /// The runtime's `max_concurrency` and how many DISPATCHED + RUNNING tasks it holds.
+    async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity>;
 
     /// One sweep of the five stages; `None` when another replica holds the sweep.
     /// `due_since`: the previous sweep's `swept_at`, where stage 5 starts looking.

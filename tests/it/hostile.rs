@@ -418,8 +418,9 @@ async fn large_tasks_come_in_pages_under_four_mebibytes(backend: Backend) {
 
 conformance!(large_tasks_come_in_pages_under_four_mebibytes);
 
-/// A stream's pushes never exceed the runtime's free `max_concurrency`, whatever credits it
-/// holds: with 2 allowed and 1 held, one claim is pushed.
+/// A stream's credits are clamped to the runtime's free `max_concurrency` at open: with 2
+/// allowed and 1 held, 100 credits are 1, so one claim is pushed, and when the held task
+/// finishes nothing more comes until the worker grants a credit.
 async fn a_stream_gets_no_more_than_the_free_slots(backend: Backend) {
     let server = backend.start().await;
     let runtime = server
@@ -450,8 +451,18 @@ async fn a_stream_gets_no_more_than_the_free_slots(backend: Backend) {
     {
         pushed += 1;
     }
-
     assert_eq!(pushed, 1);
+
+    server.complete(&held, b"done").await.unwrap();
+    assert!(
+        stream.next(Duration::from_millis(700)).await.is_none(),
+        "a claim was pushed without a credit"
+    );
+    stream.grant(1).await;
+    assert!(matches!(
+        stream.next(Duration::from_secs(3)).await,
+        Some(pb::stream_claims_response::Msg::Claimed(_))
+    ));
 }
 
 conformance!(a_stream_gets_no_more_than_the_free_slots);

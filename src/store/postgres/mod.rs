@@ -18,10 +18,10 @@ use crate::domain::{
     RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus,
 };
 use crate::store::{
-    ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
-    LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor, QueueDepth,
-    QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy, SweepPolicy,
-    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
+    QueueDepth, QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 
 mod coalesce;
@@ -524,6 +524,19 @@ impl TaskStore for PgStore {
             .await
             .map_err(plain)?;
         rows::moves(rows)
+    }
+
+    async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity> {
+        let row: Option<(i64, i64)> = sqlx::query_as(sql::RUNTIME_CAPACITY)
+            .bind(runtime_id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(plain)?;
+        let (max_concurrency, held) = row.ok_or(Error::RuntimeNotFound(runtime_id))?;
+        Ok(Capacity {
+            max_concurrency: to_u32("max_concurrency", max_concurrency)?,
+            held: to_u32("held", held)?,
+        })
     }
 
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {

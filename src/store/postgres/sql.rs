@@ -26,6 +26,13 @@ UPDATE runtimes SET last_seen_at = now(), status = 'ONLINE', offline_since = NUL
 WHERE id = $1
 RETURNING last_seen_at, status";
 
+/// A runtime's max_concurrency and its DISPATCHED + RUNNING tasks.
+pub(super) const RUNTIME_CAPACITY: &str = "
+SELECT r.max_concurrency,
+       (SELECT count(*) FROM tasks t
+        WHERE t.claimed_by = r.id AND t.status IN ('DISPATCHED', 'RUNNING'))
+FROM runtimes r WHERE r.id = $1";
+
 /// Signs of life other than heartbeats: ONLINE runtimes only (an OFFLINE one comes back by
 /// a heartbeat or a claim). Rows are locked in id order, so replicas touching overlapping
 /// sets at once cannot deadlock.
