@@ -55,68 +55,78 @@ fn conflict_pause(attempt: u32) -> Duration {
     Duration::from_millis(u64::from(attempt) * 5).mul_f64(0.5 + rand::random::<f64>())
 }
 
-/// Each method forwards to the wrapped store, again after a conflict, and records how long it
-/// took. (The arguments are cloned for each attempt; most are ids.)
+/// Each method forwards to the wrapped store and records how long it took. `retried` methods
+/// (the multi-row changes, which can deadlock with one another, and whose arguments are cheap
+/// to copy) run again after a conflict; `once` methods (reads, single-row writes, and the calls
+/// that carry payloads, which are not worth copying on every call) answer STORE_CONFLICT for
+/// the client to retry.
 macro_rules! measured {
-    ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+    ($( $mode:ident fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
         #[async_trait]
         impl TaskStore for MeasuredStore {
             $(
-                #[allow(clippy::clone_on_copy, clippy::redundant_clone)]
                 async fn $name(&self $(, $arg: $ty)*) -> $ret {
                     let started = Instant::now();
-                    let mut attempt = 0;
-                    loop {
-                        let result = self.inner.$name($(Clone::clone(&$arg)),*).await;
-                        if attempt < CONFLICT_RETRIES && lost_to_a_conflict(&result) {
-                            attempt += 1;
-                            metrics::counter!("leasehold_store_conflict_retries_total").increment(1);
-                            tokio::time::sleep(conflict_pause(attempt)).await;
-                            continue;
-                        }
-                        record(stringify!($name), started, &result);
-                        return result;
-                    }
+                    let result = measured!(@call $mode self $name $($arg)*);
+                    record(stringify!($name), started, &result);
+                    result
                 }
             )*
         }
     };
+    (@call once $store:ident $name:ident $($arg:ident)*) => {
+        $store.inner.$name($($arg),*).await
+    };
+    (@call retried $store:ident $name:ident $($arg:ident)*) => {{
+        let mut attempt = 0;
+        loop {
+            #[allow(clippy::clone_on_copy)]
+            let result = $store.inner.$name($(Clone::clone(&$arg)),*).await;
+            if attempt < CONFLICT_RETRIES && lost_to_a_conflict(&result) {
+                attempt += 1;
+                metrics::counter!("leasehold_store_conflict_retries_total").increment(1);
+                tokio::time::sleep(conflict_pause(attempt)).await;
+                continue;
+            }
+            break result;
+        }
+    }};
 }
 
 measured! {
-    fn ping(&self) -> Result<()>;
-    fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
-    fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
-    fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey>;
-    fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>>;
-    fn note_api_key_used(&self, key_id: Uuid) -> Result<()>;
-    fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>>;
-    fn register_runtime(&self, runtime: NewRuntime, token_digest: SecretDigest) -> Result<Runtime>;
-    fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
-    fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
-    fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
-    fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
-    fn list_runtimes(&self, status: Option<RuntimeStatus>, after: Option<String>, limit: u32) -> Result<Vec<Runtime>>;
-    fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
-    fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
-    fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
-    fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity>;
-    fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
-    fn start(&self, task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Result<Task>;
-    fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration, acting: Option<RuntimeId>) -> Result<LeaseRenewal>;
-    fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>, acting: Option<RuntimeId>) -> Result<Task>;
-    fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure, acting: Option<RuntimeId>) -> Result<FailOutcome>;
-    fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>, acting: Option<RuntimeId>) -> Result<Option<RuntimeId>>;
-    fn task_status(&self, task_id: TaskId, acting: Option<RuntimeId>) -> Result<(TaskStatus, u32)>;
-    fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
-    fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
-    fn get_task(&self, task_id: TaskId) -> Result<Task>;
-    fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
-    fn cancel(&self, task_id: TaskId) -> Result<Task>;
-    fn retry_task(&self, task_id: TaskId) -> Result<Task>;
-    fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
-    fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
-    fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
+    once fn ping(&self) -> Result<()>;
+    once fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
+    once fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+    once fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey>;
+    once fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>>;
+    once fn note_api_key_used(&self, key_id: Uuid) -> Result<()>;
+    once fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>>;
+    once fn register_runtime(&self, runtime: NewRuntime, token_digest: SecretDigest) -> Result<Runtime>;
+    retried fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck>;
+    retried fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>>;
+    retried fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>>;
+    retried fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered>;
+    once fn list_runtimes(&self, status: Option<RuntimeStatus>, after: Option<String>, limit: u32) -> Result<Vec<Runtime>>;
+    retried fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome>;
+    retried fn expire_claims(&self, runtime_id: RuntimeId, claims: &[(TaskId, ClaimToken)]) -> Result<Vec<TaskMove>>;
+    once fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
+    once fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity>;
+    retried fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
+    once fn start(&self, task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Result<Task>;
+    once fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration, acting: Option<RuntimeId>) -> Result<LeaseRenewal>;
+    once fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>, acting: Option<RuntimeId>) -> Result<Task>;
+    once fn fail(&self, task_id: TaskId, token: ClaimToken, failure: Failure, acting: Option<RuntimeId>) -> Result<FailOutcome>;
+    once fn report_usage(&self, task_id: TaskId, token: ClaimToken, counters: BTreeMap<String, i64>, acting: Option<RuntimeId>) -> Result<Option<RuntimeId>>;
+    once fn task_status(&self, task_id: TaskId, acting: Option<RuntimeId>) -> Result<(TaskStatus, u32)>;
+    once fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
+    once fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
+    once fn get_task(&self, task_id: TaskId) -> Result<Task>;
+    once fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
+    retried fn cancel(&self, task_id: TaskId) -> Result<Task>;
+    retried fn retry_task(&self, task_id: TaskId) -> Result<Task>;
+    once fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
+    retried fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
+    once fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
 }
 
 #[cfg(test)]

@@ -138,21 +138,7 @@ async fn a_failure_report_with_any_text_is_stored(backend: Backend) {
 /// finished one frees its slot.
 async fn racing_claims_never_exceed_max_concurrency(backend: Backend) {
     let server = backend.start().await;
-    let runtime = server
-        .worker
-        .clone()
-        .register_runtime(pb::RegisterRuntimeRequest {
-            name: "capped".into(),
-            queues: vec!["q".into()],
-            labels: Default::default(),
-            max_concurrency: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runtime
-        .unwrap()
-        .id;
+    let runtime = register_capped(&server, "capped", 3).await;
     for _ in 0..30 {
         server.enqueue_to("q").await;
     }
@@ -423,21 +409,7 @@ conformance!(large_tasks_come_in_pages_under_four_mebibytes);
 /// finishes nothing more comes until the worker grants a credit.
 async fn a_stream_gets_no_more_than_the_free_slots(backend: Backend) {
     let server = backend.start().await;
-    let runtime = server
-        .worker
-        .clone()
-        .register_runtime(pb::RegisterRuntimeRequest {
-            name: "small".into(),
-            queues: vec!["q".into()],
-            labels: Default::default(),
-            max_concurrency: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .runtime
-        .unwrap()
-        .id;
+    let runtime = register_capped(&server, "small", 2).await;
     for _ in 0..10 {
         server.enqueue_to("q").await;
     }
@@ -499,4 +471,23 @@ async fn one_connection_holds_at_most_256_calls_in_progress() {
         "{:?}",
         answers.iter().find(|answer| answer.is_err())
     );
+}
+
+/// A runtime serving `q` with this `max_concurrency`; its id.
+async fn register_capped(server: &TestServer, name: &str, max_concurrency: u32) -> String {
+    server
+        .worker
+        .clone()
+        .register_runtime(pb::RegisterRuntimeRequest {
+            name: name.into(),
+            queues: vec!["q".into()],
+            labels: Default::default(),
+            max_concurrency,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime
+        .unwrap()
+        .id
 }
