@@ -19,7 +19,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::advisory::{Liveness, RedisLink};
 use crate::auth::AuthMode;
-use crate::config::Config;
+use crate::config::{Config, MigrateMode, StoreKind};
 use crate::coordinator::{Coordinator, Settings};
 use crate::domain::RetryBackoff;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
@@ -29,7 +29,7 @@ use crate::grpc::{
     AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, TypedErrorsLayer, WorkerApi, pb,
 };
 use crate::store::memory::MemoryStore;
-use crate::store::postgres::PgStore;
+use crate::store::postgres::{PgStore, schema};
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
 use crate::supervise::supervise;
 use crate::sweeper;
@@ -78,9 +78,12 @@ impl App {
     /// applying migrations, so a misconfigured replica never reports SERVING), else the
     /// embedded in-memory store.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let store: Arc<dyn TaskStore> = match config.database_url.as_deref() {
-            Some(database_url) => Arc::new(connect_postgres(database_url, &config).await?),
-            None => {
+        let kind = config.store_kind().map_err(anyhow::Error::msg)?;
+        let store: Arc<dyn TaskStore> = match (kind, config.database_url.as_deref()) {
+            (StoreKind::Postgres, Some(database_url)) => {
+                Arc::new(connect_postgres(database_url, &config).await?)
+            }
+            _ => {
                 tracing::warn!(
                     "no DATABASE_URL: running on the embedded in-memory store; \
                      every task and runtime is lost when the process stops"
@@ -393,9 +396,14 @@ async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result
         .connect_with(connect_options(database_url, config)?)
         .await
         .context("cannot connect to PostgreSQL")?;
-    let store = PgStore::new(pool, store_policy(config));
-    store.migrate().await.context("cannot apply migrations")?;
-    Ok(store)
+    match config.migrate {
+        MigrateMode::Auto => schema::apply(&pool.connect_options()).await?,
+        MigrateMode::Skip => {
+            let mut connection = pool.acquire().await?;
+            schema::check_compatible(&mut connection).await?;
+        }
+    }
+    Ok(PgStore::new(pool, store_policy(config)))
 }
 
 pub fn store_policy(config: &Config) -> StorePolicy {

@@ -37,6 +37,34 @@ pub enum Command {
     Key(cli::KeyCommand),
     /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
     Bench(Box<crate::bench::BenchArgs>),
+    /// Apply the database migrations and exit (a deployment step, e.g. a Kubernetes Job).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// Which store holds tasks and runtimes (spec §11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// PostgreSQL at `--database-url`.
+    Postgres,
+    /// The embedded in-memory store: everything is lost when the process stops.
+    Memory,
+}
+
+/// Whether `serve` applies pending migrations at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MigrateMode {
+    /// Apply pending migrations before serving (replicas may start together).
+    Auto,
+    /// Apply nothing: `leasehold migrate` runs as its own step. The schema must already hold
+    /// every migration this binary knows.
+    Skip,
 }
 
 fn duration(text: &str) -> Result<Duration, humantime::DurationError> {
@@ -88,6 +116,16 @@ pub struct Config {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// `postgres` (needs --database-url) or `memory`. Unset: PostgreSQL when a database URL
+    /// is given, else the in-memory store, which `serve` refuses when listening beyond
+    /// loopback (a deployment missing its DATABASE_URL fails loudly instead of losing data).
+    #[arg(long, env = "LEASEHOLD_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+
+    /// `auto`: apply pending migrations at start-up; `skip`: leave them to `leasehold migrate`.
+    #[arg(long, env = "LEASEHOLD_MIGRATE", value_enum, default_value_t = MigrateMode::Auto)]
+    pub migrate: MigrateMode,
 
     /// Largest number of PostgreSQL connections the server holds.
     #[arg(long, env = "LEASEHOLD_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
@@ -146,6 +184,11 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_MAX_LEASE_EXPIRATIONS", default_value_t = 5)]
     pub max_lease_expirations: u32,
 
+    /// Finished tasks (COMPLETED, FAILED, CANCELLED) are deleted this long after they
+    /// finished, with their usage rows; 0 keeps them forever.
+    #[arg(long, env = "LEASEHOLD_RETAIN_FINISHED", default_value = "7d", value_parser = duration)]
+    pub retain_finished: Duration,
+
     /// A QUEUED task pinned to a runtime OFFLINE for longer than this fails as RUNTIME_GONE.
     #[arg(long, env = "LEASEHOLD_PINNED_ORPHAN_GRACE", default_value = "1h", value_parser = duration)]
     pub pinned_orphan_grace: Duration,
@@ -197,11 +240,42 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The store this configuration asks for, or why it is refused: a missing database URL
+    /// outside loopback is a deployment mistake, not a request for the in-memory store.
+    pub fn store_kind(&self) -> Result<StoreKind, String> {
+        choose_store(self.store, self.database_url.is_some(), self.listen)
+    }
+
     /// The defaults, as `leasehold serve` with no flags and no environment would see them.
     pub fn defaults() -> Self {
         Cli::parse_from(["leasehold", "serve"])
             .into_config()
             .unwrap_or_else(|| unreachable!("`serve` parses to a server configuration"))
+    }
+}
+
+/// See [`Config::store_kind`].
+fn choose_store(
+    asked: Option<StoreKind>,
+    has_database_url: bool,
+    listen: SocketAddr,
+) -> Result<StoreKind, String> {
+    match (asked, has_database_url) {
+        (Some(StoreKind::Postgres), false) => {
+            Err("--store postgres needs --database-url (DATABASE_URL)".into())
+        }
+        (Some(StoreKind::Memory), true) => {
+            Err("--store memory was given together with a database URL; drop one of them".into())
+        }
+        (Some(kind), _) => Ok(kind),
+        (None, true) => Ok(StoreKind::Postgres),
+        (None, false) if listen.ip().is_loopback() => Ok(StoreKind::Memory),
+        (None, false) => Err(format!(
+            "no DATABASE_URL: refusing to serve {} on the in-memory store, which loses \
+                 every task when the process stops; set DATABASE_URL (or --database-url), \
+                 or pass --store memory if a throwaway store is really meant",
+            listen
+        )),
     }
 }
 
@@ -233,6 +307,31 @@ mod tests {
         let config = cli.into_config().unwrap();
         assert_eq!(config.lease_duration, Duration::from_millis(250));
         assert_eq!(config.retry_backoff_max, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_store_follows_the_database_url_and_refuses_memory_beyond_loopback() {
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let everywhere: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let memory = Some(StoreKind::Memory);
+        let postgres = Some(StoreKind::Postgres);
+        assert_eq!(choose_store(None, false, loopback), Ok(StoreKind::Memory));
+        let refusal = choose_store(None, false, everywhere).unwrap_err();
+        assert!(refusal.contains("DATABASE_URL"), "{refusal}");
+        assert_eq!(
+            choose_store(memory, false, everywhere),
+            Ok(StoreKind::Memory)
+        );
+        assert_eq!(
+            choose_store(None, true, everywhere),
+            Ok(StoreKind::Postgres)
+        );
+        assert_eq!(
+            choose_store(postgres, true, loopback),
+            Ok(StoreKind::Postgres)
+        );
+        assert!(choose_store(postgres, false, loopback).is_err());
+        assert!(choose_store(memory, true, loopback).is_err());
     }
 
     #[test]

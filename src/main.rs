@@ -1,7 +1,11 @@
 use clap::Parser;
 
+use anyhow::Context as _;
 use leasehold::app::App;
-use leasehold::config::{Cli, Command, Config};
+use sqlx::postgres::PgConnectOptions;
+
+use leasehold::config::{Cli, Command, Config, LogFormat, MigrateArgs};
+use leasehold::store::postgres::schema;
 use leasehold::{shutdown, telemetry};
 
 #[tokio::main]
@@ -14,7 +18,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Runtime(command) => command.run().await,
         Command::Key(command) => command.run().await,
         Command::Bench(args) => leasehold::bench::run(*args).await,
+        Command::Migrate(args) => migrate(args).await,
     }
+}
+
+/// `leasehold migrate`: applies pending migrations, then checks this binary can serve on the
+/// result.
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    telemetry::init(LogFormat::Pretty);
+    let options: PgConnectOptions = args.database_url.parse().context("invalid DATABASE_URL")?;
+    schema::apply(&options).await?;
+    tracing::info!(
+        newest = schema::newest_known_version(),
+        "the schema holds every migration"
+    );
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

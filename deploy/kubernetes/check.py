@@ -70,6 +70,18 @@ def main():
     assert probes["readinessProbe"].get("service", "") == "", "readiness must use the overall status"
     assert probes["livenessProbe"].get("service", "") != "", "liveness must not follow readiness"
 
+    args = container["args"]
+    assert args[0] == "serve" and "--store" in args, "serve must name its store"
+    assert args[args.index("--store") + 1] == "postgres", "a deployment runs on PostgreSQL"
+    if "--migrate" in args and args[args.index("--migrate") + 1] == "skip":
+        jobs = only(resources, "Job")
+        migrate = [job for job in jobs if job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]]
+        assert migrate, "serve skips migrations but no Job runs `leasehold migrate`"
+        job_container = migrate[0]["spec"]["template"]["spec"]["containers"][0]
+        assert job_container["image"] == container["image"], "migrate with the image that serves"
+        job_secrets = {source.get("secretRef", {}).get("name") for source in job_container["envFrom"]}
+        assert "leasehold" in job_secrets, "the migrate Job does not get DATABASE_URL"
+
     grace = seconds(config["LEASEHOLD_SHUTDOWN_GRACE"])
     assert pod["terminationGracePeriodSeconds"] > grace, "the drain must fit in the grace period"
     assert pod["securityContext"]["runAsNonRoot"] is True

@@ -485,7 +485,7 @@ fn memory_and_postgres_stores_agree_on_random_operation_sequences() {
             .connect(&format!("{base}/{database}"))
             .await
             .unwrap();
-        leasehold::store::postgres::MIGRATOR
+        leasehold::store::postgres::schema::migrator()
             .run(&pool)
             .await
             .unwrap();

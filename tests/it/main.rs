@@ -25,6 +25,7 @@ mod lifecycle;
 mod listing;
 mod liveness;
 mod metrics;
+mod operations;
 mod plans;
 mod process;
 mod proxy;

@@ -16,16 +16,22 @@ use tonic::transport::Channel;
 use crate::streams::ClaimStream;
 
 /// A `leasehold serve` process on a free port, killed when dropped.
-struct ServerProcess {
+pub struct ServerProcess {
     child: Child,
     address: String,
 }
 
 impl ServerProcess {
     /// Starts the binary with `args` and no database or Redis unless `env` names them.
-    async fn start(args: &[&str], env: &[(&str, String)]) -> ServerProcess {
+    pub async fn start(args: &[&str], env: &[(&str, String)]) -> ServerProcess {
         let args = [&["--auth", "none"], args].concat();
         Self::start_logged(&args, env, None).await
+    }
+
+    /// As `start`, listening on `host` (a free port) instead of loopback.
+    pub async fn start_on(host: &str, args: &[&str], env: &[(&str, String)]) -> ServerProcess {
+        let args = [&["--auth", "none"], args].concat();
+        Self::spawn(host, &args, env, None).await
     }
 
     /// As `start`, without `--auth none`, and with everything the process prints (stdout and
@@ -35,11 +41,20 @@ impl ServerProcess {
         env: &[(&str, String)],
         log: Option<&std::path::Path>,
     ) -> ServerProcess {
+        Self::spawn("127.0.0.1", args, env, log).await
+    }
+
+    async fn spawn(
+        host: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: Option<&std::path::Path>,
+    ) -> ServerProcess {
         let port = crate::harness::free_port();
         let address = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
         command
-            .args(["serve", "--listen", &address])
+            .args(["serve", "--listen", &format!("{host}:{port}")])
             .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
@@ -61,7 +76,7 @@ impl ServerProcess {
         server
     }
 
-    async fn channel(&self) -> Channel {
+    pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.address))
             .unwrap()
             .connect()

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
-use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
 use crate::domain::auth::{ApiKey, SecretDigest};
@@ -28,6 +28,7 @@ mod coalesce;
 mod credentials;
 mod errors;
 mod rows;
+pub mod schema;
 mod sql;
 mod sweep;
 
@@ -56,9 +57,6 @@ fn side_pool(pool: &PgPool, connections: u32, acquire_timeout: Duration) -> PgPo
         .acquire_timeout(acquire_timeout)
         .connect_lazy_with((*pool.connect_options()).clone())
 }
-
-/// The migrations, embedded in the binary and applied at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A fenced write that matched no row is re-judged; if the judgement says it should have
 /// applied (the row moved between the two statements), it is tried again this many times.
@@ -132,26 +130,6 @@ impl PgStore {
             pool,
             policy,
         }
-    }
-
-    /// Applies pending migrations. The migrator takes an advisory lock, so replicas may start
-    /// together.
-    pub async fn migrate(&self) -> Result<()> {
-        // On a connection of its own without the pool's statement and lock timeouts: an index
-        // build may rightly take longer than any request.
-        let options = (*self.pool.connect_options())
-            .clone()
-            .options([("statement_timeout", "0"), ("lock_timeout", "0")]);
-        let mut connection = sqlx::PgConnection::connect_with(&options)
-            .await
-            .map_err(plain)?;
-        MIGRATOR
-            .run(&mut connection)
-            .await
-            .map_err(|error| match error {
-                sqlx::migrate::MigrateError::Execute(error) => plain(error),
-                other => Error::Internal(other.into()),
-            })
     }
 
     /// Runs the guarded statement for `write`; when it matches no row, reads the row and lets
