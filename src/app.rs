@@ -108,6 +108,7 @@ impl App {
                 dispatch_timeout: config.dispatch_timeout,
                 pinned_orphan_grace: config.pinned_orphan_grace,
                 batch_size: config.sweep_batch_size,
+                retain_finished: Some(config.retain_finished).filter(|keep| !keep.is_zero()),
             },
             stream_keepalive: config.stream_keepalive,
             stream_poll_interval: config.stream_poll_interval,

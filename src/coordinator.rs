@@ -878,6 +878,9 @@ impl Coordinator {
 
     pub async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
         validate::queue_name("queue", queue)?;
+        if let Some(Some(timeout)) = update.default_execution_timeout {
+            validate::duration("default_execution_timeout", timeout)?;
+        }
         let info = self.store.update_queue(queue, update).await?;
         // Its cap or pause changed: any waiter may be able to claim now.
         self.announce_topics(Wakes::all([Topic::Queue(queue.to_owned())]), &[])

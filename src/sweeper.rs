@@ -52,6 +52,7 @@ fn count(report: &SweepReport) {
         ("timeouts", report.timed_out.len()),
         ("runtime_gone", report.runtime_gone.len()),
         ("became_available", report.became_available.len()),
+        ("retention", report.deleted_finished as usize),
     ] {
         metrics::counter!("leasehold_sweeper_rows_total", "stage" => stage).increment(rows as u64);
     }

@@ -140,7 +140,7 @@ pub struct ListArgs {
 pub enum QueueCommand {
     /// Counts per status, the cap, the pause flag and the oldest queued task's age.
     Describe(QueueArgs),
-    /// Change the cap or pause/resume the queue.
+    /// Change the cap or the execution-time default, or pause/resume the queue.
     Update(UpdateQueueArgs),
 }
 
@@ -162,6 +162,10 @@ pub struct UpdateQueueArgs {
     /// `true` stops claims from the queue; `false` resumes them.
     #[arg(long)]
     paused: Option<bool>,
+    /// RUNNING tasks without their own execution timeout fail (retryable) after running this
+    /// long, e.g. `30m`; `0s` removes the default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    default_execution_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +323,7 @@ impl QueueCommand {
                     queue: args.queue,
                     max_concurrent: args.max_concurrent,
                     paused: args.paused,
+                    default_execution_timeout: wire_duration(args.default_execution_timeout)?,
                 };
                 let mut admin = args.common.server.client()?.admin();
                 let queue = admin.update_queue(request).await.map_err(rpc_error)?;

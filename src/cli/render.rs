@@ -245,7 +245,15 @@ pub(super) fn queue_json(queue: &pb::DescribeQueueResponse) -> Value {
             "cancelled": counts.cancelled,
         },
         "oldestQueuedAt": timestamp(queue.oldest_queued_at.as_ref()),
+        // As protobuf's JSON mapping writes a Duration: seconds with an `s`.
+        "defaultExecutionTimeout": queue
+            .default_execution_timeout
+            .map(|timeout| format!("{}s", wire_seconds(&timeout))),
     })
+}
+
+fn wire_seconds(duration: &prost_types::Duration) -> f64 {
+    duration.seconds as f64 + f64::from(duration.nanos) / 1e9
 }
 
 pub(super) fn queue_fields(queue: &pb::DescribeQueueResponse) -> String {
@@ -267,6 +275,17 @@ pub(super) fn queue_fields(queue: &pb::DescribeQueueResponse) -> String {
         (
             "oldest queued",
             timestamp_or_dash(queue.oldest_queued_at.as_ref()),
+        ),
+        (
+            "execution timeout",
+            queue
+                .default_execution_timeout
+                .map_or("-".to_owned(), |timeout| {
+                    humantime::format_duration(std::time::Duration::from_secs_f64(
+                        wire_seconds(&timeout).max(0.0),
+                    ))
+                    .to_string()
+                }),
         ),
     ])
 }

@@ -245,6 +245,8 @@ pub struct QueueInfo {
     /// 0 = unlimited.
     pub max_concurrent: u32,
     pub paused: bool,
+    /// Applied to RUNNING tasks without their own execution timeout.
+    pub default_execution_timeout: Option<Duration>,
     pub counts: StatusCounts,
     pub oldest_queued_at: Option<DateTime<Utc>>,
 }

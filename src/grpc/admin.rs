@@ -88,6 +88,12 @@ impl AdminService for AdminApi {
         let update = QueueUpdate {
             max_concurrent: request.max_concurrent,
             paused: request.paused,
+            // A zero duration clears the default; absent leaves it as it is.
+            default_execution_timeout: convert::duration(
+                "default_execution_timeout",
+                request.default_execution_timeout,
+            )?
+            .map(|timeout| Some(timeout).filter(|timeout| !timeout.is_zero())),
         };
         let info = self
             .coordinator

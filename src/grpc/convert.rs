@@ -246,5 +246,6 @@ pub(crate) fn queue(info: QueueInfo) -> pb::DescribeQueueResponse {
             cancelled: counts.cancelled,
         }),
         oldest_queued_at: info.oldest_queued_at.map(timestamp),
+        default_execution_timeout: info.default_execution_timeout.map(wire_duration),
     }
 }

@@ -61,6 +61,7 @@ struct State {
 struct QueueSettings {
     max_concurrent: u32,
     paused: bool,
+    default_execution_timeout: Option<Duration>,
 }
 
 impl MemoryStore {
@@ -577,10 +578,15 @@ impl State {
         for task in self.tasks.values() {
             let dispatch_timed_out = task.status == TaskStatus::Dispatched
                 && task.dispatched_at.is_some_and(|at| at < dispatched_before);
+            let timeout = task.execution_timeout.or_else(|| {
+                self.queues
+                    .get(&task.queue)
+                    .and_then(|queue| queue.default_execution_timeout)
+            });
             let execution_timed_out = task.status == TaskStatus::Running
                 && task
                     .started_at
-                    .zip(task.execution_timeout)
+                    .zip(timeout)
                     .is_some_and(|(started, timeout)| started + to_chrono(timeout) < now);
             if dispatch_timed_out {
                 timed_out.push((task.id, ServerFailure::DISPATCH_TIMEOUT));
@@ -592,6 +598,29 @@ impl State {
             .into_iter()
             .map(|(task_id, failure)| self.fail_for_server_reason(task_id, &failure, policy, now))
             .collect()
+    }
+
+    /// Retention: finished tasks that finished before `finished_before` are forgotten, with
+    /// their usage counters and idempotency keys.
+    fn delete_finished(&mut self, finished_before: DateTime<Utc>) -> u64 {
+        let expired: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|task| task.status.is_terminal())
+            .filter(|task| task.finished_at.is_some_and(|at| at < finished_before))
+            .map(|task| task.id)
+            .collect();
+        for task_id in &expired {
+            if let Some(task) = self.tasks.remove(task_id)
+                && let Some(key) = task.idempotency_key
+            {
+                self.idempotency.remove(&(task.queue, key));
+            }
+        }
+        let expired_set: HashSet<TaskId> = expired.iter().copied().collect();
+        self.usage
+            .retain(|(task_id, _), _| !expired_set.contains(task_id));
+        expired.len() as u64
     }
 
     /// Sweeper stage 4.
@@ -1001,6 +1030,9 @@ impl TaskStore for MemoryStore {
         if let Some(since) = due_since {
             report.became_available = state.became_available(since, swept_at);
         }
+        if let Some(retain) = policy.retain_finished {
+            report.deleted_finished = state.delete_finished(now - to_chrono(retain));
+        }
         Ok(Some(report))
     }
 
@@ -1296,6 +1328,7 @@ impl TaskStore for MemoryStore {
             name: queue.to_owned(),
             max_concurrent: settings.max_concurrent,
             paused: settings.paused,
+            default_execution_timeout: settings.default_execution_timeout,
             counts,
             oldest_queued_at,
         })
@@ -1310,6 +1343,9 @@ impl TaskStore for MemoryStore {
             }
             if let Some(paused) = update.paused {
                 settings.paused = paused;
+            }
+            if let Some(timeout) = update.default_execution_timeout {
+                settings.default_execution_timeout = timeout;
             }
         }
         self.describe_queue(queue).await

@@ -194,6 +194,8 @@ pub struct SweepPolicy {
     pub pinned_orphan_grace: Duration,
     /// Rows per statement; each stage repeats until a batch comes back short.
     pub batch_size: u32,
+    /// Finished tasks older than this are deleted; `None` keeps them forever.
+    pub retain_finished: Option<Duration>,
 }
 
 /// What Redis knows of runtimes' signs of life. The sweeper asks between finding runtimes
@@ -219,6 +221,8 @@ pub struct SweepReport {
     pub runtime_gone: Vec<TaskMove>,
     /// Stage 5: delayed tasks that became available since the previous sweep.
     pub became_available: Vec<TaskMove>,
+    /// Retention: finished tasks deleted (with their usage rows).
+    pub deleted_finished: u64,
 }
 
 impl SweepReport {
@@ -297,6 +301,8 @@ pub struct QueueDepth {
 pub struct QueueUpdate {
     pub max_concurrent: Option<u32>,
     pub paused: Option<bool>,
+    /// `Some(None)` clears the queue's execution-time default.
+    pub default_execution_timeout: Option<Option<Duration>>,
 }
 
 #[async_trait]

@@ -258,16 +258,23 @@ fn structured() -> impl Strategy<Value = Case> {
                     raw(UNARY[14], request.encode_to_vec())
                 }
             ),
-        (text(), any::<Option<u32>>(), any::<Option<bool>>()).prop_map(
-            move |(queue, max_concurrent, paused)| {
-                let request = pb::UpdateQueueRequest {
-                    queue,
-                    max_concurrent,
-                    paused,
-                };
-                raw(UNARY[18], request.encode_to_vec())
-            }
-        ),
+        (
+            text(),
+            any::<Option<u32>>(),
+            any::<Option<bool>>(),
+            duration()
+        )
+            .prop_map(
+                move |(queue, max_concurrent, paused, default_execution_timeout)| {
+                    let request = pb::UpdateQueueRequest {
+                        queue,
+                        max_concurrent,
+                        paused,
+                        default_execution_timeout,
+                    };
+                    raw(UNARY[18], request.encode_to_vec())
+                }
+            ),
         any::<Option<i32>>().prop_map(move |status| {
             raw(
                 UNARY[16],

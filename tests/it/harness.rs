@@ -441,6 +441,14 @@ impl TestServer {
                     .execute(pool)
                     .await
                     .unwrap();
+                // The tally's watermark moves with the rows it counted up to.
+                sqlx::query(
+                    "UPDATE finished_tally_progress SET counted_through = counted_through - $1",
+                )
+                .bind(shift)
+                .execute(pool)
+                .await
+                .unwrap();
             }
         }
     }
@@ -462,6 +470,7 @@ impl TestServer {
                 queue: queue.into(),
                 max_concurrent,
                 paused,
+                default_execution_timeout: None,
             })
             .await
             .expect("update queue")

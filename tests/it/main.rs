@@ -32,6 +32,7 @@ mod proxy;
 mod python;
 mod races;
 mod redis;
+mod retention;
 mod service;
 mod signs_of_life;
 mod streams;

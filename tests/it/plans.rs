@@ -59,7 +59,7 @@ async fn a_claim_walks_the_claim_index_even_with_statistics(
         "the claim index was not walked"
     );
     assert_eq!(
-        scans(&mut transaction, "tasks_queue_status").await,
+        scans(&mut transaction, "tasks_finished_by_queue").await,
         0,
         "the claim fetched and sorted the whole queue"
     );

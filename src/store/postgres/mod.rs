@@ -870,6 +870,9 @@ impl TaskStore for PgStore {
             name: queue.to_owned(),
             max_concurrent: to_u32("max_concurrent", row.max_concurrent)?,
             paused: row.paused,
+            default_execution_timeout: row
+                .default_execution_timeout_ms
+                .map(|ms| Duration::from_millis(ms.unsigned_abs())),
             counts: StatusCounts {
                 queued: to_u64("count", row.queued)?,
                 dispatched: to_u64("count", row.dispatched)?,
@@ -887,6 +890,13 @@ impl TaskStore for PgStore {
             .bind(queue)
             .bind(update.max_concurrent.map(i64::from))
             .bind(update.paused)
+            .bind(update.default_execution_timeout.is_some())
+            .bind(
+                update
+                    .default_execution_timeout
+                    .flatten()
+                    .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+            )
             .execute(&self.pool)
             .await
             .map_err(plain)?;

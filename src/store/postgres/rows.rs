@@ -74,6 +74,7 @@ pub(super) struct RuntimeRow {
 pub(super) struct QueueRow {
     pub(super) max_concurrent: i64,
     pub(super) paused: bool,
+    pub(super) default_execution_timeout_ms: Option<i64>,
     pub(super) queued: i64,
     pub(super) dispatched: i64,
     pub(super) running: i64,

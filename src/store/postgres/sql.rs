@@ -191,7 +191,12 @@ RETURNING *";
 
 /// T9. The finishing claim's token (kept on a FAILED/CANCELLED row) is remembered as ended
 /// by requeue, so its late writes get CLAIM_SUPERSEDED.
+/// A redrive takes the task out of a terminal status: if the tally counted it, it is
+/// subtracted there in the same statement (migration 16).
 pub(super) const RETRY_TASK: &str = "
+WITH progress AS (SELECT counted_through FROM finished_tally_progress FOR SHARE),
+before AS (SELECT id, status, finished_at FROM tasks WHERE id = $1 FOR UPDATE),
+redriven AS (
 UPDATE tasks SET
     status               = 'QUEUED',
     attempt              = 1,
@@ -207,21 +212,42 @@ UPDATE tasks SET
     previous_claim_token = COALESCE(claim_token, previous_claim_token),
     previous_claim_end   = CASE WHEN claim_token IS NULL THEN previous_claim_end ELSE 'REQUEUED' END,
     claim_token          = NULL
-WHERE id = $1 AND status IN ('FAILED', 'CANCELLED')
-RETURNING *";
+FROM before b
+WHERE tasks.id = b.id AND tasks.status IN ('FAILED', 'CANCELLED')
+RETURNING tasks.*, b.status AS status_before, b.finished_at AS finished_before
+),
+untallied AS (
+    UPDATE queue_finished_tally q SET tasks = q.tasks - 1
+    FROM redriven r, progress p
+    WHERE q.queue = r.queue AND q.status = r.status_before
+      AND r.finished_before <= p.counted_through
+)
+SELECT * FROM redriven";
 
-/// One index range per status (`tasks_queue_status`) and the first entry of
-/// `tasks_oldest_queued`: no scan of the table.
+/// Constant in the queue's history (spec §11): active counts come from partial indexes of
+/// active tasks (`tasks_claimable`, `tasks_active_by_queue`); finished counts are the sweeper's
+/// tally plus the few finished since it last counted (`tasks_finished_by_queue`).
 pub(super) const DESCRIBE_QUEUE: &str = "
+WITH tallied AS (SELECT counted_through FROM finished_tally_progress)
 SELECT
     COALESCE((SELECT max_concurrent FROM queues WHERE name = $1), 0) AS max_concurrent,
     COALESCE((SELECT paused FROM queues WHERE name = $1), false)     AS paused,
+    (SELECT default_execution_timeout_ms FROM queues WHERE name = $1) AS default_execution_timeout_ms,
     (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'QUEUED')     AS queued,
     (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'DISPATCHED') AS dispatched,
     (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'RUNNING')    AS running,
-    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'COMPLETED')  AS completed,
-    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'FAILED')     AS failed,
-    (SELECT count(*) FROM tasks WHERE queue = $1 AND status = 'CANCELLED')  AS cancelled,
+    (SELECT COALESCE(sum(tasks), 0)::bigint FROM queue_finished_tally
+        WHERE queue = $1 AND status = 'COMPLETED')
+    + (SELECT count(*) FROM tasks, tallied WHERE queue = $1 AND status = 'COMPLETED'
+        AND finished_at > tallied.counted_through) AS completed,
+    (SELECT COALESCE(sum(tasks), 0)::bigint FROM queue_finished_tally
+        WHERE queue = $1 AND status = 'FAILED')
+    + (SELECT count(*) FROM tasks, tallied WHERE queue = $1 AND status = 'FAILED'
+        AND finished_at > tallied.counted_through) AS failed,
+    (SELECT COALESCE(sum(tasks), 0)::bigint FROM queue_finished_tally
+        WHERE queue = $1 AND status = 'CANCELLED')
+    + (SELECT count(*) FROM tasks, tallied WHERE queue = $1 AND status = 'CANCELLED'
+        AND finished_at > tallied.counted_through) AS cancelled,
     (SELECT min(created_at) FROM tasks WHERE queue = $1 AND status = 'QUEUED') AS oldest_queued_at";
 
 pub(super) const QUEUE_DEPTHS: &str = "
@@ -235,12 +261,15 @@ FROM tasks
 WHERE status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
 GROUP BY queue";
 
+/// $4: whether to set the execution-time default to $5 (NULL clears it).
 pub(super) const UPDATE_QUEUE: &str = "
-INSERT INTO queues (name, max_concurrent, paused)
-VALUES ($1, COALESCE($2, 0), COALESCE($3, false))
+INSERT INTO queues (name, max_concurrent, paused, default_execution_timeout_ms)
+VALUES ($1, COALESCE($2, 0), COALESCE($3, false), CASE WHEN $4 THEN $5::bigint END)
 ON CONFLICT (name) DO UPDATE SET
     max_concurrent = COALESCE($2, queues.max_concurrent),
     paused         = COALESCE($3, queues.paused),
+    default_execution_timeout_ms = CASE WHEN $4 THEN $5::bigint
+                                        ELSE queues.default_execution_timeout_ms END,
     updated_at     = now()";
 
 /// The columns of a `TaskMove`.
@@ -348,6 +377,71 @@ pub(super) const FAIL_EXECUTION_TIMEOUTS: &str = fail_for_server_reason!(
        AND started_at + make_interval(secs => execution_timeout_ms / 1000.0) < now()
      LIMIT $1 FOR UPDATE SKIP LOCKED"
 );
+
+/// A queue's execution-time default: sweeper stage 3, for RUNNING tasks without their own
+/// timeout (spec §11). Walks the active tasks of the queues that set one.
+pub(super) const FAIL_QUEUE_DEFAULT_EXECUTION_TIMEOUTS: &str = fail_for_server_reason!(
+    "SELECT t.id FROM queues q JOIN tasks t ON t.queue = q.name
+     WHERE q.default_execution_timeout_ms IS NOT NULL
+       AND t.status = 'RUNNING' AND t.execution_timeout_ms IS NULL
+       AND t.started_at + make_interval(secs => q.default_execution_timeout_ms / 1000.0) < now()
+     LIMIT $1 FOR UPDATE OF t SKIP LOCKED"
+);
+
+/// Retention (spec §11): up to $2 tasks finished more than $1 ago, oldest first, deleted with
+/// their usage rows; those the tally already counted are subtracted from it. Returns how
+/// many were deleted. See migration 16 for why the progress row is locked.
+pub(super) const DELETE_EXPIRED_FINISHED: &str = "
+WITH progress AS (SELECT counted_through FROM finished_tally_progress FOR SHARE),
+doomed AS (
+    SELECT id FROM tasks
+    WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND finished_at < now() - $1::interval
+    ORDER BY finished_at
+    LIMIT $2 FOR UPDATE SKIP LOCKED
+),
+usage_gone AS (DELETE FROM task_usage u USING doomed d WHERE u.task_id = d.id),
+gone AS (
+    DELETE FROM tasks t USING doomed d WHERE t.id = d.id
+    RETURNING t.queue, t.status, t.finished_at
+),
+counted AS (
+    SELECT g.queue, g.status, count(*) AS n FROM gone g, progress p
+    WHERE g.finished_at <= p.counted_through
+    GROUP BY g.queue, g.status
+),
+untallied AS (
+    UPDATE queue_finished_tally q SET tasks = q.tasks - c.n FROM counted c
+    WHERE q.queue = c.queue AND q.status = c.status
+)
+SELECT count(*) FROM gone";
+
+/// The tally's lock, taken first in its transaction so the tally's own statement sees every
+/// redrive and deletion that got the progress row before it (migration 16).
+pub(super) const LOCK_TALLY: &str = "SELECT 1 FROM finished_tally_progress FOR UPDATE";
+
+/// Counts the tasks finished after the last tally and at least $1 (the settle time) ago into
+/// queue_finished_tally, and moves the watermark. Returns how many tasks it counted.
+pub(super) const TALLY_FINISHED: &str = "
+WITH bounds AS (
+    SELECT counted_through AS since, now() - $1::interval AS through FROM finished_tally_progress
+),
+fresh AS (
+    SELECT t.queue, t.status, count(*) AS n
+    FROM tasks t, bounds b
+    WHERE t.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+      AND t.finished_at > b.since AND t.finished_at <= b.through
+    GROUP BY t.queue, t.status
+),
+added AS (
+    INSERT INTO queue_finished_tally (queue, status, tasks)
+    SELECT queue, status, n FROM fresh
+    ON CONFLICT (queue, status) DO UPDATE SET tasks = queue_finished_tally.tasks + EXCLUDED.tasks
+),
+moved AS (
+    UPDATE finished_tally_progress p SET counted_through = b.through
+    FROM bounds b WHERE b.through > p.counted_through
+)
+SELECT COALESCE(sum(n), 0)::bigint FROM fresh";
 
 /// Only one replica sweeps at a time: the holder of this session-level advisory lock.
 pub(super) const TRY_LEAD_SWEEP: &str = "SELECT pg_try_advisory_lock($1), now()";

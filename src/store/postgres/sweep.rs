@@ -28,6 +28,11 @@ const SWEEP_LOCK_KEY: i64 = 0x6c65_6173_6568_6f6c;
 /// the next tick.
 const MAX_BATCHES_PER_STAGE: usize = 64;
 
+/// How far behind now the finished-task tally stays: longer than any transaction that finishes
+/// tasks lasts (each is one statement, bounded by the statement timeout), so a row finished
+/// before the watermark but committed after it cannot exist.
+const TALLY_SETTLE: Duration = Duration::from_secs(5 * 60);
+
 /// The stage-specific parameter ($6) of a server-side failure statement.
 #[derive(Clone, Copy)]
 pub(super) enum StageArgument {
@@ -102,6 +107,17 @@ pub(super) async fn run(
             )
             .await,
     ));
+    report.timed_out.extend(isolated(
+        "queue_execution_timeout",
+        sweep
+            .fail_in_batches(
+                sql::FAIL_QUEUE_DEFAULT_EXECUTION_TIMEOUTS,
+                FailureReason::ExecutionTimeout,
+                "the task ran longer than its queue's default execution timeout",
+                StageArgument::Nothing,
+            )
+            .await,
+    ));
     report.runtime_gone = isolated("runtime_gone", sweep.fail_pinned_orphans().await);
     if let Some(since) = due_since {
         report.became_available = isolated(
@@ -109,6 +125,10 @@ pub(super) async fn run(
             sweep.became_available(since, swept_at).await,
         );
     }
+    if let Some(retain) = policy.retain_finished {
+        report.deleted_finished = isolated("retention", sweep.delete_finished(retain).await);
+    }
+    isolated("finished_tally", sweep.tally_finished().await);
     // Released explicitly so the next sweep (here or on another replica) can start at once;
     // closing the connection would release it too, but not before this returns.
     sqlx::query(sql::END_SWEEP)
@@ -255,6 +275,41 @@ impl Sweep<'_> {
             }
         }
         Ok(moved)
+    }
+
+    /// Retention (spec §11), oldest first, a batch per statement.
+    async fn delete_finished(&mut self, retain: Duration) -> Result<u64> {
+        let mut deleted = 0;
+        for _ in 0..MAX_BATCHES_PER_STAGE {
+            let batch: i64 = sqlx::query_scalar(sql::DELETE_EXPIRED_FINISHED)
+                .bind(interval(retain))
+                .bind(self.batch_size())
+                .fetch_one(&mut *self.conn)
+                .await
+                .map_err(plain)?;
+            deleted += batch.unsigned_abs();
+            if batch < self.batch_size() {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Counts newly finished tasks into the per-queue tally DescribeQueue reads (migration 16).
+    async fn tally_finished(&mut self) -> Result<()> {
+        let mut transaction = sqlx::Connection::begin(&mut *self.conn)
+            .await
+            .map_err(plain)?;
+        sqlx::query(sql::LOCK_TALLY)
+            .execute(&mut *transaction)
+            .await
+            .map_err(plain)?;
+        sqlx::query(sql::TALLY_FINISHED)
+            .bind(interval(TALLY_SETTLE))
+            .execute(&mut *transaction)
+            .await
+            .map_err(plain)?;
+        transaction.commit().await.map_err(plain)
     }
 
     /// Stage 4.

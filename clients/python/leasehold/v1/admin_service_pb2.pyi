@@ -110,28 +110,32 @@ class TaskCounts(_message.Message):
     def __init__(self, queued: _Optional[int] = ..., dispatched: _Optional[int] = ..., running: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
 
 class DescribeQueueResponse(_message.Message):
-    __slots__ = ("queue", "max_concurrent", "paused", "counts", "oldest_queued_at")
+    __slots__ = ("queue", "max_concurrent", "paused", "counts", "oldest_queued_at", "default_execution_timeout")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_QUEUED_AT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     queue: str
     max_concurrent: int
     paused: bool
     counts: TaskCounts
     oldest_queued_at: _timestamp_pb2.Timestamp
-    def __init__(self, queue: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., paused: _Optional[bool] = ..., counts: _Optional[_Union[TaskCounts, _Mapping]] = ..., oldest_queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    default_execution_timeout: _duration_pb2.Duration
+    def __init__(self, queue: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., paused: _Optional[bool] = ..., counts: _Optional[_Union[TaskCounts, _Mapping]] = ..., oldest_queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., default_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class UpdateQueueRequest(_message.Message):
-    __slots__ = ("queue", "max_concurrent", "paused")
+    __slots__ = ("queue", "max_concurrent", "paused", "default_execution_timeout")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     queue: str
     max_concurrent: int
     paused: bool
-    def __init__(self, queue: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
+    default_execution_timeout: _duration_pb2.Duration
+    def __init__(self, queue: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., paused: _Optional[bool] = ..., default_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RetryTaskRequest(_message.Message):
     __slots__ = ("task_id",)
