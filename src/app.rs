@@ -252,6 +252,7 @@ impl App {
             }
         }
         drop(background);
+        self.coordinator.step_down().await;
         tracing::info!("leasehold stopped");
         Ok(())
     }

@@ -541,6 +541,14 @@ impl Coordinator {
         &self.draining
     }
 
+    /// Gives up the sweep's leadership at shutdown (a failure only delays the next leader
+    /// until the lease runs out).
+    pub async fn step_down(&self) {
+        if let Err(error) = self.store.step_down().await {
+            tracing::warn!(%error, "could not give up the sweep's leadership");
+        }
+    }
+
     /// One sweep (spec §6); `None` when another replica is sweeping.
     pub async fn sweep(&self, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>> {
         let report = self

@@ -112,6 +112,7 @@ measured! {
     once fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon>;
     once fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity>;
     retried fn sweep(&self, policy: &SweepPolicy, oracle: &dyn LivenessOracle, due_since: Option<DateTime<Utc>>) -> Result<Option<SweepReport>>;
+    once fn step_down(&self) -> Result<()>;
     once fn start(&self, task_id: TaskId, token: ClaimToken, acting: Option<RuntimeId>) -> Result<Task>;
     once fn extend_lease(&self, task_id: TaskId, token: ClaimToken, extend_by: Duration, acting: Option<RuntimeId>) -> Result<LeaseRenewal>;
     once fn complete(&self, task_id: TaskId, token: ClaimToken, result: Vec<u8>, acting: Option<RuntimeId>) -> Result<Task>;

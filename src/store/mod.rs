@@ -385,6 +385,12 @@ pub trait TaskStore: Send + Sync + 'static {
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>>;
 
+    /// Gives up the sweep's leadership, if this replica holds it (at shutdown), so another
+    /// replica sweeps at its next tick instead of after the lease runs out.
+    async fn step_down(&self) -> Result<()> {
+        Ok(())
+    }
+
     // The owner writes below take `acting`: the runtime whose own token made the call (spec
     // §9), or `None` for `admin` and `--auth none`. A write that would change a task another
     // runtime holds is refused with `RuntimeMismatch`, within the same guarded statement; a

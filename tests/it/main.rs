@@ -21,6 +21,7 @@ mod errors;
 mod fuzz;
 mod grpcurl;
 mod hostile;
+mod leadership;
 mod lifecycle;
 mod listing;
 mod liveness;

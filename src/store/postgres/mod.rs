@@ -75,8 +75,9 @@ pub struct PgStore {
     pool: PgPool,
     /// Heartbeats and the signs of life of other calls.
     liveness_pool: PgPool,
-    /// The sweep (which holds one connection for its advisory lock).
+    /// The sweep.
     sweeper_pool: PgPool,
+    leader: sweep::Leader,
     policy: StorePolicy,
     starts: Coalescer<coalesce::Start>,
     completes: Coalescer<coalesce::Complete>,
@@ -127,6 +128,10 @@ impl PgStore {
                 SWEEPER_CONNECTIONS,
                 pool.options().get_acquire_timeout(),
             ),
+            leader: sweep::Leader {
+                holder: Uuid::new_v4(),
+                epoch: std::sync::atomic::AtomicI64::new(0),
+            },
             pool,
             policy,
         }
@@ -533,7 +538,24 @@ impl TaskStore for PgStore {
         oracle: &dyn LivenessOracle,
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>> {
-        sweep::run(&self.sweeper_pool, &self.policy, policy, oracle, due_since).await
+        sweep::run(
+            &self.sweeper_pool,
+            &self.leader,
+            &self.policy,
+            policy,
+            oracle,
+            due_since,
+        )
+        .await
+    }
+
+    async fn step_down(&self) -> Result<()> {
+        sqlx::query(sql::STEP_DOWN)
+            .bind(self.leader.holder)
+            .execute(&self.sweeper_pool)
+            .await
+            .map_err(plain)?;
+        Ok(())
     }
 
     async fn start(

@@ -443,10 +443,23 @@ moved AS (
 )
 SELECT COALESCE(sum(n), 0)::bigint FROM fresh";
 
-/// Only one replica sweeps at a time: the holder of this session-level advisory lock.
-pub(super) const TRY_LEAD_SWEEP: &str = "SELECT pg_try_advisory_lock($1), now()";
+/// Only one replica sweeps at a time: the holder of the `leadership` row's unexpired lease.
+/// Takes or renews it for $2 (holder $1); returns the epoch and the database's clock when this
+/// replica leads, no row when another does. One statement, so it is safe behind a
+/// transaction pooler.
+pub(super) const TRY_LEAD: &str = "
+INSERT INTO leadership AS l (role, holder, epoch, expires_at)
+VALUES ('sweeper', $1, 1, now() + $2::interval)
+ON CONFLICT (role) DO UPDATE SET
+    holder     = EXCLUDED.holder,
+    epoch      = l.epoch + CASE WHEN l.holder = EXCLUDED.holder THEN 0 ELSE 1 END,
+    expires_at = EXCLUDED.expires_at
+WHERE l.holder = EXCLUDED.holder OR l.expires_at < now()
+RETURNING epoch, now()";
 
-pub(super) const END_SWEEP: &str = "SELECT pg_advisory_unlock($1)";
+/// Gives the lease up (at shutdown), so another replica sweeps at its next tick.
+pub(super) const STEP_DOWN: &str = "
+UPDATE leadership SET expires_at = now() WHERE role = 'sweeper' AND holder = $1";
 
 /// Before stage 1: when the previous sweep (on any replica) began, as milliseconds ago, and
 /// this sweep's start recorded in its place. NULL on the first sweep.

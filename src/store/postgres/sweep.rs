@@ -2,9 +2,11 @@
 //! picks up to `batch_size` rows `FOR UPDATE SKIP LOCKED` and changes them with its predicates
 //! re-checked, repeated until a batch comes back short.
 //!
-//! One replica sweeps at a time: the one holding a session-level advisory lock on the
-//! connection the sweep runs on. That connection is closed afterwards rather than returned to
-//! the pool, so the lock is released however the sweep ends (error, or cancelled mid-way).
+//! One replica sweeps at a time: the one holding the lease in the `leadership` table (migration
+//! 18), renewed at every sweep and given up at shutdown. A leader that stops renewing loses it
+//! after [`leadership_lease`]; should two sweeps ever overlap (a sweep outlasting the lease),
+//! every stage is still correct: rows are taken `FOR UPDATE SKIP LOCKED` with their predicates
+//! re-checked, and the tally serializes on its progress row.
 
 use std::time::Duration;
 
@@ -21,8 +23,17 @@ use crate::domain::liveness;
 use crate::domain::{FailureReason, Result, RuntimeId};
 use crate::store::{LivenessOracle, StorePolicy, SweepPolicy, SweepReport, TaskMove};
 
-/// The advisory lock key of the sweep ("leasehol" in ASCII).
-const SWEEP_LOCK_KEY: i64 = 0x6c65_6173_6568_6f6c;
+/// How long a sweep's leadership lasts without renewal: three sweep intervals, so a leader
+/// that is merely slow keeps it, and within bounds so a crashed one is replaced soon.
+pub(super) fn leadership_lease(interval: Duration) -> Duration {
+    (interval * 3).clamp(Duration::from_secs(5), Duration::from_secs(5 * 60))
+}
+
+/// The sweeper's identity in the `leadership` table, and the epoch it last led in.
+pub(super) struct Leader {
+    pub(super) holder: Uuid,
+    pub(super) epoch: std::sync::atomic::AtomicI64,
+}
 
 /// Most batches one stage runs in one sweep, so a sweep always ends; what is left waits for
 /// the next tick.
@@ -43,20 +54,27 @@ pub(super) enum StageArgument {
 
 pub(super) async fn run(
     pool: &PgPool,
+    leader: &Leader,
     store_policy: &StorePolicy,
     policy: &SweepPolicy,
     oracle: &dyn LivenessOracle,
     due_since: Option<DateTime<Utc>>,
 ) -> Result<Option<SweepReport>> {
     let mut conn = pool.acquire().await.map_err(plain)?;
-    conn.close_on_drop();
-    let (leading, swept_at): (bool, DateTime<Utc>) = sqlx::query_as(sql::TRY_LEAD_SWEEP)
-        .bind(SWEEP_LOCK_KEY)
-        .fetch_one(&mut *conn)
+    let led: Option<(i64, DateTime<Utc>)> = sqlx::query_as(sql::TRY_LEAD)
+        .bind(leader.holder)
+        .bind(interval(leadership_lease(policy.interval)))
+        .fetch_optional(&mut *conn)
         .await
         .map_err(plain)?;
-    if !leading {
+    let Some((epoch, swept_at)) = led else {
         return Ok(None);
+    };
+    let previous = leader
+        .epoch
+        .swap(epoch, std::sync::atomic::Ordering::Relaxed);
+    if previous != epoch {
+        tracing::info!(epoch, holder = %leader.holder, "this replica now leads the sweep");
     }
     let mut sweep = Sweep {
         conn,
@@ -129,13 +147,6 @@ pub(super) async fn run(
         report.deleted_finished = isolated("retention", sweep.delete_finished(retain).await);
     }
     isolated("finished_tally", sweep.tally_finished().await);
-    // Released explicitly so the next sweep (here or on another replica) can start at once;
-    // closing the connection would release it too, but not before this returns.
-    sqlx::query(sql::END_SWEEP)
-        .bind(SWEEP_LOCK_KEY)
-        .execute(&mut *sweep.conn)
-        .await
-        .map_err(plain)?;
     Ok(Some(report))
 }
 
@@ -149,7 +160,6 @@ fn isolated<T: Default>(stage: &'static str, outcome: Result<T>) -> T {
 }
 
 struct Sweep<'a> {
-    /// Holds the advisory lock.
     conn: PoolConnection<Postgres>,
     store_policy: &'a StorePolicy,
     policy: &'a SweepPolicy,
