@@ -4,6 +4,7 @@
 
 mod ceiling;
 mod cpu;
+mod history;
 mod scenarios;
 mod servers;
 
@@ -46,6 +47,9 @@ pub struct BenchArgs {
     /// How long each idle measurement lasts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     idle_window: Duration,
+    /// Finished tasks written into the table before the `history` scenario's second round.
+    #[arg(long, default_value_t = 1_000_000)]
+    history_rows: usize,
     /// Tiny sizes, a few seconds: shows every scenario still runs (CI). Its figures mean nothing.
     #[arg(long)]
     smoke: bool,
@@ -65,6 +69,9 @@ enum Scenario {
     /// The unary and streamed lifecycles with `--auth token` (runtime tokens) against the same
     /// with `--auth none`, in turns, on one database.
     Auth,
+    /// The lifecycles on an empty table and on one holding `--history-rows` finished tasks;
+    /// then retention keeping the table bounded under rounds of load.
+    History,
 }
 
 impl BenchArgs {
@@ -80,13 +87,14 @@ impl BenchArgs {
             self.wakeup_samples = 20;
             self.idle_runtimes = 20;
             self.idle_window = Duration::from_secs(1);
+            self.history_rows = 3_000;
         }
     }
 }
 
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     args.shrink_for_smoke();
-    let database = ScratchDatabase::create(&args.database_url).await?;
+    let database = ScratchDatabase::create(&args.database_url, "main").await?;
     let outcome = measure(&args, &database).await;
     database.drop_database().await?;
     let report = outcome?;
@@ -202,6 +210,9 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
     }
     if args.runs(Scenario::Auth) {
         report["auth"] = auth_overhead(args, database, &server).await?;
+    }
+    if args.runs(Scenario::History) {
+        report["history"] = history::measure(args, database, &client).await?;
     }
     report["targets"] = targets(&report);
     Ok(report)
@@ -342,6 +353,8 @@ fn targets(report: &Value) -> Value {
         "enqueue_batch_tasks_per_second": at_least(figure("/enqueue/batch_tasks_per_second"), 10_000.0),
         "auth_unary_vs_open": at_least(figure("/auth/unary_ratio"), 0.95),
         "auth_stream_vs_open": at_least(figure("/auth/stream_ratio"), 0.95),
+        "history_unary_vs_empty": at_least(figure("/history/unary_ratio"), 0.9),
+        "history_stream_vs_empty": at_least(figure("/history/stream_ratio"), 0.9),
     })
 }
 

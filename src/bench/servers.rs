@@ -20,12 +20,13 @@ pub(super) struct ScratchDatabase {
 }
 
 impl ScratchDatabase {
-    pub(super) async fn create(admin_url: &str) -> anyhow::Result<ScratchDatabase> {
-        let name = format!("leasehold_bench_{}", std::process::id());
+    /// `purpose` tells this run's databases apart (a lowercase word).
+    pub(super) async fn create(admin_url: &str, purpose: &str) -> anyhow::Result<ScratchDatabase> {
+        let name = format!("leasehold_bench_{}_{purpose}", std::process::id());
         let mut admin = PgConnection::connect(admin_url)
             .await
             .context("connect to --database-url")?;
-        // The name is a fixed prefix and our pid: nothing external reaches this SQL.
+        // The name is a fixed prefix, our pid and a constant: nothing external reaches this SQL.
         sqlx::query(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         )))

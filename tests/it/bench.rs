@@ -39,6 +39,8 @@ async fn the_bench_runs_every_scenario_in_smoke_mode() {
         "/idle/transactions_per_idle_claim",
         "/auth/unary_ratio",
         "/auth/stream_ratio",
+        "/history/unary_ratio",
+        "/history/stream_ratio",
         "/idle/transactions_per_second_with_idle_streams",
         "/idle/server_rss_mib_with_streams",
     ] {
@@ -46,5 +48,18 @@ async fn the_bench_runs_every_scenario_in_smoke_mode() {
         assert!(value.is_number(), "{figure} is not a number in {report:#}");
     }
     let targets = report["targets"].as_object().unwrap();
-    assert_eq!(targets.len(), 11, "every target is reported");
+    assert_eq!(targets.len(), 13, "every target is reported");
+    // Retention, sweeping every second, took the written history away under load.
+    let rows = report["history"]["retention"]["table_rows_after_each_round"]
+        .as_array()
+        .unwrap();
+    let (first, last) = (
+        rows[0].as_i64().unwrap(),
+        rows.last().unwrap().as_i64().unwrap(),
+    );
+    assert!(first >= 3_000, "{rows:?}");
+    assert!(
+        last < first / 2,
+        "retention did not bound the table: {rows:?}"
+    );
 }
