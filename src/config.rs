@@ -37,6 +37,8 @@ pub enum Command {
     Key(cli::KeyCommand),
     /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
     Bench(Box<crate::bench::BenchArgs>),
+    /// Fault-injection soak: load, many faults at once, then a checker over the whole history.
+    Soak(Box<crate::soak::SoakArgs>),
     /// Apply the database migrations and exit (a deployment step, e.g. a Kubernetes Job).
     Migrate(MigrateArgs),
 }

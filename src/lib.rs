@@ -16,6 +16,7 @@ pub mod domain;
 pub mod grpc;
 pub mod shutdown;
 pub mod signs_of_life;
+pub mod soak;
 pub mod store;
 pub mod supervise;
 pub mod sweeper;

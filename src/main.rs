@@ -19,6 +19,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Key(command) => command.run().await,
         Command::Bench(args) => leasehold::bench::run(*args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::Soak(args) => {
+            telemetry::init(LogFormat::Pretty);
+            leasehold::soak::run(*args).await
+        }
     }
 }
 
