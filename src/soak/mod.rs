@@ -360,9 +360,12 @@ impl Load {
         self.started += 1;
         let proxy = &topology.proxies[index % topology.proxies.len()];
         let name = format!("soak-daemon-{index}");
+        // The daemons run the worker SDK: half claim with long-polls, half over a stream.
+        let unary = index.is_multiple_of(2);
         self.daemons.push(Daemon::start(
             name,
             &proxy.address,
+            unary,
             &dir.join("daemons.log"),
         )?);
         Ok(())
@@ -522,7 +525,24 @@ fn log_lines_about(logs: &[PathBuf], task: &str) -> Vec<String> {
 }
 
 fn summary(report: &Value) -> String {
-    format!(
+    let mut text = String::new();
+    for violation in report["violations"].as_array().into_iter().flatten() {
+        text.push_str(&format!("VIOLATION {}\n", violation["violation"]));
+        for event in violation["history"].as_array().into_iter().flatten() {
+            text.push_str(&format!("  {event}\n"));
+        }
+        for line in violation["server_log_lines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            text.push_str(&format!(
+                "  server: {}\n",
+                line.as_str().unwrap_or_default()
+            ));
+        }
+    }
+    text + &format!(
         "soak (seed {}): {} tasks, faults {}; checks {}; drained: {} ({:.1} s after the last fault); {:.0} tasks/s; executions per task mean {:.2}",
         report["seed"],
         report["figures"]["tasks_enqueued"],

@@ -358,9 +358,11 @@ pub(super) struct Daemon {
 }
 
 impl Daemon {
+    /// `unary`: the daemon claims with long-poll `ClaimTask` instead of a claim stream.
     pub(super) fn start(
         name: String,
         address: &str,
+        unary: bool,
         log: &std::path::Path,
     ) -> anyhow::Result<Daemon> {
         let log = std::fs::OpenOptions::new()
@@ -372,6 +374,7 @@ impl Daemon {
         let child = tokio::process::Command::new(std::env::current_exe()?)
             .args(["worker", "--server", &format!("http://{address}")])
             .args(["--queue", QUEUE, "--name", &name, "--concurrency", "2"])
+            .args(["--claim-mode", if unary { "unary" } else { "stream" }])
             .args(["--", "bash", "-c", &script])
             .env_remove("LEASEHOLD_TOKEN")
             .env("RUST_LOG", "warn")

@@ -36,6 +36,7 @@ mod redis;
 mod retention;
 mod service;
 mod signs_of_life;
+mod soak;
 mod streams;
 mod tls;
 mod worker_sdk;
