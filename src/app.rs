@@ -31,7 +31,7 @@ use crate::grpc::{
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgStore, schema};
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
-use crate::supervise::supervise;
+use crate::supervise::Background;
 use crate::sweeper;
 use crate::tls::{ReloadingTls, TlsFiles};
 
@@ -64,6 +64,9 @@ const HEALTH_SERVICES: [&str; 4] = [
     <TaskServiceServer<TaskApi> as NamedService>::NAME,
     <AdminServiceServer<AdminApi> as NamedService>::NAME,
 ];
+
+/// How long shutdown waits for the background duties once the server stopped serving.
+const BACKGROUND_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A background duty, started afresh by its supervisor.
 type BoxedDuty = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -251,7 +254,9 @@ impl App {
                 tracing::warn!(?grace, "shutdown grace elapsed; abandoning in-flight calls");
             }
         }
-        drop(background);
+        // The duties finish what they were doing (a sweep in progress, the last signs of life)
+        // before leadership is given up, so no sweep renews it afterwards.
+        background.stop_within(BACKGROUND_STOP_GRACE).await;
         self.coordinator.step_down().await;
         tracing::info!("leasehold stopped");
         Ok(())
@@ -272,17 +277,18 @@ impl App {
         )))
     }
 
-    /// The sweeper and the Redis watcher, stopped by `stop` (or by the returned guard, when
-    /// the server ends some other way).
-    async fn spawn_background(&self, stop: CancellationToken) -> tokio_util::sync::DropGuard {
+    /// The sweeper, the Redis watcher and the other duties: stopped and waited for with
+    /// [`Background::stop_within`], or only asked to stop when the value is dropped (the server
+    /// ended some other way).
+    async fn spawn_background(&self, stop: CancellationToken) -> Background {
+        let mut background = Background::new(stop);
         // Each duty is supervised: one that panics is started again (spec §10).
-        let duty = |name: &'static str,
-                    run: fn(Arc<Coordinator>, CancellationToken) -> BoxedDuty| {
-            let (coordinator, stop) = (self.coordinator.clone(), stop.clone());
-            supervise(name, stop.clone(), move || {
-                run(coordinator.clone(), stop.clone())
-            });
-        };
+        let mut duty =
+            |name: &'static str, run: fn(Arc<Coordinator>, CancellationToken) -> BoxedDuty| {
+                let (coordinator, stop) =
+                    (self.coordinator.clone(), background.stop_token().clone());
+                background.supervise(name, move || run(coordinator.clone(), stop.clone()));
+            };
         if let Some(redis) = self.coordinator.redis() {
             redis.connect_now().await;
             duty("redis_watch", |coordinator, stop| {
@@ -310,11 +316,12 @@ impl App {
             Box::pin(async move { coordinator.announce_due_tasks(stop).await })
         });
         let interval = self.config.sweep_interval;
-        let (coordinator, stop_sweeper) = (self.coordinator.clone(), stop.clone());
-        supervise("sweeper", stop.clone(), move || {
+        let (coordinator, stop_sweeper) =
+            (self.coordinator.clone(), background.stop_token().clone());
+        background.supervise("sweeper", move || {
             sweeper::run(coordinator.clone(), interval, stop_sweeper.clone())
         });
-        stop.drop_guard()
+        background
     }
 }
 
