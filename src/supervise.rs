@@ -131,7 +131,7 @@ mod tests {
                 done.fetch_add(1, Ordering::SeqCst);
             }
         });
-        background.supervise("stuck", || std::future::pending::<()>());
+        background.supervise("stuck", std::future::pending::<()>);
         let abandoned = background.stop_within(Duration::from_secs(1)).await;
         assert_eq!(finished.load(Ordering::SeqCst), 1);
         assert_eq!(abandoned, vec!["stuck"]);
