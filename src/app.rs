@@ -22,12 +22,13 @@ use crate::auth::AuthMode;
 use crate::config::{Config, MigrateMode, StoreKind};
 use crate::coordinator::{Coordinator, Settings};
 use crate::domain::RetryBackoff;
-use crate::grpc::pb::admin_service_server::AdminServiceServer;
-use crate::grpc::pb::task_service_server::TaskServiceServer;
-use crate::grpc::pb::worker_service_server::WorkerServiceServer;
 use crate::grpc::{
-    AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, TypedErrorsLayer, WorkerApi, pb,
+    AdminApi, AuthLayer, ObserveLayer, ShedLayer, TaskApi, TypedErrorsLayer, WorkerApi,
 };
+use crate::proto as pb;
+use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::task_service_server::TaskServiceServer;
+use crate::proto::worker_service_server::WorkerServiceServer;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgStore, schema};
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};

@@ -14,6 +14,7 @@ pub mod config;
 pub mod coordinator;
 pub mod domain;
 pub mod grpc;
+pub mod proto;
 pub mod shutdown;
 pub mod signs_of_life;
 pub mod soak;

@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::Client;
-use crate::grpc::pb;
-use crate::grpc::pb::stream_claims_request::Msg as Outbound;
-use crate::grpc::pb::stream_claims_response::Msg as Inbound;
+use crate::proto as pb;
+use crate::proto::stream_claims_request::Msg as Outbound;
+use crate::proto::stream_claims_response::Msg as Inbound;
 
 /// Largest `EnqueueTasks` batch the bench sends (the server takes up to 1,000).
 const ENQUEUE_BATCH: usize = 500;

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::render;
 use super::{Output, ServerArgs, key_value, rpc_error};
-use crate::grpc::pb;
+use crate::proto as pb;
 
 /// Flags every operator command shares.
 #[derive(Clone, Debug, Args)]

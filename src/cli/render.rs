@@ -4,7 +4,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::grpc::pb;
+use crate::proto as pb;
 
 /// Columns padded to their widest cell, two spaces apart.
 pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -215,7 +215,7 @@ async fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitSt
     }
 }
 
-fn task_environment(task: &crate::grpc::pb::Task) -> HashMap<String, String> {
+fn task_environment(task: &crate::proto::Task) -> HashMap<String, String> {
     let mut environment = HashMap::from([
         ("LEASEHOLD_TASK_ID".to_owned(), task.id.clone()),
         ("LEASEHOLD_TASK_QUEUE".to_owned(), task.queue.clone()),

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::grpc::pb;
+use crate::proto as pb;
 
 /// The application's work. The worker calls `prepare` while the task is still DISPATCHED
 /// (extending the lease meanwhile), then `StartTask`, then `run`; what `run` returns becomes

@@ -35,9 +35,9 @@ use tonic_types::StatusExt;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::grpc::pb::admin_service_client::AdminServiceClient;
-use crate::grpc::pb::task_service_client::TaskServiceClient;
-use crate::grpc::pb::worker_service_client::WorkerServiceClient;
+use crate::proto::admin_service_client::AdminServiceClient;
+use crate::proto::task_service_client::TaskServiceClient;
+use crate::proto::worker_service_client::WorkerServiceClient;
 
 pub use backoff::Backoff;
 pub use handler::{Handler, TaskContext, TaskError};

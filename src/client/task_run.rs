@@ -22,7 +22,7 @@ use super::backoff::Backoff;
 use super::handler::{TaskContext, TaskError};
 use super::worker::{Shared, Tracked, sleep_unless};
 use super::{is_claim_lost, is_transient};
-use crate::grpc::pb;
+use crate::proto as pb;
 
 /// How one task ends, as far as the worker is concerned.
 #[derive(Debug)]

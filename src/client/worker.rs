@@ -19,9 +19,9 @@ use tonic::{Code, Status};
 use super::backoff::Backoff;
 use super::handler::Handler;
 use super::{Client, error_reason, task_run};
-use crate::grpc::pb;
-use crate::grpc::pb::stream_claims_request::Msg as Outbound;
-use crate::grpc::pb::stream_claims_response::Msg as Inbound;
+use crate::proto as pb;
+use crate::proto::stream_claims_request::Msg as Outbound;
+use crate::proto::stream_claims_response::Msg as Inbound;
 
 /// The most tasks one `ClaimTask` may ask for (spec §3.2).
 const MAX_TASKS_PER_CLAIM: usize = 32;

@@ -8,8 +8,8 @@ use crate::coordinator::Coordinator;
 use crate::domain::auth::Scope;
 use crate::store::QueueUpdate;
 
-use super::pb::{self, admin_service_server::AdminService};
 use super::{access, convert, page_token};
+use crate::proto::{self as pb, admin_service_server::AdminService};
 
 pub struct AdminApi {
     coordinator: Arc<Coordinator>,

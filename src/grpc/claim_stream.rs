@@ -24,10 +24,10 @@ use crate::domain::auth::Principal;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
 
-use super::pb::{
-    self, stream_claims_request::Msg as Inbound, stream_claims_response::Msg as Outbound,
-};
 use super::{access, convert};
+use crate::proto::{
+    self as pb, stream_claims_request::Msg as Inbound, stream_claims_response::Msg as Outbound,
+};
 
 /// Responses waiting to be written to the worker. Claims never exceed the credits granted,
 /// so this only bounds keepalives and cancellations behind a slow reader.

@@ -10,7 +10,7 @@ use crate::domain::{
     RuntimeStatus, Task, TaskId, TaskStatus,
 };
 
-use super::pb;
+use crate::proto as pb;
 
 /// Also records the id on the RPC's span (see `observe`), so every log line of the call
 /// names its task.

@@ -20,13 +20,3 @@ pub use shed::ShedLayer;
 pub use tasks::TaskApi;
 pub use typed_errors::TypedErrorsLayer;
 pub use worker::WorkerApi;
-
-/// Generated protobuf and tonic code for `leasehold.v1`.
-#[allow(unreachable_pub, clippy::all, clippy::pedantic, missing_docs)]
-pub mod pb {
-    tonic::include_proto!("leasehold.v1");
-
-    /// The encoded descriptors of every leasehold proto (and its imports), for reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/leasehold_descriptor.bin"));
-}

@@ -101,7 +101,7 @@ fn served_methods() -> &'static std::collections::HashSet<String> {
             .map(str::to_owned)
             .collect();
             if let Ok(files) =
-                prost_types::FileDescriptorSet::decode(super::pb::FILE_DESCRIPTOR_SET)
+                prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
             {
                 for service in files.file.iter().flat_map(|file| &file.service) {
                     for method in &service.method {

@@ -9,8 +9,8 @@ use crate::domain::auth::Scope;
 use crate::domain::{Result, validate};
 use crate::store::{Enqueued, NewTask, PageCursor, TaskFilter, TaskPage};
 
-use super::pb::{self, task_service_server::TaskService};
 use super::{access, convert, page_token, status};
+use crate::proto::{self as pb, task_service_server::TaskService};
 
 pub struct TaskApi {
     coordinator: Arc<Coordinator>,

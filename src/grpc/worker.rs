@@ -10,8 +10,8 @@ use crate::coordinator::Coordinator;
 use crate::domain::auth::Scope;
 use crate::store::NewRuntime;
 
-use super::pb::{self, worker_service_server::WorkerService};
 use super::{access, claim_stream, convert, deadline};
+use crate::proto::{self as pb, worker_service_server::WorkerService};
 
 pub struct WorkerApi {
     coordinator: Arc<Coordinator>,

@@ -15,11 +15,11 @@ use tonic::transport::Channel;
 use super::checker::DAEMON_RESULT_SUFFIX;
 use super::history::{HistoryLog, Kind};
 use crate::client::error_reason;
-use crate::grpc::pb;
-use crate::grpc::pb::stream_claims_request::Msg as Outbound;
-use crate::grpc::pb::stream_claims_response::Msg as Inbound;
-use crate::grpc::pb::task_service_client::TaskServiceClient;
-use crate::grpc::pb::worker_service_client::WorkerServiceClient;
+use crate::proto as pb;
+use crate::proto::stream_claims_request::Msg as Outbound;
+use crate::proto::stream_claims_response::Msg as Inbound;
+use crate::proto::task_service_client::TaskServiceClient;
+use crate::proto::worker_service_client::WorkerServiceClient;
 
 pub(super) const QUEUE: &str = "soak";
 /// Attempts per task: server-side failures (offline runtimes, timeouts) retry it; the soak

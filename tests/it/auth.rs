@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use leasehold::auth::AuthMode;
 use leasehold::config::Config;
-use leasehold::grpc::pb;
-use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
-use leasehold::grpc::pb::task_service_client::TaskServiceClient;
-use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
+use leasehold::proto as pb;
+use leasehold::proto::admin_service_client::AdminServiceClient;
+use leasehold::proto::task_service_client::TaskServiceClient;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;

@@ -6,7 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
 use crate::harness::{TestServer, assert_error, status_of, task_id};
-use leasehold::grpc::pb::{self, TaskStatus};
+use leasehold::proto::{self as pb, TaskStatus};
 
 const TASKS: usize = 32;
 

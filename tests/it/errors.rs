@@ -1,6 +1,6 @@
 //! Every row of spec §4's error table, with code, reason and metadata.
 
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut};
 use http::uri::PathAndQuery;
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;

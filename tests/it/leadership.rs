@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use leasehold::grpc::pb::{self, TaskStatus};
+use leasehold::proto::{self as pb, TaskStatus};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 

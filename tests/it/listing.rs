@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use leasehold::grpc::pb::{self, TaskStatus};
+use leasehold::proto::{self as pb, TaskStatus};
 use tonic::Code;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use leasehold::domain::liveness::RedisView;
 use leasehold::domain::{RuntimeId, TaskStatus};
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use leasehold::store::{LivenessOracle, TaskStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;

@@ -4,8 +4,8 @@
 use std::process::Output;
 use std::time::Duration;
 
-use leasehold::grpc::pb;
-use leasehold::grpc::pb::task_service_client::TaskServiceClient;
+use leasehold::proto as pb;
+use leasehold::proto::task_service_client::TaskServiceClient;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 

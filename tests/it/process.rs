@@ -4,10 +4,10 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use leasehold::grpc::pb;
-use leasehold::grpc::pb::stream_claims_response::Msg as Outbound;
-use leasehold::grpc::pb::task_service_client::TaskServiceClient;
-use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
+use leasehold::proto as pb;
+use leasehold::proto::stream_claims_response::Msg as Outbound;
+use leasehold::proto::task_service_client::TaskServiceClient;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::{Child, Command};
@@ -276,7 +276,7 @@ async fn statements_since(
 #[tokio::test]
 async fn the_server_log_holds_no_secret() {
     use crate::auth::Bearer;
-    use leasehold::grpc::pb::admin_service_client::AdminServiceClient;
+    use leasehold::proto::admin_service_client::AdminServiceClient;
     use tonic::service::interceptor::InterceptedService;
 
     let admin = "an-admin-token-that-must-not-be-logged";

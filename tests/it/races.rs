@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::future::join_all;
-use leasehold::grpc::pb::{self, TaskStatus};
+use leasehold::proto::{self as pb, TaskStatus};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use leasehold::config::Config;
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic_health::pb::HealthCheckRequest;

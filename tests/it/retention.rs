@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 

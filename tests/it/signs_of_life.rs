@@ -7,7 +7,7 @@ use std::net::ToSocketAddrs;
 use std::time::Duration;
 
 use leasehold::config::Config;
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::time::Instant;
 

@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use leasehold::grpc::pb;
-use leasehold::grpc::pb::stream_claims_request::Msg as Inbound;
-use leasehold::grpc::pb::stream_claims_response::Msg as Outbound;
-use leasehold::grpc::pb::worker_service_client::WorkerServiceClient;
+use leasehold::proto as pb;
+use leasehold::proto::stream_claims_request::Msg as Inbound;
+use leasehold::proto::stream_claims_response::Msg as Outbound;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use leasehold::app::App;
 use leasehold::client::{Client, TlsOptions};
 use leasehold::config::Config;
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use leasehold::store::memory::MemoryStore;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::net::TcpListener;

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use leasehold::client::{
     ClaimMode, Client, Handler, TaskContext, TaskError, TransportError, Worker, WorkerConfig,
 };
-use leasehold::grpc::pb;
+use leasehold::proto as pb;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
