@@ -52,20 +52,7 @@ async fn lifecycles(
     client: &Client,
     queue: &str,
 ) -> anyhow::Result<Value> {
-    scenarios::enqueue_in_batches(client, queue, args.tasks, args.producers).await?;
-    ServerProcess::vacuum(&database.url).await?;
-    let unary = scenarios::lifecycle_unary(client, queue, args.workers).await?;
-    let stream_queue = format!("{queue}-stream");
-    scenarios::enqueue_in_batches(client, &stream_queue, args.tasks, args.producers).await?;
-    ServerProcess::vacuum(&database.url).await?;
-    let streamed = scenarios::lifecycle_stream(
-        client,
-        &stream_queue,
-        args.workers,
-        args.stream_credits,
-        args.tasks,
-    )
-    .await?;
+    let (unary, streamed) = super::lifecycle_pair(args, database, client, queue).await?;
     Ok(json!({
         "unary_tasks_per_second": unary.tasks_per_second,
         "unary_claim_p99_ms": unary.claim_latency.millis(0.99),

@@ -242,21 +242,8 @@ async fn auth_overhead(
         for side in order {
             let (name, client) = &sides[side];
             let queue = format!("auth-{name}-{round}");
-            scenarios::enqueue_in_batches(client, &queue, args.tasks, args.producers).await?;
-            ServerProcess::vacuum(&database.url).await?;
-            let throughput = scenarios::lifecycle_unary(client, &queue, args.workers).await?;
+            let (throughput, rate) = lifecycle_pair(args, database, client, &queue).await?;
             unary[side] += throughput.tasks_per_second / f64::from(rounds);
-            let queue = format!("{queue}-stream");
-            scenarios::enqueue_in_batches(client, &queue, args.tasks, args.producers).await?;
-            ServerProcess::vacuum(&database.url).await?;
-            let rate = scenarios::lifecycle_stream(
-                client,
-                &queue,
-                args.workers,
-                args.stream_credits,
-                args.tasks,
-            )
-            .await?;
             streamed[side] += rate / f64::from(rounds);
         }
     }
@@ -267,6 +254,31 @@ async fn auth_overhead(
         "unary_ratio": unary[1] / unary[0],
         "stream_ratio": streamed[1] / streamed[0],
     }))
+}
+
+/// `--tasks` tasks through the unary lifecycle on `queue`, then as many through streams on
+/// `<queue>-stream`, each from a vacuumed table: the unary figures and the streamed tasks/s.
+async fn lifecycle_pair(
+    args: &BenchArgs,
+    database: &ScratchDatabase,
+    client: &crate::client::Client,
+    queue: &str,
+) -> anyhow::Result<(scenarios::Throughput, f64)> {
+    scenarios::enqueue_in_batches(client, queue, args.tasks, args.producers).await?;
+    ServerProcess::vacuum(&database.url).await?;
+    let unary = scenarios::lifecycle_unary(client, queue, args.workers).await?;
+    let stream_queue = format!("{queue}-stream");
+    scenarios::enqueue_in_batches(client, &stream_queue, args.tasks, args.producers).await?;
+    ServerProcess::vacuum(&database.url).await?;
+    let streamed = scenarios::lifecycle_stream(
+        client,
+        &stream_queue,
+        args.workers,
+        args.stream_credits,
+        args.tasks,
+    )
+    .await?;
+    Ok((unary, streamed))
 }
 
 fn latency_figures(wakeups: &Wakeups) -> Value {
