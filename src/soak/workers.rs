@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::checker::DAEMON_RESULT_SUFFIX;
@@ -96,10 +97,25 @@ pub(super) enum Mode {
     Stream,
 }
 
-/// A worker of the soak's own, running as tasks of this process; aborting it is its kill -9.
+/// A worker of the soak's own, running as tasks of this process. Every task it spawns (its
+/// heartbeat, its executions) ends when it is killed: that is its kill -9.
 pub(super) struct SdkWorker {
     pub(super) name: String,
-    handles: Vec<JoinHandle<()>>,
+    dead: CancellationToken,
+}
+
+/// Spawns `work`, ended at its next await once `dead` is cancelled.
+fn spawn_until_dead(
+    dead: &CancellationToken,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    let dead = dead.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = dead.cancelled() => {}
+            () = work => {}
+        }
+    })
 }
 
 impl SdkWorker {
@@ -111,32 +127,30 @@ impl SdkWorker {
         seed: u64,
     ) -> SdkWorker {
         let worker_name = name.clone();
-        let main = tokio::spawn(async move {
+        let dead = CancellationToken::new();
+        let inner_dead = dead.clone();
+        spawn_until_dead(&dead, async move {
             let mut worker = WorkerServiceClient::new(channel);
             let runtime_id = register(&mut worker, &worker_name).await;
-            let beat = tokio::spawn(heartbeat(worker.clone(), runtime_id.clone()));
+            spawn_until_dead(&inner_dead, heartbeat(worker.clone(), runtime_id.clone()));
             let context = Context {
                 name: worker_name,
                 worker,
                 history,
+                dead: inner_dead,
             };
             match mode {
                 Mode::Unary => unary_loop(context, runtime_id, seed).await,
                 Mode::Stream => stream_loop(context, runtime_id, seed).await,
             }
-            beat.abort();
         });
-        SdkWorker {
-            name,
-            handles: vec![main],
-        }
+        SdkWorker { name, dead }
     }
 
-    /// As a kill -9 would: no more calls of any kind, nothing given back.
+    /// As a kill -9 would: no more calls of any kind (heartbeats included), nothing given
+    /// back.
     pub(super) fn kill(&self) {
-        for handle in &self.handles {
-            handle.abort();
-        }
+        self.dead.cancel();
     }
 }
 
@@ -145,6 +159,7 @@ struct Context {
     name: String,
     worker: WorkerServiceClient<Channel>,
     history: Arc<HistoryLog>,
+    dead: CancellationToken,
 }
 
 async fn register(worker: &mut WorkerServiceClient<Channel>, name: &str) -> String {
@@ -235,7 +250,8 @@ async fn stream_loop(context: Context, runtime_id: String, seed: u64) {
             if let Some(Inbound::Claimed(claimed)) = message.msg {
                 let (context, outbound, task_seed) =
                     (context.clone(), outbound.clone(), rng.random());
-                tokio::spawn(async move {
+                let dead = context.dead.clone();
+                spawn_until_dead(&dead, async move {
                     execute(&context, claimed, task_seed).await;
                     let credit = Outbound::Credit(pb::GrantCredit { n: 1 });
                     let _ = outbound
