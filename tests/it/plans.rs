@@ -65,3 +65,50 @@ async fn a_claim_walks_the_claim_index_even_with_statistics(
     );
     transaction.rollback().await.unwrap();
 }
+
+/// Statistics taken while the queue was empty (what autovacuum does on a quiet night), then a
+/// sudden backlog: the claim still walks the claim index instead of reading the backlog.
+#[sqlx::test]
+async fn a_claim_after_statistics_of_an_empty_table_still_walks_the_claim_index(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let server = TestServer::start(pool, connect.clone()).await;
+    let runtime_id = server.register("after-a-quiet-night", &["burst"]).await;
+    let mut connection = PgConnection::connect_with(&connect).await.unwrap();
+    sqlx::query("ANALYZE tasks")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (id, queue, payload, status, attempt, max_attempts, created_at,
+                            available_at)
+         SELECT gen_random_uuid(), 'burst', '\\x00'::bytea, 'QUEUED', 1, 3,
+                now() - make_interval(secs => g / 1000.0), now() - interval '1 second'
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+
+    let mut transaction = connection.begin().await.unwrap();
+    let claimed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM leasehold_claim($1::uuid, 1, interval '60 seconds', 5, interval '10 seconds')",
+    )
+    .bind(&runtime_id)
+    .fetch_one(&mut *transaction)
+    .await
+    .unwrap();
+    assert_eq!(claimed, 1);
+    assert!(
+        scans(&mut transaction, "tasks_claimable").await >= 1,
+        "the claim index was not walked"
+    );
+    let read: i64 =
+        sqlx::query_scalar("SELECT pg_stat_get_xact_tuples_returned('tasks_claimable'::regclass)")
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+    assert!(read < 1000, "the claim read {read} entries of the backlog");
+    transaction.rollback().await.unwrap();
+}
