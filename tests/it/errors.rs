@@ -1,6 +1,10 @@
 //! Every row of spec §4's error table, with code, reason and metadata.
 
+use std::time::Duration;
+
 use leasehold::proto as pb;
+use leasehold::store::TaskStore as _;
+use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -322,3 +326,68 @@ conformance!(
     a_payload_limit_above_the_transport_default_is_honoured,
     registering_without_a_name_or_a_valid_queue_is_invalid,
 );
+
+fn batch_item(index: usize) -> leasehold::store::NewTask {
+    leasehold::store::NewTask {
+        queue: "cancelled".into(),
+        payload: format!("item-{index}").into_bytes(),
+        metadata: Default::default(),
+        priority: 0,
+        pinned_to: None,
+        concurrency_key: None,
+        idempotency_key: None,
+        max_attempts: 3,
+        delay: Duration::ZERO,
+        execution_timeout: None,
+    }
+}
+
+/// A caller that goes away in the middle of a batch enqueue (a client disconnect cancels its
+/// handler) must not leave the pooled connection inside a transaction: sqlx's BEGIN is not
+/// cancel-safe, and the next borrower's writes would run, acknowledged but uncommitted, in the
+/// leaked transaction (found by the soak). One connection, so every call reuses it.
+#[sqlx::test]
+async fn a_cancelled_batch_enqueue_leaves_no_transaction_open(
+    pool: sqlx::postgres::PgPoolOptions,
+    connect: sqlx::postgres::PgConnectOptions,
+) {
+    // Over a link whose answers take 20 ms, a call cancelled 1–19 ms after it started is
+    // waiting for BEGIN's answer: the window sqlx does not guard.
+    let upstream = tokio::net::lookup_host((connect.get_host(), connect.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let slow = crate::proxy::with_latency(upstream, Duration::from_millis(20)).await;
+    let pool = pool
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(connect.clone().host("127.0.0.1").port(slow.port()))
+        .await
+        .unwrap();
+    let store = leasehold::store::postgres::PgStore::new(
+        pool.clone(),
+        leasehold::app::store_policy(&crate::harness::test_config()),
+    );
+    for attempt in 0..20_u64 {
+        let budget = Duration::from_millis(1 + attempt % 19);
+        let _ = tokio::time::timeout(budget, store.enqueue_batch(vec![batch_item(0)])).await;
+    }
+    // What a later borrower writes is committed: visible from another connection at once.
+    let task = store.enqueue(batch_item(1)).await.unwrap();
+    let mut observer = sqlx::PgConnection::connect_with(&connect).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE id = $1")
+        .bind(task.task.id.as_uuid())
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1, "a write after a cancelled batch was not committed");
+    let stuck: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&mut observer)
+    .await
+    .unwrap();
+    assert_eq!(stuck, 0, "a connection was left inside a transaction");
+}

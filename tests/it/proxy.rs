@@ -75,3 +75,56 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut up: watch::Rec
         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
     }
 }
+
+/// A proxy whose answers (upstream → client) arrive `latency` late, as over a slow link, so a
+/// test can cancel a call while one of its round trips is in flight. Runs until the test ends.
+pub async fn with_latency(upstream: SocketAddr, latency: std::time::Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(forward_late(client, upstream, latency));
+        }
+    });
+    address
+}
+
+async fn forward_late(client: TcpStream, upstream: SocketAddr, latency: std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (late, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let requests = async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    };
+    let answers_read = async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(read) = server_read.read(&mut buffer).await {
+            if read == 0
+                || late
+                    .send((
+                        tokio::time::Instant::now() + latency,
+                        buffer[..read].to_vec(),
+                    ))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let answers_written = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if client_write.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = requests => {}
+        () = async { tokio::join!(answers_read, answers_written); } => {}
+    }
+}

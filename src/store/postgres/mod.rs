@@ -417,22 +417,8 @@ impl TaskStore for PgStore {
     }
 
     async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
-        let mut tx = self.pool.begin().await.map_err(plain)?;
-        let found: Option<Uuid> = sqlx::query_scalar(sql::DEREGISTER_RUNTIME)
-            .bind(runtime_id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(plain)?;
-        if found.is_none() {
-            return Err(Error::RuntimeNotFound(runtime_id));
-        }
-        let rows: Vec<MoveRow> = sqlx::query_as(sql::REQUEUE_UNSTARTED)
-            .bind(runtime_id.as_uuid())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(plain)?;
-        tx.commit().await.map_err(plain)?;
-        rows::moves(rows)
+        let pool = self.pool.clone();
+        detached(async move { deregister_in(&pool, runtime_id).await }).await?
     }
 
     async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
@@ -736,27 +722,17 @@ impl TaskStore for PgStore {
 
     async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>> {
         let ids: Vec<TaskId> = tasks.iter().map(|_| TaskId::new_random()).collect();
-        let mut tx = self.pool.begin().await.map_err(plain)?;
-        let pins: Vec<Uuid> = tasks
-            .iter()
-            .filter_map(|task| task.pinned_to.map(|pin| pin.as_uuid()))
-            .collect();
-        let known: Vec<Uuid> = sqlx::query_scalar(sql::KNOWN_RUNTIMES)
-            .bind(&pins)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(plain)?;
+        let pool = self.pool.clone();
+        let (tasks, ids, stored) = detached(async move {
+            let stored = insert_batch(&pool, &tasks, &ids).await;
+            (tasks, ids, stored)
+        })
+        .await?;
+        let (known, inserted) = stored?;
         let insertable = |task: &NewTask| {
             task.pinned_to
                 .is_none_or(|pin| known.contains(&pin.as_uuid()))
         };
-        let batch = BatchColumns::of(tasks.iter().zip(&ids).filter(|(task, _)| insertable(task)));
-        let inserted: Vec<TaskRow> = batch
-            .bind(sqlx::query_as(sql::ENQUEUE_BATCH))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(plain)?;
-        tx.commit().await.map_err(plain)?;
         let mut inserted: HashMap<TaskId, Task> = inserted
             .into_iter()
             .map(|row| Task::try_from(row).map(|task| (task.id, task)))
@@ -924,6 +900,71 @@ impl TaskStore for PgStore {
             .map_err(plain)?;
         self.describe_queue(queue).await
     }
+}
+
+/// Runs `work` in a task of its own, to its end even when the caller is dropped (a client that
+/// went away cancels its handler). sqlx's `Pool::begin` is not cancel-safe on PostgreSQL
+/// (sqlx#4393, unreleased fix): a BEGIN cancelled in flight leaves the pooled connection inside
+/// a transaction, and the next borrower's writes run in it, acknowledged but uncommitted (the
+/// soak caught a StartTask acknowledged, then invisible to the CompleteTask that followed).
+/// Every explicit transaction on the request pool goes through here.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|error| Error::Internal(error.into()))
+}
+
+/// DeregisterRuntime's transaction: the runtime OFFLINE, its unstarted claims requeued (T4'').
+async fn deregister_in(pool: &PgPool, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
+    let mut tx = pool.begin().await.map_err(plain)?;
+    let found: Option<Uuid> = sqlx::query_scalar(sql::DEREGISTER_RUNTIME)
+        .bind(runtime_id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(plain)?;
+    if found.is_none() {
+        return Err(Error::RuntimeNotFound(runtime_id));
+    }
+    let rows: Vec<MoveRow> = sqlx::query_as(sql::REQUEUE_UNSTARTED)
+        .bind(runtime_id.as_uuid())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(plain)?;
+    tx.commit().await.map_err(plain)?;
+    rows::moves(rows)
+}
+
+/// EnqueueTasks' transaction: which pinned runtimes exist, then every insertable item in one
+/// statement. Returns the known runtimes and the stored rows.
+async fn insert_batch(
+    pool: &PgPool,
+    tasks: &[NewTask],
+    ids: &[TaskId],
+) -> Result<(Vec<Uuid>, Vec<TaskRow>)> {
+    let mut tx = pool.begin().await.map_err(plain)?;
+    let pins: Vec<Uuid> = tasks
+        .iter()
+        .filter_map(|task| task.pinned_to.map(|pin| pin.as_uuid()))
+        .collect();
+    let known: Vec<Uuid> = sqlx::query_scalar(sql::KNOWN_RUNTIMES)
+        .bind(&pins)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(plain)?;
+    let insertable = |task: &NewTask| {
+        task.pinned_to
+            .is_none_or(|pin| known.contains(&pin.as_uuid()))
+    };
+    let batch = BatchColumns::of(tasks.iter().zip(ids).filter(|(task, _)| insertable(task)));
+    let inserted: Vec<TaskRow> = batch
+        .bind(sqlx::query_as(sql::ENQUEUE_BATCH))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(plain)?;
+    tx.commit().await.map_err(plain)?;
+    Ok((known, inserted))
 }
 
 /// ENQUEUE_BATCH's parameters: one array per column.
