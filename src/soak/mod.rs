@@ -206,7 +206,7 @@ async fn soak_on(
         load.start_sdk_worker(&channels, &history, &mut rng);
     }
     for _ in 0..2 {
-        load.start_daemon(&topology, dir, &mut rng)?;
+        load.start_daemon(&topology, dir)?;
     }
 
     let fault_window = args.duration.mul_f64(0.6);
@@ -236,7 +236,7 @@ async fn soak_on(
     let _ = producer.await;
 
     let deadline = started + args.duration + args.drain_deadline;
-    let drained = wait_until_drained(&topology.postgres.url(), deadline).await?;
+    let drained = wait_until_drained(&topology.postgres.url(), deadline).await;
     let elapsed = started.elapsed();
     for worker in &load.sdk {
         worker.kill();
@@ -354,7 +354,6 @@ impl Load {
         &mut self,
         topology: &Topology<'_>,
         dir: &std::path::Path,
-        _rng: &mut StdRng,
     ) -> anyhow::Result<()> {
         let index = self.started;
         self.started += 1;
@@ -437,7 +436,7 @@ async fn inject(
                 let mut daemon = load.daemons.remove(rng.random_range(0..load.daemons.len()));
                 tracing::info!(daemon = %daemon.name, "kill -9");
                 daemon.kill().await;
-                load.start_daemon(topology, dir, rng)
+                load.start_daemon(topology, dir)
             } else {
                 let worker = load.sdk.remove(rng.random_range(0..load.sdk.len()));
                 tracing::info!(worker = %worker.name, "killed");
@@ -474,7 +473,7 @@ async fn wait_until_serving(replicas: &[Replica]) -> anyhow::Result<()> {
 }
 
 /// Waits until no task is active (or the deadline); true when that happened.
-async fn wait_until_drained(url: &str, deadline: Instant) -> anyhow::Result<bool> {
+async fn wait_until_drained(url: &str, deadline: Instant) -> bool {
     while Instant::now() < deadline {
         if let Ok(mut connection) = sqlx::PgConnection::connect(url).await {
             let active: i64 = sqlx::query_scalar(
@@ -484,12 +483,12 @@ async fn wait_until_drained(url: &str, deadline: Instant) -> anyhow::Result<bool
             .await
             .unwrap_or(1);
             if active == 0 {
-                return Ok(true);
+                return true;
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(false)
+    false
 }
 
 async fn final_tasks(url: &str) -> anyhow::Result<Vec<FinalTask>> {

@@ -603,7 +603,7 @@ impl State {
     /// Retention: finished tasks that finished before `finished_before` are forgotten, with
     /// their usage counters and idempotency keys.
     fn delete_finished(&mut self, finished_before: DateTime<Utc>) -> u64 {
-        let expired: Vec<TaskId> = self
+        let expired: HashSet<TaskId> = self
             .tasks
             .values()
             .filter(|task| task.status.is_terminal())
@@ -617,9 +617,8 @@ impl State {
                 self.idempotency.remove(&(task.queue, key));
             }
         }
-        let expired_set: HashSet<TaskId> = expired.iter().copied().collect();
         self.usage
-            .retain(|(task_id, _), _| !expired_set.contains(task_id));
+            .retain(|(task_id, _), _| !expired.contains(task_id));
         expired.len() as u64
     }
 

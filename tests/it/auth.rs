@@ -323,14 +323,17 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     };
     assert!(reader.admin.clone().list_runtimes(list).await.is_ok());
 
-    let listed = admin
-        .admin
-        .clone()
-        .list_api_keys(pb::ListApiKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .api_keys;
+    let list_keys = || {
+        let mut keys = admin.admin.clone();
+        async move {
+            keys.list_api_keys(pb::ListApiKeysRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .api_keys
+        }
+    };
+    let listed = list_keys().await;
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].scopes, ["read"]);
     assert!(listed[1].expires_at.is_some());
@@ -339,14 +342,7 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     // never used has no last use.
     let mut last_used = None;
     for _ in 0..50 {
-        let keys = admin
-            .admin
-            .clone()
-            .list_api_keys(pb::ListApiKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .api_keys;
+        let keys = list_keys().await;
         assert!(keys[1].last_used_at.is_none());
         last_used = keys[0].last_used_at;
         if last_used.is_some() {

@@ -15,6 +15,22 @@ async fn scans(connection: &mut PgConnection, index: &str) -> i64 {
         .unwrap()
 }
 
+/// One task claimed in `transaction`, by walking `tasks_claimable`.
+async fn claim_one_along_the_claim_index(transaction: &mut PgConnection, runtime_id: &str) {
+    let claimed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM leasehold_claim($1::uuid, 1, interval '60 seconds', 5, interval '10 seconds')",
+    )
+    .bind(runtime_id)
+    .fetch_one(&mut *transaction)
+    .await
+    .unwrap();
+    assert_eq!(claimed, 1);
+    assert!(
+        scans(transaction, "tasks_claimable").await >= 1,
+        "the claim index was not walked"
+    );
+}
+
 #[sqlx::test]
 async fn a_claim_walks_the_claim_index_even_with_statistics(
     pool: PgPoolOptions,
@@ -46,18 +62,7 @@ async fn a_claim_walks_the_claim_index_even_with_statistics(
         .unwrap();
 
     let mut transaction = connection.begin().await.unwrap();
-    let claimed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM leasehold_claim($1::uuid, 1, interval '60 seconds', 5, interval '10 seconds')",
-    )
-    .bind(&runtime_id)
-    .fetch_one(&mut *transaction)
-    .await
-    .unwrap();
-    assert_eq!(claimed, 1);
-    assert!(
-        scans(&mut transaction, "tasks_claimable").await >= 1,
-        "the claim index was not walked"
-    );
+    claim_one_along_the_claim_index(&mut transaction, &runtime_id).await;
     assert_eq!(
         scans(&mut transaction, "tasks_finished_by_queue").await,
         0,
@@ -92,18 +97,7 @@ async fn a_claim_after_statistics_of_an_empty_table_still_walks_the_claim_index(
     .unwrap();
 
     let mut transaction = connection.begin().await.unwrap();
-    let claimed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM leasehold_claim($1::uuid, 1, interval '60 seconds', 5, interval '10 seconds')",
-    )
-    .bind(&runtime_id)
-    .fetch_one(&mut *transaction)
-    .await
-    .unwrap();
-    assert_eq!(claimed, 1);
-    assert!(
-        scans(&mut transaction, "tasks_claimable").await >= 1,
-        "the claim index was not walked"
-    );
+    claim_one_along_the_claim_index(&mut transaction, &runtime_id).await;
     let read: i64 =
         sqlx::query_scalar("SELECT pg_stat_get_xact_tuples_returned('tasks_claimable'::regclass)")
             .fetch_one(&mut *transaction)
