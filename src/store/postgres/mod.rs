@@ -41,6 +41,7 @@ use sweep::StageArgument;
 #[doc(hidden)]
 pub mod statements {
     pub const DESCRIBE_QUEUE: &str = super::sql::DESCRIBE_QUEUE;
+    pub const QUEUE_DEPTHS: &str = super::sql::QUEUE_DEPTHS;
 }
 
 /// A duration as PostgreSQL's INTERVAL can hold it: whole microseconds (sqlx refuses to

@@ -250,15 +250,24 @@ SELECT
         AND finished_at > tallied.counted_through) AS cancelled,
     (SELECT min(created_at) FROM tasks WHERE queue = $1 AND status = 'QUEUED') AS oldest_queued_at";
 
+/// The queue gauges, refreshed every sweep: two parts, each along a partial index of active
+/// tasks (`tasks_oldest_queued`, `tasks_active_by_queue`), so the cost follows the active tasks,
+/// not the history (one `status IN (...)` over the table scanned all of it).
 pub(super) const QUEUE_DEPTHS: &str = "
 SELECT queue,
-       count(*) FILTER (WHERE status = 'QUEUED')     AS queued,
-       count(*) FILTER (WHERE status = 'DISPATCHED') AS dispatched,
-       count(*) FILTER (WHERE status = 'RUNNING')    AS running,
-       EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'QUEUED'))::float8
-           AS oldest_queued_secs
-FROM tasks
-WHERE status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
+       sum(queued)::bigint     AS queued,
+       sum(dispatched)::bigint AS dispatched,
+       sum(running)::bigint    AS running,
+       EXTRACT(EPOCH FROM now() - min(oldest_queued_at))::float8 AS oldest_queued_secs
+FROM (
+    SELECT queue, count(*) AS queued, 0 AS dispatched, 0 AS running,
+           min(created_at) AS oldest_queued_at
+    FROM tasks WHERE status = 'QUEUED' GROUP BY queue
+    UNION ALL
+    SELECT queue, 0, count(*) FILTER (WHERE status = 'DISPATCHED'),
+           count(*) FILTER (WHERE status = 'RUNNING'), NULL
+    FROM tasks WHERE status IN ('DISPATCHED', 'RUNNING') GROUP BY queue
+) AS parts
 GROUP BY queue";
 
 /// $4: whether to set the execution-time default to $5 (NULL clears it).
