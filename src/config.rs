@@ -48,6 +48,20 @@ pub struct MigrateArgs {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+
+    /// `transaction` when the URL points at a transaction-mode pooler (PgBouncer).
+    #[arg(long, env = "LEASEHOLD_DATABASE_POOLER", value_enum, default_value_t = DatabasePooler::None)]
+    pub database_pooler: DatabasePooler,
+}
+
+/// What stands between leasehold and PostgreSQL (docs/operations.md, "Behind PgBouncer").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatabasePooler {
+    /// Nothing, or a session-mode pooler: a connection keeps its session.
+    None,
+    /// A transaction-mode pooler (PgBouncer `pool_mode = transaction`): nothing outlives a
+    /// transaction, so every statement runs unnamed in a transaction of its own.
+    Transaction,
 }
 
 /// Which store holds tasks and runtimes (spec §11).
@@ -141,6 +155,10 @@ pub struct Config {
     /// PostgreSQL `lock_timeout` of every connection: no statement waits longer for a lock.
     #[arg(long, env = "LEASEHOLD_DATABASE_LOCK_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub database_lock_timeout: Duration,
+
+    /// `transaction` when `--database-url` points at a transaction-mode pooler (PgBouncer).
+    #[arg(long, env = "LEASEHOLD_DATABASE_POOLER", value_enum, default_value_t = DatabasePooler::None)]
+    pub database_pooler: DatabasePooler,
 
     /// Redis connection URL (liveness, empty-queue cache, cross-replica wake-ups).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]

@@ -1,10 +1,13 @@
+use std::time::Duration;
+
 use clap::Parser;
 
 use anyhow::Context as _;
 use leasehold::app::App;
 use sqlx::postgres::PgConnectOptions;
 
-use leasehold::config::{Cli, Command, Config, LogFormat, MigrateArgs};
+use leasehold::config::{Cli, Command, Config, DatabasePooler, LogFormat, MigrateArgs};
+use leasehold::store::postgres::pooler::Route;
 use leasehold::store::postgres::schema;
 use leasehold::{shutdown, telemetry};
 
@@ -31,7 +34,19 @@ async fn main() -> anyhow::Result<()> {
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     telemetry::init(LogFormat::Pretty);
     let options: PgConnectOptions = args.database_url.parse().context("invalid DATABASE_URL")?;
-    schema::apply(&options).await?;
+    let route = match args.database_pooler {
+        DatabasePooler::None => Route::Direct,
+        DatabasePooler::Transaction => Route::TransactionPooler {
+            // Migrations run without either timeout: an index build may take long.
+            statement_timeout: Duration::ZERO,
+            lock_timeout: Duration::ZERO,
+        },
+    };
+    let options = match route {
+        Route::Direct => options,
+        Route::TransactionPooler { .. } => leasehold::app::for_pooler(options),
+    };
+    schema::apply(&options, route).await?;
     tracing::info!(
         newest = schema::newest_known_version(),
         "the schema holds every migration"

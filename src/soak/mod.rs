@@ -451,7 +451,7 @@ async fn inject(
 
 async fn migrate(url: &str) -> anyhow::Result<()> {
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    crate::store::postgres::schema::apply(&options).await
+    crate::store::postgres::schema::apply(&options, Default::default()).await
 }
 
 async fn wait_until_serving(replicas: &[Replica]) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold::app::{App, store_policy};
+use leasehold::app::{App, postgres_store, store_policy};
 use leasehold::config::Config;
 use leasehold::coordinator::Coordinator;
 use leasehold::proto as pb;
@@ -136,7 +136,7 @@ impl TestServer {
         let policy = store_policy(&config);
         let (store, task_store): (Store, Arc<dyn TaskStore>) = match pool {
             Some(pool) => {
-                let task_store = Arc::new(PgStore::new(pool.clone(), policy));
+                let task_store = Arc::new(postgres_store(pool.clone(), &config));
                 (Store::Postgres(pool), task_store)
             }
             None => {

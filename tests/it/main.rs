@@ -27,6 +27,7 @@ mod listing;
 mod liveness;
 mod metrics;
 mod operations;
+mod pgbouncer;
 mod plans;
 mod process;
 mod proxy;

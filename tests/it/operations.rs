@@ -24,7 +24,7 @@ pub fn database_url(connect: &PgConnectOptions) -> String {
 
 /// Runs the binary to its end (at most 30 s), with no database or Redis unless `env` names
 /// them.
-async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
     command
         .args(args)
@@ -40,7 +40,7 @@ async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
-fn stderr_of(output: &Output) -> String {
+pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use sqlx::PgPool;
+use super::pooler::{Db, run};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -44,10 +44,7 @@ pub(super) trait SharedWrite: Send + 'static {
 
     fn task_id(&self) -> Uuid;
     /// Runs the writes as one statement, answering the rows whose guard matched.
-    fn run(
-        pool: &PgPool,
-        writes: &[Self],
-    ) -> impl Future<Output = sqlx::Result<Vec<TaskRow>>> + Send
+    fn run(db: &Db, writes: &[Self]) -> impl Future<Output = sqlx::Result<Vec<TaskRow>>> + Send
     where
         Self: Sized;
 }
@@ -93,11 +90,8 @@ impl Complete {
 }
 
 /// Runs `write` as its statement with nothing else in it; the row when its guard matched.
-pub(super) async fn alone<W: SharedWrite>(
-    pool: &PgPool,
-    write: W,
-) -> sqlx::Result<Option<TaskRow>> {
-    let rows = W::run(pool, std::slice::from_ref(&write)).await?;
+pub(super) async fn alone<W: SharedWrite>(db: &Db, write: W) -> sqlx::Result<Option<TaskRow>> {
+    let rows = W::run(db, std::slice::from_ref(&write)).await?;
     Ok(rows.into_iter().next())
 }
 
@@ -108,18 +102,21 @@ impl SharedWrite for Start {
         self.task_id
     }
 
-    async fn run(pool: &PgPool, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
+    async fn run(db: &Db, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
         let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = writes
             .iter()
             .map(|write| (write.task_id, write.token))
             .unzip();
         let holders: Vec<Option<Uuid>> = writes.iter().map(|write| write.holder).collect();
-        sqlx::query_as(super::sql::START_MANY)
-            .bind(ids)
-            .bind(tokens)
-            .bind(holders)
-            .fetch_all(pool)
-            .await
+        run!(
+            db,
+            sqlx::query_as(super::sql::START_MANY)
+                .bind(ids)
+                .bind(tokens)
+                .bind(holders),
+            fetch_all
+        )
+        .await
     }
 }
 
@@ -130,18 +127,21 @@ impl SharedWrite for Complete {
         self.task_id
     }
 
-    async fn run(pool: &PgPool, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
+    async fn run(db: &Db, writes: &[Self]) -> sqlx::Result<Vec<TaskRow>> {
         let ids: Vec<Uuid> = writes.iter().map(|write| write.task_id).collect();
         let tokens: Vec<Uuid> = writes.iter().map(|write| write.token).collect();
         let results: Vec<&[u8]> = writes.iter().map(|write| &write.result[..]).collect();
         let holders: Vec<Option<Uuid>> = writes.iter().map(|write| write.holder).collect();
-        sqlx::query_as(super::sql::COMPLETE_MANY)
-            .bind(ids)
-            .bind(tokens)
-            .bind(results)
-            .bind(holders)
-            .fetch_all(pool)
-            .await
+        run!(
+            db,
+            sqlx::query_as(super::sql::COMPLETE_MANY)
+                .bind(ids)
+                .bind(tokens)
+                .bind(results)
+                .bind(holders),
+            fetch_all
+        )
+        .await
     }
 }
 
@@ -153,14 +153,14 @@ struct Pending<W> {
 /// The writer loop of one kind, started by the first write (so it runs on the caller's
 /// runtime) and ended when the store is dropped.
 pub(super) struct Coalescer<W> {
-    pool: PgPool,
+    db: Db,
     sender: OnceLock<mpsc::UnboundedSender<Pending<W>>>,
 }
 
 impl<W: SharedWrite> Coalescer<W> {
-    pub(super) fn new(pool: PgPool) -> Self {
+    pub(super) fn new(db: Db) -> Self {
         Self {
-            pool,
+            db,
             sender: OnceLock::new(),
         }
     }
@@ -170,7 +170,7 @@ impl<W: SharedWrite> Coalescer<W> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tokio::spawn(write_loop(self.pool.clone(), receiver));
+            tokio::spawn(write_loop(self.db.clone(), receiver));
             sender
         });
         if sender.send(Pending { write, reply }).is_err() {
@@ -181,18 +181,15 @@ impl<W: SharedWrite> Coalescer<W> {
     }
 }
 
-async fn write_loop<W: SharedWrite>(
-    pool: PgPool,
-    mut receiver: mpsc::UnboundedReceiver<Pending<W>>,
-) {
+async fn write_loop<W: SharedWrite>(db: Db, mut receiver: mpsc::UnboundedReceiver<Pending<W>>) {
     let mut batch = Vec::new();
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write_batch(&pool, std::mem::take(&mut batch)).await;
+        write_batch(&db, std::mem::take(&mut batch)).await;
     }
 }
 
 /// One statement for the batch; every writer gets its answer.
-async fn write_batch<W: SharedWrite>(pool: &PgPool, mut batch: Vec<Pending<W>>) {
+async fn write_batch<W: SharedWrite>(db: &Db, mut batch: Vec<Pending<W>>) {
     metrics::histogram!("leasehold_shared_statement_writes", "kind" => W::KIND)
         .record(batch.len() as f64);
     // Rows are locked in one fixed order (by id), which keeps a shared statement from
@@ -213,7 +210,7 @@ async fn write_batch<W: SharedWrite>(pool: &PgPool, mut batch: Vec<Pending<W>>) 
             replies.push(pending.reply);
         }
     }
-    match W::run(pool, &writes).await {
+    match W::run(db, &writes).await {
         Ok(rows) => {
             let mut applied: HashMap<Uuid, TaskRow> =
                 rows.into_iter().map(|row| (row.id(), row)).collect();

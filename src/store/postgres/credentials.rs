@@ -1,7 +1,7 @@
 //! API keys and runtime tokens on PostgreSQL (spec §9): digests only, never secrets.
 
+use super::pooler::{Db, run};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::errors::plain;
@@ -62,65 +62,63 @@ impl ApiKeyRow {
     }
 }
 
-pub(super) async fn create(pool: &PgPool, key: NewApiKey) -> Result<ApiKey> {
+pub(super) async fn create(db: &Db, key: NewApiKey) -> Result<ApiKey> {
     let scopes: Vec<String> = key.grants.iter().map(ToString::to_string).collect();
-    let row: ApiKeyRow = sqlx::query_as(CREATE)
-        .bind(key.id)
-        .bind(&key.name)
-        .bind(scopes)
-        .bind(key.digest.as_bytes().as_slice())
-        .bind(key.expires_in.map(interval))
-        .fetch_one(pool)
-        .await
-        .map_err(plain)?;
+    let row: ApiKeyRow = run!(
+        db,
+        sqlx::query_as(CREATE)
+            .bind(key.id)
+            .bind(&key.name)
+            .bind(scopes)
+            .bind(key.digest.as_bytes().as_slice())
+            .bind(key.expires_in.map(interval)),
+        fetch_one
+    )
+    .await
+    .map_err(plain)?;
     Ok(row.into_key()?.0)
 }
 
-pub(super) async fn list(pool: &PgPool) -> Result<Vec<ApiKey>> {
-    let rows: Vec<ApiKeyRow> = sqlx::query_as(LIST).fetch_all(pool).await.map_err(plain)?;
+pub(super) async fn list(db: &Db) -> Result<Vec<ApiKey>> {
+    let rows: Vec<ApiKeyRow> = run!(db, sqlx::query_as(LIST), fetch_all)
+        .await
+        .map_err(plain)?;
     rows.into_iter()
         .map(|row| row.into_key().map(|(key, _)| key))
         .collect()
 }
 
-pub(super) async fn revoke(pool: &PgPool, key_id: Uuid) -> Result<ApiKey> {
-    let row: Option<ApiKeyRow> = sqlx::query_as(REVOKE)
-        .bind(key_id)
-        .fetch_optional(pool)
+pub(super) async fn revoke(db: &Db, key_id: Uuid) -> Result<ApiKey> {
+    let row: Option<ApiKeyRow> = run!(db, sqlx::query_as(REVOKE).bind(key_id), fetch_optional)
         .await
         .map_err(plain)?;
     Ok(row.ok_or(Error::ApiKeyNotFound(key_id))?.into_key()?.0)
 }
 
-pub(super) async fn find(pool: &PgPool, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>> {
-    let row: Option<ApiKeyRow> = sqlx::query_as(FIND)
-        .bind(key_id)
-        .fetch_optional(pool)
+pub(super) async fn find(db: &Db, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>> {
+    let row: Option<ApiKeyRow> = run!(db, sqlx::query_as(FIND).bind(key_id), fetch_optional)
         .await
         .map_err(plain)?;
     row.map(ApiKeyRow::into_key).transpose()
 }
 
-pub(super) async fn note_used(pool: &PgPool, key_id: Uuid) -> Result<()> {
-    sqlx::query(NOTE_USED)
-        .bind(key_id)
-        .execute(pool)
+pub(super) async fn note_used(db: &Db, key_id: Uuid) -> Result<()> {
+    run!(db, sqlx::query(NOTE_USED).bind(key_id), execute)
         .await
         .map_err(plain)?;
     Ok(())
 }
 
-pub(super) async fn runtime(
-    pool: &PgPool,
-    runtime_id: RuntimeId,
-) -> Result<Option<RuntimeCredential>> {
+pub(super) async fn runtime(db: &Db, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>> {
     /// The current digest, and the revoked ones.
     type CredentialRow = (Option<Vec<u8>>, Vec<Vec<u8>>);
-    let row: Option<CredentialRow> = sqlx::query_as(RUNTIME_CREDENTIAL)
-        .bind(runtime_id.as_uuid())
-        .fetch_optional(pool)
-        .await
-        .map_err(plain)?;
+    let row: Option<CredentialRow> = run!(
+        db,
+        sqlx::query_as(RUNTIME_CREDENTIAL).bind(runtime_id.as_uuid()),
+        fetch_optional
+    )
+    .await
+    .map_err(plain)?;
     Ok(row.map(|(current, revoked)| RuntimeCredential {
         current: current.as_deref().and_then(SecretDigest::from_bytes),
         revoked: revoked

@@ -27,6 +27,7 @@ use crate::store::{
 mod coalesce;
 mod credentials;
 mod errors;
+pub mod pooler;
 mod rows;
 pub mod schema;
 mod sql;
@@ -34,6 +35,7 @@ mod sweep;
 
 use coalesce::{Coalescer, Shared};
 use errors::{Context, classify, plain};
+use pooler::{Db, Route, run};
 use rows::{FenceSnapshot, HorizonRow, MoveRow, QueueRow, RuntimeRow, TaskRow, to_u32, to_u64};
 use sweep::StageArgument;
 
@@ -73,11 +75,12 @@ const SWEEPER_CONNECTIONS: u32 = 2;
 const LIVENESS_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
-    pool: PgPool,
+    /// Requests.
+    db: Db,
     /// Heartbeats and the signs of life of other calls.
-    liveness_pool: PgPool,
+    liveness: Db,
     /// The sweep.
-    sweeper_pool: PgPool,
+    sweeper: Db,
     leader: sweep::Leader,
     policy: StorePolicy,
     starts: Coalescer<coalesce::Start>,
@@ -118,22 +121,33 @@ enum Fenced {
 
 impl PgStore {
     /// `pool` serves requests; the liveness and sweeper connections are opened beside it,
-    /// with the same settings, when first needed.
+    /// with the same settings, when first needed. Statements go straight to PostgreSQL.
     pub fn new(pool: PgPool, policy: StorePolicy) -> Self {
+        Self::routed(pool, policy, Route::Direct)
+    }
+
+    /// [`PgStore::new`], with statements taking `route` (e.g. through a transaction pooler).
+    pub fn routed(pool: PgPool, policy: StorePolicy, route: Route) -> Self {
+        let db = Db::new(pool, route);
+        let pool = db.pool();
         Self {
-            starts: Coalescer::new(pool.clone()),
-            completes: Coalescer::new(pool.clone()),
-            liveness_pool: side_pool(&pool, LIVENESS_CONNECTIONS, LIVENESS_ACQUIRE_TIMEOUT),
-            sweeper_pool: side_pool(
-                &pool,
+            starts: Coalescer::new(db.clone()),
+            completes: Coalescer::new(db.clone()),
+            liveness: db.with_pool(side_pool(
+                pool,
+                LIVENESS_CONNECTIONS,
+                LIVENESS_ACQUIRE_TIMEOUT,
+            )),
+            sweeper: db.with_pool(side_pool(
+                pool,
                 SWEEPER_CONNECTIONS,
                 pool.options().get_acquire_timeout(),
-            ),
+            )),
             leader: sweep::Leader {
                 holder: Uuid::new_v4(),
                 epoch: std::sync::atomic::AtomicI64::new(0),
             },
-            pool,
+            db,
             policy,
         }
     }
@@ -213,37 +227,42 @@ impl PgStore {
         match write {
             GuardedWrite::Start => {
                 let write = coalesce::Start::new(task_id, claim_token, acting);
-                applied_task(coalesce::alone(&self.pool, write).await)
+                applied_task(coalesce::alone(&self.db, write).await)
             }
             GuardedWrite::Complete(result) => {
                 let write = coalesce::Complete::new(task_id, claim_token, result, acting);
-                applied_task(coalesce::alone(&self.pool, write).await)
+                applied_task(coalesce::alone(&self.db, write).await)
             }
             GuardedWrite::Fail(failure) => {
                 let backoff = self.policy.retry_backoff;
-                let row = sqlx::query_as(sql::FAIL)
-                    .bind(task)
-                    .bind(token)
-                    .bind(&failure.error)
-                    .bind(failure.retryable)
-                    .bind(backoff.base.as_secs_f64() * 1000.0)
-                    .bind(backoff.max.as_secs_f64() * 1000.0)
-                    .bind(failure.jitter)
-                    .bind(holder)
-                    .fetch_optional(&self.pool)
-                    .await;
+                let row = run!(
+                    &self.db,
+                    sqlx::query_as(sql::FAIL)
+                        .bind(task)
+                        .bind(token)
+                        .bind(&failure.error)
+                        .bind(failure.retryable)
+                        .bind(backoff.base.as_secs_f64() * 1000.0)
+                        .bind(backoff.max.as_secs_f64() * 1000.0)
+                        .bind(failure.jitter)
+                        .bind(holder),
+                    fetch_optional
+                )
+                .await;
                 applied_task(row)
             }
             GuardedWrite::ExtendLease(extend_by) => {
-                let renewed: Option<(DateTime<Utc>, Option<Uuid>)> =
+                let renewed: Option<(DateTime<Utc>, Option<Uuid>)> = run!(
+                    &self.db,
                     sqlx::query_as(sql::EXTEND_LEASE)
                         .bind(task)
                         .bind(token)
                         .bind(interval(*extend_by))
-                        .bind(holder)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(plain)?;
+                        .bind(holder),
+                    fetch_optional
+                )
+                .await
+                .map_err(plain)?;
                 Ok(renewed.map(|(lease_expires_at, holder)| {
                     Applied::Lease(LeaseRenewal {
                         lease_expires_at,
@@ -255,11 +274,13 @@ impl PgStore {
     }
 
     async fn fence_snapshot(&self, task_id: TaskId) -> Result<(Task, DateTime<Utc>)> {
-        let snapshot: Option<FenceSnapshot> = sqlx::query_as(sql::FENCE_SNAPSHOT)
-            .bind(task_id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let snapshot: Option<FenceSnapshot> = run!(
+            &self.db,
+            sqlx::query_as(sql::FENCE_SNAPSHOT).bind(task_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         let snapshot = snapshot.ok_or(Error::TaskNotFound(task_id))?;
         Ok((snapshot.task.try_into()?, snapshot.db_now))
     }
@@ -282,12 +303,15 @@ impl PgStore {
         if queues.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<TaskRow> = sqlx::query_as(sql::BY_IDEMPOTENCY_KEYS)
-            .bind(&queues)
-            .bind(&keys)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::BY_IDEMPOTENCY_KEYS)
+                .bind(&queues)
+                .bind(&keys),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         rows.into_iter()
             .map(|row| {
                 let task = Task::try_from(row)?;
@@ -298,11 +322,13 @@ impl PgStore {
     }
 
     async fn require_runtime(&self, runtime_id: RuntimeId) -> Result<()> {
-        let exists: bool = sqlx::query_scalar(sql::RUNTIME_EXISTS)
-            .bind(runtime_id.as_uuid())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(plain)?;
+        let exists: bool = run!(
+            &self.db,
+            sqlx::query_scalar(sql::RUNTIME_EXISTS).bind(runtime_id.as_uuid()),
+            fetch_one
+        )
+        .await
+        .map_err(plain)?;
         if exists {
             Ok(())
         } else {
@@ -311,11 +337,13 @@ impl PgStore {
     }
 
     async fn fetch_task(&self, query: &'static str, task_id: TaskId) -> Result<Option<Task>> {
-        let row: Option<TaskRow> = sqlx::query_as(query)
-            .bind(task_id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: Option<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(query).bind(task_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         row.map(Task::try_from).transpose()
     }
 
@@ -327,14 +355,17 @@ impl PgStore {
         names: &[String],
         values: &[i64],
     ) -> Result<bool> {
-        let matching: i64 = sqlx::query_scalar(sql::MATCHING_USAGE)
-            .bind(task_id.as_uuid())
-            .bind(token.as_uuid())
-            .bind(names)
-            .bind(values)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(plain)?;
+        let matching: i64 = run!(
+            &self.db,
+            sqlx::query_scalar(sql::MATCHING_USAGE)
+                .bind(task_id.as_uuid())
+                .bind(token.as_uuid())
+                .bind(names)
+                .bind(values),
+            fetch_one
+        )
+        .await
+        .map_err(plain)?;
         Ok(usize::try_from(matching).is_ok_and(|matching| matching == names.len()))
     }
 }
@@ -342,35 +373,34 @@ impl PgStore {
 #[async_trait]
 impl TaskStore for PgStore {
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        run!(&self.db, sqlx::query("SELECT 1"), execute)
             .await
             .map_err(plain)?;
         Ok(())
     }
 
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
-        credentials::create(&self.pool, key).await
+        credentials::create(&self.db, key).await
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
-        credentials::list(&self.pool).await
+        credentials::list(&self.db).await
     }
 
     async fn revoke_api_key(&self, key_id: Uuid) -> Result<ApiKey> {
-        credentials::revoke(&self.pool, key_id).await
+        credentials::revoke(&self.db, key_id).await
     }
 
     async fn api_key_credential(&self, key_id: Uuid) -> Result<Option<(ApiKey, SecretDigest)>> {
-        credentials::find(&self.liveness_pool, key_id).await
+        credentials::find(&self.liveness, key_id).await
     }
 
     async fn note_api_key_used(&self, key_id: Uuid) -> Result<()> {
-        credentials::note_used(&self.liveness_pool, key_id).await
+        credentials::note_used(&self.liveness, key_id).await
     }
 
     async fn runtime_credential(&self, runtime_id: RuntimeId) -> Result<Option<RuntimeCredential>> {
-        credentials::runtime(&self.liveness_pool, runtime_id).await
+        credentials::runtime(&self.liveness, runtime_id).await
     }
 
     async fn register_runtime(
@@ -378,26 +408,31 @@ impl TaskStore for PgStore {
         runtime: NewRuntime,
         token_digest: SecretDigest,
     ) -> Result<Runtime> {
-        let row: RuntimeRow = sqlx::query_as(sql::REGISTER_RUNTIME)
-            .bind(RuntimeId::new_random().as_uuid())
-            .bind(&runtime.name)
-            .bind(&runtime.queues)
-            .bind(Json(&runtime.labels))
-            .bind(i64::from(runtime.max_concurrency))
-            .bind(token_digest.as_bytes().as_slice())
-            .bind(i32::try_from(REMEMBERED_REVOKED_TOKENS).unwrap_or(i32::MAX))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: RuntimeRow = run!(
+            &self.db,
+            sqlx::query_as(sql::REGISTER_RUNTIME)
+                .bind(RuntimeId::new_random().as_uuid())
+                .bind(&runtime.name)
+                .bind(&runtime.queues)
+                .bind(Json(&runtime.labels))
+                .bind(i64::from(runtime.max_concurrency))
+                .bind(token_digest.as_bytes().as_slice())
+                .bind(i32::try_from(REMEMBERED_REVOKED_TOKENS).unwrap_or(i32::MAX)),
+            fetch_one
+        )
+        .await
+        .map_err(plain)?;
         row.try_into()
     }
 
     async fn heartbeat(&self, runtime_id: RuntimeId) -> Result<HeartbeatAck> {
-        let row: Option<(DateTime<Utc>, String)> = sqlx::query_as(sql::HEARTBEAT)
-            .bind(runtime_id.as_uuid())
-            .fetch_optional(&self.liveness_pool)
-            .await
-            .map_err(plain)?;
+        let row: Option<(DateTime<Utc>, String)> = run!(
+            &self.liveness,
+            sqlx::query_as(sql::HEARTBEAT).bind(runtime_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         let (server_time, status) = row.ok_or(Error::RuntimeNotFound(runtime_id))?;
         let status = RuntimeStatus::parse(&status)
             .ok_or_else(|| Error::Internal(format!("unexpected runtime status {status}").into()))?;
@@ -409,32 +444,35 @@ impl TaskStore for PgStore {
 
     async fn touch_runtimes(&self, runtimes: &[RuntimeId]) -> Result<Vec<RuntimeId>> {
         let ids: Vec<Uuid> = runtimes.iter().map(|id| id.as_uuid()).collect();
-        let touched: Vec<Uuid> = sqlx::query_scalar(sql::TOUCH_RUNTIMES)
-            .bind(ids)
-            .fetch_all(&self.liveness_pool)
-            .await
-            .map_err(plain)?;
+        let touched: Vec<Uuid> = run!(
+            &self.liveness,
+            sqlx::query_scalar(sql::TOUCH_RUNTIMES).bind(ids),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         Ok(touched.into_iter().map(RuntimeId::from_uuid).collect())
     }
 
     async fn deregister_runtime(&self, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
-        let pool = self.pool.clone();
-        detached(async move { deregister_in(&pool, runtime_id).await }).await?
+        let db = self.db.clone();
+        detached(async move { deregister_in(&db, runtime_id).await }).await?
     }
 
     async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
         self.require_runtime(runtime_id).await?;
-        let moved = sweep::fail_for_server_reason(
-            &self.pool,
+        let query = sweep::fail_for_server_reason(
             &self.policy,
             sql::FAIL_ORPHANS,
             FailureReason::RuntimeRecovery,
             "the runtime restarted and declared the task lost",
             StageArgument::Runtime(Some(runtime_id.as_uuid())),
             i64::MAX,
-        )
-        .await?;
-        Ok(Recovered { moved })
+        );
+        let rows = run!(&self.db, query, fetch_all).await.map_err(plain)?;
+        Ok(Recovered {
+            moved: rows::moves(rows)?,
+        })
     }
 
     async fn list_runtimes(
@@ -443,26 +481,32 @@ impl TaskStore for PgStore {
         after: Option<String>,
         limit: u32,
     ) -> Result<Vec<Runtime>> {
-        let rows: Vec<RuntimeRow> = sqlx::query_as(sql::LIST_RUNTIMES)
-            .bind(status.map(RuntimeStatus::as_str))
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<RuntimeRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::LIST_RUNTIMES)
+                .bind(status.map(RuntimeStatus::as_str))
+                .bind(after)
+                .bind(i64::from(limit)),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         rows.into_iter().map(Runtime::try_from).collect()
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        let rows: Vec<TaskRow> = sqlx::query_as(sql::CLAIM)
-            .bind(request.runtime_id.as_uuid())
-            .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
-            .bind(interval(self.policy.lease_duration))
-            .bind(i64::from(self.policy.max_lease_expirations))
-            .bind(request.budget.map(interval))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
+        let rows: Vec<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::CLAIM)
+                .bind(request.runtime_id.as_uuid())
+                .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
+                .bind(interval(self.policy.lease_duration))
+                .bind(i64::from(self.policy.max_lease_expirations))
+                .bind(request.budget.map(interval)),
+            fetch_all
+        )
+        .await
+        .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
         // The function returns the preflight's rows (QUEUED, or FAILED by the poison guard)
         // and then the claimed rows (DISPATCHED).
         let mut outcome = ClaimOutcome::default();
@@ -486,22 +530,27 @@ impl TaskStore for PgStore {
             .iter()
             .map(|(task_id, token)| (task_id.as_uuid(), token.as_uuid()))
             .unzip();
-        let rows: Vec<MoveRow> = sqlx::query_as(sql::EXPIRE_CLAIMS)
-            .bind(runtime_id.as_uuid())
-            .bind(ids)
-            .bind(tokens)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<MoveRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::EXPIRE_CLAIMS)
+                .bind(runtime_id.as_uuid())
+                .bind(ids)
+                .bind(tokens),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         rows::moves(rows)
     }
 
     async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity> {
-        let row: Option<(i64, i64)> = sqlx::query_as(sql::RUNTIME_CAPACITY)
-            .bind(runtime_id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: Option<(i64, i64)> = run!(
+            &self.db,
+            sqlx::query_as(sql::RUNTIME_CAPACITY).bind(runtime_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         let (max_concurrency, held) = row.ok_or(Error::RuntimeNotFound(runtime_id))?;
         Ok(Capacity {
             max_concurrency: to_u32("max_concurrency", max_concurrency)?,
@@ -510,11 +559,13 @@ impl TaskStore for PgStore {
     }
 
     async fn claim_horizon(&self, runtime_id: RuntimeId) -> Result<ClaimHorizon> {
-        let row: Option<HorizonRow> = sqlx::query_as(sql::CLAIM_HORIZON)
-            .bind(runtime_id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: Option<HorizonRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::CLAIM_HORIZON).bind(runtime_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         row.map(ClaimHorizon::from)
             .ok_or(Error::RuntimeNotFound(runtime_id))
     }
@@ -526,7 +577,7 @@ impl TaskStore for PgStore {
         due_since: Option<DateTime<Utc>>,
     ) -> Result<Option<SweepReport>> {
         sweep::run(
-            &self.sweeper_pool,
+            &self.sweeper,
             &self.leader,
             &self.policy,
             policy,
@@ -537,11 +588,13 @@ impl TaskStore for PgStore {
     }
 
     async fn step_down(&self) -> Result<()> {
-        sqlx::query(sql::STEP_DOWN)
-            .bind(self.leader.holder)
-            .execute(&self.sweeper_pool)
-            .await
-            .map_err(plain)?;
+        run!(
+            &self.sweeper,
+            sqlx::query(sql::STEP_DOWN).bind(self.leader.holder),
+            execute
+        )
+        .await
+        .map_err(plain)?;
         Ok(())
     }
 
@@ -623,16 +676,18 @@ impl TaskStore for PgStore {
         let (names, values): (Vec<String>, Vec<i64>) = counters.into_iter().unzip();
         let holder = acting.map(|runtime| runtime.as_uuid());
         for _ in 0..FENCED_WRITE_ATTEMPTS {
-            let (applied, holder, _written): (bool, Option<Uuid>, i64) =
+            let (applied, holder, _written): (bool, Option<Uuid>, i64) = run!(
+                &self.db,
                 sqlx::query_as(sql::REPORT_USAGE)
                     .bind(task_id.as_uuid())
                     .bind(token.as_uuid())
                     .bind(&names)
                     .bind(&values)
-                    .bind(holder)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(plain)?;
+                    .bind(holder),
+                fetch_one
+            )
+            .await
+            .map_err(plain)?;
             if applied {
                 return Ok(holder.map(RuntimeId::from_uuid));
             }
@@ -664,11 +719,13 @@ impl TaskStore for PgStore {
         acting: Option<RuntimeId>,
     ) -> Result<(TaskStatus, u32)> {
         type StatusRow = (String, i64, Option<Uuid>, Option<Uuid>);
-        let row: Option<StatusRow> = sqlx::query_as(sql::TASK_STATUS)
-            .bind(task_id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: Option<StatusRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::TASK_STATUS).bind(task_id.as_uuid()),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         let (status, attempt, claimed_by, pinned_to) = row.ok_or(Error::TaskNotFound(task_id))?;
         let runtime = |id: Option<Uuid>| id.map(RuntimeId::from_uuid);
         if !fence::visible_to(runtime(claimed_by), runtime(pinned_to), acting) {
@@ -684,21 +741,24 @@ impl TaskStore for PgStore {
         let execution_timeout_ms = task
             .execution_timeout
             .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
-        let inserted: Option<TaskRow> = sqlx::query_as(sql::ENQUEUE)
-            .bind(TaskId::new_random().as_uuid())
-            .bind(&task.queue)
-            .bind(task.pinned_to.map(|id| id.as_uuid()))
-            .bind(&task.concurrency_key)
-            .bind(task.priority)
-            .bind(&task.payload)
-            .bind(Json(&task.metadata))
-            .bind(i64::from(task.max_attempts))
-            .bind(&task.idempotency_key)
-            .bind(execution_timeout_ms)
-            .bind(interval(task.delay))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|error| classify(error, context))?;
+        let inserted: Option<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::ENQUEUE)
+                .bind(TaskId::new_random().as_uuid())
+                .bind(&task.queue)
+                .bind(task.pinned_to.map(|id| id.as_uuid()))
+                .bind(&task.concurrency_key)
+                .bind(task.priority)
+                .bind(&task.payload)
+                .bind(Json(&task.metadata))
+                .bind(i64::from(task.max_attempts))
+                .bind(&task.idempotency_key)
+                .bind(execution_timeout_ms)
+                .bind(interval(task.delay)),
+            fetch_optional
+        )
+        .await
+        .map_err(|error| classify(error, context))?;
         if let Some(row) = inserted {
             return Ok(Enqueued {
                 task: row.try_into()?,
@@ -706,12 +766,15 @@ impl TaskStore for PgStore {
             });
         }
         // ON CONFLICT DO NOTHING: the idempotency key is taken, and its owner has committed.
-        let existing: Option<TaskRow> = sqlx::query_as(sql::BY_IDEMPOTENCY_KEY)
-            .bind(&task.queue)
-            .bind(&task.idempotency_key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(plain)?;
+        let existing: Option<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::BY_IDEMPOTENCY_KEY)
+                .bind(&task.queue)
+                .bind(&task.idempotency_key),
+            fetch_optional
+        )
+        .await
+        .map_err(plain)?;
         let existing = existing.ok_or_else(|| {
             Error::Internal("idempotency conflict without a matching task".into())
         })?;
@@ -723,9 +786,9 @@ impl TaskStore for PgStore {
 
     async fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>> {
         let ids: Vec<TaskId> = tasks.iter().map(|_| TaskId::new_random()).collect();
-        let pool = self.pool.clone();
+        let db = self.db.clone();
         let (tasks, ids, stored) = detached(async move {
-            let stored = insert_batch(&pool, &tasks, &ids).await;
+            let stored = insert_batch(&db, &tasks, &ids).await;
             (tasks, ids, stored)
         })
         .await?;
@@ -787,16 +850,19 @@ impl TaskStore for PgStore {
     ) -> Result<TaskPage> {
         let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
         // One extra row tells whether another page follows.
-        let rows: Vec<TaskRow> = sqlx::query_as(sql::LIST_TASKS)
-            .bind(&filter.queue)
-            .bind(&statuses)
-            .bind(filter.runtime_id.map(|id| id.as_uuid()))
-            .bind(after.map(|cursor| cursor.created_at))
-            .bind(after.map(|cursor| cursor.id.as_uuid()))
-            .bind(i64::from(page_size) + 1)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<TaskRow> = run!(
+            &self.db,
+            sqlx::query_as(sql::LIST_TASKS)
+                .bind(&filter.queue)
+                .bind(&statuses)
+                .bind(filter.runtime_id.map(|id| id.as_uuid()))
+                .bind(after.map(|cursor| cursor.created_at))
+                .bind(after.map(|cursor| cursor.id.as_uuid()))
+                .bind(i64::from(page_size) + 1),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         let mut tasks = rows
             .into_iter()
             .map(Task::try_from)
@@ -830,10 +896,10 @@ impl TaskStore for PgStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         // Only the sweeper asks, after its sweep: on its connections.
-        let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(sql::QUEUE_DEPTHS)
-            .fetch_all(&self.sweeper_pool)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<(String, i64, i64, i64, Option<f64>)> =
+            run!(&self.sweeper, sqlx::query_as(sql::QUEUE_DEPTHS), fetch_all)
+                .await
+                .map_err(plain)?;
         rows.into_iter()
             .map(|(queue, queued, dispatched, running, oldest)| {
                 Ok(QueueDepth {
@@ -860,11 +926,13 @@ impl TaskStore for PgStore {
     }
 
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
-        let row: QueueRow = sqlx::query_as(sql::DESCRIBE_QUEUE)
-            .bind(queue)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(plain)?;
+        let row: QueueRow = run!(
+            &self.db,
+            sqlx::query_as(sql::DESCRIBE_QUEUE).bind(queue),
+            fetch_one
+        )
+        .await
+        .map_err(plain)?;
         Ok(QueueInfo {
             name: queue.to_owned(),
             max_concurrent: to_u32("max_concurrent", row.max_concurrent)?,
@@ -885,20 +953,23 @@ impl TaskStore for PgStore {
     }
 
     async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
-        sqlx::query(sql::UPDATE_QUEUE)
-            .bind(queue)
-            .bind(update.max_concurrent.map(i64::from))
-            .bind(update.paused)
-            .bind(update.default_execution_timeout.is_some())
-            .bind(
-                update
-                    .default_execution_timeout
-                    .flatten()
-                    .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
-            )
-            .execute(&self.pool)
-            .await
-            .map_err(plain)?;
+        run!(
+            &self.db,
+            sqlx::query(sql::UPDATE_QUEUE)
+                .bind(queue)
+                .bind(update.max_concurrent.map(i64::from))
+                .bind(update.paused)
+                .bind(update.default_execution_timeout.is_some())
+                .bind(
+                    update
+                        .default_execution_timeout
+                        .flatten()
+                        .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+                ),
+            execute
+        )
+        .await
+        .map_err(plain)?;
         self.describe_queue(queue).await
     }
 }
@@ -918,9 +989,10 @@ async fn detached<T: Send + 'static>(
 }
 
 /// DeregisterRuntime's transaction: the runtime OFFLINE, its unstarted claims requeued (T4'').
-async fn deregister_in(pool: &PgPool, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
-    let mut tx = pool.begin().await.map_err(plain)?;
+async fn deregister_in(db: &Db, runtime_id: RuntimeId) -> Result<Vec<TaskMove>> {
+    let mut tx = db.begin().await.map_err(plain)?;
     let found: Option<Uuid> = sqlx::query_scalar(sql::DEREGISTER_RUNTIME)
+        .persistent(db.prepares())
         .bind(runtime_id.as_uuid())
         .fetch_optional(&mut *tx)
         .await
@@ -929,6 +1001,7 @@ async fn deregister_in(pool: &PgPool, runtime_id: RuntimeId) -> Result<Vec<TaskM
         return Err(Error::RuntimeNotFound(runtime_id));
     }
     let rows: Vec<MoveRow> = sqlx::query_as(sql::REQUEUE_UNSTARTED)
+        .persistent(db.prepares())
         .bind(runtime_id.as_uuid())
         .fetch_all(&mut *tx)
         .await
@@ -940,16 +1013,17 @@ async fn deregister_in(pool: &PgPool, runtime_id: RuntimeId) -> Result<Vec<TaskM
 /// EnqueueTasks' transaction: which pinned runtimes exist, then every insertable item in one
 /// statement. Returns the known runtimes and the stored rows.
 async fn insert_batch(
-    pool: &PgPool,
+    db: &Db,
     tasks: &[NewTask],
     ids: &[TaskId],
 ) -> Result<(Vec<Uuid>, Vec<TaskRow>)> {
-    let mut tx = pool.begin().await.map_err(plain)?;
+    let mut tx = db.begin().await.map_err(plain)?;
     let pins: Vec<Uuid> = tasks
         .iter()
         .filter_map(|task| task.pinned_to.map(|pin| pin.as_uuid()))
         .collect();
     let known: Vec<Uuid> = sqlx::query_scalar(sql::KNOWN_RUNTIMES)
+        .persistent(db.prepares())
         .bind(&pins)
         .fetch_all(&mut *tx)
         .await
@@ -960,7 +1034,7 @@ async fn insert_batch(
     };
     let batch = BatchColumns::of(tasks.iter().zip(ids).filter(|(task, _)| insertable(task)));
     let inserted: Vec<TaskRow> = batch
-        .bind(sqlx::query_as(sql::ENQUEUE_BATCH))
+        .bind(sqlx::query_as(sql::ENQUEUE_BATCH).persistent(db.prepares()))
         .fetch_all(&mut *tx)
         .await
         .map_err(plain)?;

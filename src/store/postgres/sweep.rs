@@ -11,12 +11,15 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgExecutor, PgPool, Postgres};
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
 use uuid::Uuid;
 
 use super::errors::plain;
 use super::interval;
+use super::pooler::{Db, run_on};
 use super::rows::{self, MoveRow};
 use super::sql;
 use crate::domain::liveness;
@@ -53,18 +56,18 @@ pub(super) enum StageArgument {
 }
 
 pub(super) async fn run(
-    pool: &PgPool,
+    db: &Db,
     leader: &Leader,
     store_policy: &StorePolicy,
     policy: &SweepPolicy,
     oracle: &dyn LivenessOracle,
     due_since: Option<DateTime<Utc>>,
 ) -> Result<Option<SweepReport>> {
-    let mut conn = pool.acquire().await.map_err(plain)?;
-    let led: Option<(i64, DateTime<Utc>)> = sqlx::query_as(sql::TRY_LEAD)
+    let mut conn = db.pool().acquire().await.map_err(plain)?;
+    let try_lead = sqlx::query_as(sql::TRY_LEAD)
         .bind(leader.holder)
-        .bind(interval(leadership_lease(policy.interval)))
-        .fetch_optional(&mut *conn)
+        .bind(interval(leadership_lease(policy.interval)));
+    let led: Option<(i64, DateTime<Utc>)> = run_on!(db, &mut conn, try_lead, fetch_optional)
         .await
         .map_err(plain)?;
     let Some((epoch, swept_at)) = led else {
@@ -77,6 +80,7 @@ pub(super) async fn run(
         tracing::info!(epoch, holder = %leader.holder, "this replica now leads the sweep");
     }
     let mut sweep = Sweep {
+        db,
         conn,
         store_policy,
         policy,
@@ -160,6 +164,7 @@ fn isolated<T: Default>(stage: &'static str, outcome: Result<T>) -> T {
 }
 
 struct Sweep<'a> {
+    db: &'a Db,
     conn: PoolConnection<Postgres>,
     store_policy: &'a StorePolicy,
     policy: &'a SweepPolicy,
@@ -173,10 +178,14 @@ impl Sweep<'_> {
     /// Before stage 1: a gap since the previous sweep longer than usual (no replica could
     /// sweep) does not count against ONLINE runtimes (`domain::liveness::blackout_credit`).
     async fn credit_blackout(&mut self) -> Result<()> {
-        let gap_ms: Option<f64> = sqlx::query_scalar(sql::RECORD_SWEEP_START)
-            .fetch_one(&mut *self.conn)
-            .await
-            .map_err(plain)?;
+        let gap_ms: Option<f64> = run_on!(
+            self.db,
+            &mut self.conn,
+            sqlx::query_scalar(sql::RECORD_SWEEP_START),
+            fetch_one
+        )
+        .await
+        .map_err(plain)?;
         let gap = gap_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
         let Some(credit) = gap.and_then(|gap| liveness::blackout_credit(gap, self.policy.interval))
         else {
@@ -186,11 +195,14 @@ impl Sweep<'_> {
             ?credit,
             "no sweep ran for a while: runtimes are not held responsible for that time"
         );
-        sqlx::query(sql::CREDIT_BLACKOUT)
-            .bind(interval(credit))
-            .execute(&mut *self.conn)
-            .await
-            .map_err(plain)?;
+        run_on!(
+            self.db,
+            &mut self.conn,
+            sqlx::query(sql::CREDIT_BLACKOUT).bind(interval(credit)),
+            execute
+        )
+        .await
+        .map_err(plain)?;
         Ok(())
     }
 
@@ -205,14 +217,19 @@ impl Sweep<'_> {
         let threshold = self.policy.offline_after;
         let mut marked = Vec::new();
         let mut undecided: Vec<Uuid> = Vec::new();
+        let batch_size = self.batch_size();
         for _ in 0..MAX_BATCHES_PER_STAGE {
-            let stale: Vec<(Uuid, f64)> = sqlx::query_as(sql::STALE_RUNTIMES)
-                .bind(interval(threshold))
-                .bind(self.batch_size())
-                .bind(&undecided)
-                .fetch_all(&mut *self.conn)
-                .await
-                .map_err(plain)?;
+            let stale: Vec<(Uuid, f64)> = run_on!(
+                self.db,
+                &mut self.conn,
+                sqlx::query_as(sql::STALE_RUNTIMES)
+                    .bind(interval(threshold))
+                    .bind(batch_size)
+                    .bind(&undecided),
+                fetch_all
+            )
+            .await
+            .map_err(plain)?;
             let ids: Vec<RuntimeId> = stale
                 .iter()
                 .map(|(id, _)| RuntimeId::from_uuid(*id))
@@ -230,12 +247,16 @@ impl Sweep<'_> {
                 }
             }
             self.refresh_last_seen(alive).await?;
-            let flipped: Vec<Uuid> = sqlx::query_scalar(sql::MARK_OFFLINE)
-                .bind(dead)
-                .bind(interval(threshold))
-                .fetch_all(&mut *self.conn)
-                .await
-                .map_err(plain)?;
+            let flipped: Vec<Uuid> = run_on!(
+                self.db,
+                &mut self.conn,
+                sqlx::query_scalar(sql::MARK_OFFLINE)
+                    .bind(dead)
+                    .bind(interval(threshold)),
+                fetch_all
+            )
+            .await
+            .map_err(plain)?;
             marked.extend(flipped.into_iter().map(RuntimeId::from_uuid));
             if (stale.len() as i64) < self.batch_size() {
                 break;
@@ -249,12 +270,14 @@ impl Sweep<'_> {
             return Ok(());
         }
         let (ids, ages_ms): (Vec<Uuid>, Vec<f64>) = alive.into_iter().unzip();
-        sqlx::query(sql::REFRESH_LAST_SEEN)
-            .bind(ids)
-            .bind(ages_ms)
-            .execute(&mut *self.conn)
-            .await
-            .map_err(plain)?;
+        run_on!(
+            self.db,
+            &mut self.conn,
+            sqlx::query(sql::REFRESH_LAST_SEEN).bind(ids).bind(ages_ms),
+            execute
+        )
+        .await
+        .map_err(plain)?;
         Ok(())
     }
 
@@ -268,16 +291,18 @@ impl Sweep<'_> {
         let mut moved = Vec::new();
         let batch_size = self.batch_size();
         for _ in 0..MAX_BATCHES_PER_STAGE {
-            let batch = fail_for_server_reason(
-                &mut *self.conn,
+            let query = fail_for_server_reason(
                 self.store_policy,
                 statement,
                 reason,
                 error,
                 argument,
                 batch_size,
-            )
-            .await?;
+            );
+            let rows = run_on!(self.db, &mut self.conn, query, fetch_all)
+                .await
+                .map_err(plain)?;
+            let batch = rows::moves(rows)?;
             let short = (batch.len() as i64) < batch_size;
             moved.extend(batch);
             if short {
@@ -290,13 +315,18 @@ impl Sweep<'_> {
     /// Retention (spec §11), oldest first, a batch per statement.
     async fn delete_finished(&mut self, retain: Duration) -> Result<u64> {
         let mut deleted = 0;
+        let batch_size = self.batch_size();
         for _ in 0..MAX_BATCHES_PER_STAGE {
-            let batch: i64 = sqlx::query_scalar(sql::DELETE_EXPIRED_FINISHED)
-                .bind(interval(retain))
-                .bind(self.batch_size())
-                .fetch_one(&mut *self.conn)
-                .await
-                .map_err(plain)?;
+            let batch: i64 = run_on!(
+                self.db,
+                &mut self.conn,
+                sqlx::query_scalar(sql::DELETE_EXPIRED_FINISHED)
+                    .bind(interval(retain))
+                    .bind(batch_size),
+                fetch_one
+            )
+            .await
+            .map_err(plain)?;
             deleted += batch.unsigned_abs();
             if batch < self.batch_size() {
                 break;
@@ -307,14 +337,13 @@ impl Sweep<'_> {
 
     /// Counts newly finished tasks into the per-queue tally DescribeQueue reads (migration 16).
     async fn tally_finished(&mut self) -> Result<()> {
-        let mut transaction = sqlx::Connection::begin(&mut *self.conn)
-            .await
-            .map_err(plain)?;
+        let mut transaction = self.db.begin_on(&mut self.conn).await.map_err(plain)?;
         sqlx::query(sql::LOCK_TALLY)
             .execute(&mut *transaction)
             .await
             .map_err(plain)?;
         sqlx::query(sql::TALLY_FINISHED)
+            .persistent(self.db.prepares())
             .bind(interval(TALLY_SETTLE))
             .execute(&mut *transaction)
             .await
@@ -325,13 +354,18 @@ impl Sweep<'_> {
     /// Stage 4.
     async fn fail_pinned_orphans(&mut self) -> Result<Vec<TaskMove>> {
         let mut moved = Vec::new();
+        let batch_size = self.batch_size();
         for _ in 0..MAX_BATCHES_PER_STAGE {
-            let rows: Vec<MoveRow> = sqlx::query_as(sql::FAIL_PINNED_ORPHANS)
-                .bind(self.batch_size())
-                .bind(interval(self.policy.pinned_orphan_grace))
-                .fetch_all(&mut *self.conn)
-                .await
-                .map_err(plain)?;
+            let rows: Vec<MoveRow> = run_on!(
+                self.db,
+                &mut self.conn,
+                sqlx::query_as(sql::FAIL_PINNED_ORPHANS)
+                    .bind(batch_size)
+                    .bind(interval(self.policy.pinned_orphan_grace)),
+                fetch_all
+            )
+            .await
+            .map_err(plain)?;
             let short = (rows.len() as i64) < self.batch_size();
             moved.extend(rows::moves(rows)?);
             if short {
@@ -347,26 +381,29 @@ impl Sweep<'_> {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<TaskMove>> {
-        let rows: Vec<MoveRow> = sqlx::query_as(sql::BECAME_AVAILABLE)
-            .bind(since)
-            .bind(until)
-            .fetch_all(&mut *self.conn)
-            .await
-            .map_err(plain)?;
+        let rows: Vec<MoveRow> = run_on!(
+            self.db,
+            &mut self.conn,
+            sqlx::query_as(sql::BECAME_AVAILABLE)
+                .bind(since)
+                .bind(until),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
         rows::moves(rows)
     }
 }
 
-/// One batch of a `sql::fail_for_server_reason!` statement.
-pub(super) async fn fail_for_server_reason<'c>(
-    executor: impl PgExecutor<'c>,
+/// One batch of a `sql::fail_for_server_reason!` statement, ready to run.
+pub(super) fn fail_for_server_reason<'q>(
     store_policy: &StorePolicy,
     statement: &'static str,
     reason: FailureReason,
-    error: &str,
+    error: &'q str,
     argument: StageArgument,
     limit: i64,
-) -> Result<Vec<TaskMove>> {
+) -> QueryAs<'q, Postgres, MoveRow, PgArguments> {
     let backoff = store_policy.retry_backoff;
     let query = sqlx::query_as(statement)
         .bind(limit)
@@ -374,11 +411,9 @@ pub(super) async fn fail_for_server_reason<'c>(
         .bind(backoff.max.as_secs_f64() * 1000.0)
         .bind(reason.as_str())
         .bind(error);
-    let query = match argument {
+    match argument {
         StageArgument::Runtime(runtime) => query.bind(runtime),
         StageArgument::Age(age) => query.bind(interval(age)),
         StageArgument::Nothing => query,
-    };
-    let rows: Vec<MoveRow> = query.fetch_all(executor).await.map_err(plain)?;
-    rows::moves(rows)
+    }
 }
