@@ -35,6 +35,7 @@ mod python;
 mod races;
 mod redis;
 mod retention;
+mod schema_functions;
 mod service;
 mod signs_of_life;
 mod soak;

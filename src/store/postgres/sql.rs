@@ -43,7 +43,9 @@ FROM (SELECT id FROM runtimes WHERE id = ANY ($1) AND status = 'ONLINE'
 WHERE r.id = seen.id AND r.status = 'ONLINE'
 RETURNING r.id";
 
-/// The claim, within the runtime's `max_concurrency` (migration 11). A claim is a sign of
+/// The claim: `functions/leasehold_claim_within_capacity.sql`, which wraps
+/// `functions/leasehold_claim.sql` (their headers hold the whole contract: the preflight, the
+/// claim's rules, the order of the returned rows, the LH001/LH002 errors). A claim is a sign of
 /// life: an OFFLINE runtime comes back ONLINE in the same statement, so nothing it claims can
 /// be failed by the sweeper for a stale status. (An ONLINE runtime's row matches nothing here
 /// and is not written.)
