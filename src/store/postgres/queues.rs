@@ -1,0 +1,119 @@
+//! Reads and settings of queues, and pages of tasks.
+
+use std::time::Duration;
+
+use super::errors::plain;
+use super::pooler::{Db, run};
+use super::rows::{QueueRow, TaskRow, to_u32, to_u64};
+use super::sql;
+use crate::domain::{QueueInfo, Result, StatusCounts, Task};
+use crate::store::{PageCursor, QueueDepth, QueueUpdate, TaskFilter, TaskPage};
+
+/// A page of tasks matching `filter`, oldest first (by `created_at`, then id).
+pub(super) async fn list_tasks(
+    db: &Db,
+    filter: TaskFilter,
+    after: Option<PageCursor>,
+    page_size: u32,
+) -> Result<TaskPage> {
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    // One extra row tells whether another page follows.
+    let rows: Vec<TaskRow> = run!(
+        db,
+        sqlx::query_as(sql::LIST_TASKS)
+            .bind(&filter.queue)
+            .bind(&statuses)
+            .bind(filter.runtime_id.map(|id| id.as_uuid()))
+            .bind(after.map(|cursor| cursor.created_at))
+            .bind(after.map(|cursor| cursor.id.as_uuid()))
+            .bind(i64::from(page_size) + 1),
+        fetch_all
+    )
+    .await
+    .map_err(plain)?;
+    let mut tasks = rows
+        .into_iter()
+        .map(Task::try_from)
+        .collect::<Result<Vec<_>>>()?;
+    let next = if tasks.len() > page_size as usize {
+        tasks.truncate(page_size as usize);
+        tasks.last().map(|last| PageCursor {
+            created_at: last.created_at,
+            id: last.id,
+        })
+    } else {
+        None
+    };
+    Ok(TaskPage { tasks, next })
+}
+
+/// The gauges the sweeper refreshes: per queue, along the partial indexes.
+pub(super) async fn depths(db: &Db) -> Result<Vec<QueueDepth>> {
+    // Only the sweeper asks, after its sweep: on its connections.
+    let rows: Vec<(String, i64, i64, i64, Option<f64>)> =
+        run!(db, sqlx::query_as(sql::QUEUE_DEPTHS), fetch_all)
+            .await
+            .map_err(plain)?;
+    rows.into_iter()
+        .map(|(queue, queued, dispatched, running, oldest)| {
+            Ok(QueueDepth {
+                queue,
+                queued: to_u64("count", queued)?,
+                dispatched: to_u64("count", dispatched)?,
+                running: to_u64("count", running)?,
+                oldest_queued_age: oldest
+                    .and_then(|secs| Duration::try_from_secs_f64(secs.max(0.0)).ok()),
+            })
+        })
+        .collect()
+}
+
+/// DescribeQueue, in constant time (the finished tally).
+pub(super) async fn describe(db: &Db, queue: &str) -> Result<QueueInfo> {
+    let row: QueueRow = run!(
+        db,
+        sqlx::query_as(sql::DESCRIBE_QUEUE).bind(queue),
+        fetch_one
+    )
+    .await
+    .map_err(plain)?;
+    Ok(QueueInfo {
+        name: queue.to_owned(),
+        max_concurrent: to_u32("max_concurrent", row.max_concurrent)?,
+        paused: row.paused,
+        default_execution_timeout: row
+            .default_execution_timeout_ms
+            .map(|ms| Duration::from_millis(ms.unsigned_abs())),
+        counts: StatusCounts {
+            queued: to_u64("count", row.queued)?,
+            dispatched: to_u64("count", row.dispatched)?,
+            running: to_u64("count", row.running)?,
+            completed: to_u64("count", row.completed)?,
+            failed: to_u64("count", row.failed)?,
+            cancelled: to_u64("count", row.cancelled)?,
+        },
+        oldest_queued_at: row.oldest_queued_at,
+    })
+}
+
+/// UpdateQueue, answered as DescribeQueue.
+pub(super) async fn update(db: &Db, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {
+    run!(
+        db,
+        sqlx::query(sql::UPDATE_QUEUE)
+            .bind(queue)
+            .bind(update.max_concurrent.map(i64::from))
+            .bind(update.paused)
+            .bind(update.default_execution_timeout.is_some())
+            .bind(
+                update
+                    .default_execution_timeout
+                    .flatten()
+                    .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+            ),
+        execute
+    )
+    .await
+    .map_err(plain)?;
+    describe(db, queue).await
+}
