@@ -5,54 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 use crate::auth::AuthMode;
-use crate::cli;
-
-#[derive(Debug, Parser)]
-#[command(name = "leasehold", version, about = "gRPC lease-coordination service")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the leasehold server.
-    Serve(Box<Config>),
-    /// Run a worker daemon that executes a command per task: `leasehold worker --queue Q -- CMD`.
-    Worker(Box<cli::WorkerArgs>),
-    /// Enqueue, inspect, cancel and redrive tasks.
-    #[command(subcommand)]
-    Task(cli::TaskCommand),
-    /// Describe a queue, cap it, pause or resume it.
-    #[command(subcommand)]
-    Queue(cli::QueueCommand),
-    /// Inspect registered runtimes.
-    #[command(subcommand)]
-    Runtime(cli::RuntimeCommand),
-    /// Create, list and revoke API keys (needs the admin token or an `admin` key).
-    #[command(subcommand)]
-    Key(cli::KeyCommand),
-    /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
-    Bench(Box<crate::bench::BenchArgs>),
-    /// Fault-injection soak: load, many faults at once, then a checker over the whole history.
-    Soak(Box<crate::soak::SoakArgs>),
-    /// Apply the database migrations and exit (a deployment step, e.g. a Kubernetes Job).
-    Migrate(MigrateArgs),
-}
-
-#[derive(Clone, Debug, Args)]
-pub struct MigrateArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-
-    /// `transaction` when the URL points at a transaction-mode pooler (PgBouncer).
-    #[arg(long, env = "LEASEHOLD_DATABASE_POOLER", value_enum, default_value_t = DatabasePooler::None)]
-    pub database_pooler: DatabasePooler,
-}
+use crate::telemetry::LogFormat;
 
 /// What stands between leasehold and PostgreSQL (docs/operations.md, "Behind PgBouncer").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -253,10 +209,11 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Pretty,
-    Json,
+/// `leasehold serve`'s flags alone (the whole command line is `crate::cli::Cli`).
+#[derive(Debug, Parser)]
+struct ServeFlags {
+    #[command(flatten)]
+    config: Config,
 }
 
 impl Config {
@@ -268,9 +225,7 @@ impl Config {
 
     /// The defaults, as `leasehold serve` with no flags and no environment would see them.
     pub fn defaults() -> Self {
-        Cli::parse_from(["leasehold", "serve"])
-            .into_config()
-            .unwrap_or_else(|| unreachable!("`serve` parses to a server configuration"))
+        ServeFlags::parse_from(["leasehold"]).config
     }
 }
 
@@ -299,32 +254,21 @@ fn choose_store(
     }
 }
 
-impl Cli {
-    /// The server's configuration, when the command is `serve`.
-    pub fn into_config(self) -> Option<Config> {
-        match self.command {
-            Command::Serve(config) => Some(*config),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn durations_are_humantime_strings() {
-        let cli = Cli::try_parse_from([
+        let cli = ServeFlags::try_parse_from([
             "leasehold",
-            "serve",
             "--lease-duration",
             "250ms",
             "--retry-backoff-max",
             "5m",
         ])
         .unwrap();
-        let config = cli.into_config().unwrap();
+        let config = cli.config;
         assert_eq!(config.lease_duration, Duration::from_millis(250));
         assert_eq!(config.retry_backoff_max, Duration::from_secs(300));
     }
@@ -356,7 +300,7 @@ mod tests {
 
     #[test]
     fn a_malformed_duration_is_rejected() {
-        let parsed = Cli::try_parse_from(["leasehold", "serve", "--lease-duration", "soon"]);
+        let parsed = ServeFlags::try_parse_from(["leasehold", "--lease-duration", "soon"]);
         assert!(parsed.is_err());
     }
 }

@@ -6,9 +6,11 @@ use anyhow::Context as _;
 use leasehold::app::App;
 use sqlx::postgres::PgConnectOptions;
 
-use leasehold::config::{Cli, Command, Config, DatabasePooler, LogFormat, MigrateArgs};
+use leasehold::cli::{Cli, Command, MigrateArgs};
+use leasehold::config::{Config, DatabasePooler};
 use leasehold::store::postgres::pooler::Route;
 use leasehold::store::postgres::schema;
+use leasehold::telemetry::LogFormat;
 use leasehold::{shutdown, telemetry};
 
 #[tokio::main]

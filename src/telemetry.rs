@@ -7,7 +7,14 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use clap::ValueEnum;
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
 
 /// Logs of `leasehold serve`, on standard output.
 pub fn init(format: LogFormat) {

@@ -1,17 +1,72 @@
-//! The client subcommands of the `leasehold` binary: the `worker` daemon and the operator
-//! commands (`task`, `queue`, `runtime`). Each talks to a server over gRPC with the SDK.
+//! The `leasehold` binary's command line ([`Cli`]), and its client subcommands: the `worker`
+//! daemon and the operator commands (`task`, `queue`, `runtime`, `key`), each talking to a
+//! server over gRPC with the SDK. `serve`'s flags are [`crate::config::Config`].
 
 mod operator;
 mod render;
 mod worker_daemon;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::Status;
 
 use crate::client::{Client, TlsOptions, error_reason};
 
 pub use operator::{KeyCommand, QueueCommand, RuntimeCommand, TaskCommand};
 pub use worker_daemon::WorkerArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, about = "gRPC lease-coordination service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the leasehold server.
+    Serve(Box<crate::config::Config>),
+    /// Run a worker daemon that executes a command per task: `leasehold worker --queue Q -- CMD`.
+    Worker(Box<WorkerArgs>),
+    /// Enqueue, inspect, cancel and redrive tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Describe a queue, cap it, pause or resume it.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Inspect registered runtimes.
+    #[command(subcommand)]
+    Runtime(RuntimeCommand),
+    /// Create, list and revoke API keys (needs the admin token or an `admin` key).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Measure throughput, latency and idle cost against servers it starts; prints JSON.
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Fault-injection soak: load, many faults at once, then a checker over the whole history.
+    Soak(Box<crate::soak::SoakArgs>),
+    /// Apply the database migrations and exit (a deployment step, e.g. a Kubernetes Job).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// `transaction` when the URL points at a transaction-mode pooler (PgBouncer).
+    #[arg(long, env = "LEASEHOLD_DATABASE_POOLER", value_enum, default_value_t = crate::config::DatabasePooler::None)]
+    pub database_pooler: crate::config::DatabasePooler,
+}
+
+impl Cli {
+    /// The server's configuration, when the command is `serve`.
+    pub fn into_config(self) -> Option<crate::config::Config> {
+        match self.command {
+            Command::Serve(config) => Some(*config),
+            _ => None,
+        }
+    }
+}
 
 /// Where the server is; every client subcommand takes it.
 #[derive(Clone, Debug, Args)]

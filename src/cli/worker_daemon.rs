@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServerArgs, key_value};
 use crate::client::{ClaimMode, Handler, TaskContext, TaskError, Worker, WorkerConfig};
-use crate::config::LogFormat;
+use crate::telemetry::LogFormat;
 use crate::{shutdown, telemetry};
 
 /// How much of a failed child's stderr becomes the task's error.

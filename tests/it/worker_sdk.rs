@@ -13,7 +13,6 @@ use leasehold::client::{
     ClaimMode, Client, Handler, TaskContext, TaskError, TransportError, Worker, WorkerConfig,
 };
 use leasehold::proto as pb;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -217,10 +216,6 @@ impl RunningWorker {
     }
 }
 
-async fn server(pool: PgPoolOptions, connect: PgConnectOptions) -> TestServer {
-    TestServer::start(pool, connect).await
-}
-
 /// Polls the task until `done` holds (10 s at most) and returns it.
 async fn wait_for(
     server: &TestServer,
@@ -288,12 +283,8 @@ async fn runtime_status(server: &TestServer) -> pb::RuntimeStatus {
     pb::RuntimeStatus::try_from(runtime.status).unwrap()
 }
 
-#[sqlx::test]
-async fn the_worker_runs_each_task_once_and_reports_result_and_usage(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn the_worker_runs_each_task_once_and_reports_result_and_usage(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     let worker = RunningWorker::spawn(
         faults.client(server.channel.clone()),
@@ -322,9 +313,8 @@ async fn the_worker_runs_each_task_once_and_reports_result_and_usage(
     assert_eq!(runtime_status(&server).await, pb::RuntimeStatus::Offline);
 }
 
-#[sqlx::test]
-async fn the_worker_claims_only_into_free_slots(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = server(pool, connect).await;
+async fn the_worker_claims_only_into_free_slots(backend: Backend) {
+    let server = backend.start().await;
     let gate = Arc::new(Semaphore::new(0));
     let held = gate.clone();
     let handler = TestHandler::new(move |task, _| {
@@ -380,29 +370,16 @@ async fn a_cancellation_reaches_the_running_handler(server: TestServer, mode: Cl
     );
 }
 
-#[sqlx::test]
-async fn a_stream_cancellation_reaches_the_running_handler(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    a_cancellation_reaches_the_running_handler(server(pool, connect).await, ClaimMode::Stream)
-        .await;
+async fn a_stream_cancellation_reaches_the_running_handler(backend: Backend) {
+    a_cancellation_reaches_the_running_handler(backend.start().await, ClaimMode::Stream).await;
 }
 
-#[sqlx::test]
-async fn a_polled_cancellation_reaches_the_running_handler(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    a_cancellation_reaches_the_running_handler(server(pool, connect).await, ClaimMode::Unary).await;
+async fn a_polled_cancellation_reaches_the_running_handler(backend: Backend) {
+    a_cancellation_reaches_the_running_handler(backend.start().await, ClaimMode::Unary).await;
 }
 
-#[sqlx::test]
-async fn a_lost_start_answer_is_retried_with_the_same_token(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn a_lost_start_answer_is_retried_with_the_same_token(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     faults.inject("StartTask", Fault::LoseAnswer);
     let worker = RunningWorker::spawn(
@@ -422,12 +399,8 @@ async fn a_lost_start_answer_is_retried_with_the_same_token(
     assert_eq!(faults.calls("FailTask"), 0);
 }
 
-#[sqlx::test]
-async fn when_both_start_answers_are_lost_the_task_status_decides(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn when_both_start_answers_are_lost_the_task_status_decides(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     faults.inject("StartTask", Fault::LoseAnswer);
     faults.inject("StartTask", Fault::LoseAnswer);
@@ -451,12 +424,8 @@ async fn when_both_start_answers_are_lost_the_task_status_decides(
     assert_eq!(done.result, b"started anyway");
 }
 
-#[sqlx::test]
-async fn a_start_that_keeps_failing_fails_the_task_with_its_token(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn a_start_that_keeps_failing_fails_the_task_with_its_token(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     // Neither start reaches the server, so the task is still DISPATCHED, not RUNNING.
     faults.inject("StartTask", Fault::Refuse(Code::Unavailable));
@@ -478,12 +447,8 @@ async fn a_start_that_keeps_failing_fails_the_task_with_its_token(
     assert!(!handler.attempts_run().contains(&1), "attempt 1 never ran");
 }
 
-#[sqlx::test]
-async fn a_transient_error_on_complete_is_retried_and_never_becomes_a_failure(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn a_transient_error_on_complete_is_retried_and_never_becomes_a_failure(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     faults.inject("CompleteTask", Fault::Refuse(Code::Unavailable));
     faults.inject("CompleteTask", Fault::LoseAnswer);
@@ -502,12 +467,8 @@ async fn a_transient_error_on_complete_is_retried_and_never_becomes_a_failure(
     assert_eq!(done.result, b"worth keeping");
 }
 
-#[sqlx::test]
-async fn a_superseded_claim_is_dropped_without_failing_the_task(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn a_superseded_claim_is_dropped_without_failing_the_task(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     let gate = Arc::new(Semaphore::new(0));
     let held = gate.clone();
@@ -557,12 +518,10 @@ async fn a_superseded_claim_is_dropped_without_failing_the_task(
     );
 }
 
-#[sqlx::test]
-async fn a_long_prepare_keeps_its_lease(pool: PgPoolOptions, connect: PgConnectOptions) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.lease_duration = Duration::from_millis(300)
-    })
-    .await;
+async fn a_long_prepare_keeps_its_lease(backend: Backend) {
+    let server = backend
+        .start_with(|config| config.lease_duration = Duration::from_millis(300))
+        .await;
     let faults = Faults::default();
     let handler = TestHandler::echo().preparing(|_, _| {
         Box::pin(async {
@@ -587,12 +546,8 @@ async fn a_long_prepare_keeps_its_lease(pool: PgPoolOptions, connect: PgConnectO
     );
 }
 
-#[sqlx::test]
-async fn shutdown_lets_in_flight_tasks_finish_then_deregisters(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn shutdown_lets_in_flight_tasks_finish_then_deregisters(backend: Backend) {
+    let server = backend.start().await;
     let handler = TestHandler::new(|task, _| {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -614,12 +569,8 @@ async fn shutdown_lets_in_flight_tasks_finish_then_deregisters(
     assert_eq!(runtime_status(&server).await, pb::RuntimeStatus::Offline);
 }
 
-#[sqlx::test]
-async fn past_the_grace_in_flight_tasks_are_failed_for_a_retry(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn past_the_grace_in_flight_tasks_are_failed_for_a_retry(backend: Backend) {
+    let server = backend.start().await;
     let seen = Arc::new(AtomicUsize::new(0));
     let config = quick_config(ClaimMode::Stream).shutdown_grace(Duration::from_millis(200));
     let worker = RunningWorker::spawn(
@@ -637,12 +588,8 @@ async fn past_the_grace_in_flight_tasks_are_failed_for_a_retry(
     assert!(retried.error.contains("shutdown"), "{retried:?}");
 }
 
-#[sqlx::test]
-async fn the_worker_survives_a_server_restart_mid_stream(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn the_worker_survives_a_server_restart_mid_stream(backend: Backend) {
+    let server = backend.start().await;
     let client = Client::connect(format!("http://{}", server.address)).unwrap();
     let worker = RunningWorker::spawn(client, quick_config(ClaimMode::Stream), TestHandler::echo());
     let before = enqueue_payload(&server, "before").await;
@@ -676,12 +623,8 @@ async fn wait_until_registered(server: &TestServer) {
     panic!("the worker never registered");
 }
 
-#[sqlx::test]
-async fn orphans_of_an_earlier_life_are_recovered_at_start(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn orphans_of_an_earlier_life_are_recovered_at_start(backend: Backend) {
+    let server = backend.start().await;
     // The same runtime, before a crash: it claimed a task and never finished it.
     let runtime_id = server.register(WORKER_NAME, &[QUEUE]).await;
     let task = enqueue_payload(&server, "orphaned").await;
@@ -701,12 +644,8 @@ async fn orphans_of_an_earlier_life_are_recovered_at_start(
     assert_eq!(handler.attempts_run(), vec![2]);
 }
 
-#[sqlx::test]
-async fn without_streaming_the_worker_falls_back_to_long_poll(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn without_streaming_the_worker_falls_back_to_long_poll(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     faults.inject("StreamClaims", Fault::Refuse(Code::Unimplemented));
     let worker = RunningWorker::spawn(
@@ -725,15 +664,12 @@ async fn without_streaming_the_worker_falls_back_to_long_poll(
     assert!(faults.calls("ClaimTask") >= 1);
 }
 
-#[sqlx::test]
-async fn the_worker_heartbeats_at_the_interval_the_server_gave(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = TestServer::start_with(pool, connect, |config| {
-        config.heartbeat_interval = Duration::from_millis(100);
-    })
-    .await;
+async fn the_worker_heartbeats_at_the_interval_the_server_gave(backend: Backend) {
+    let server = backend
+        .start_with(|config| {
+            config.heartbeat_interval = Duration::from_millis(100);
+        })
+        .await;
     let faults = Faults::default();
     let worker = RunningWorker::spawn(
         faults.client(server.channel.clone()),
@@ -748,12 +684,13 @@ async fn the_worker_heartbeats_at_the_interval_the_server_gave(
     assert_eq!(faults.calls("RegisterRuntime"), 1);
 }
 
+/// PostgreSQL only: the server restarts, and the embedded store forgets everything then.
 #[sqlx::test]
 async fn cancellations_arrive_after_a_reconnect_even_when_every_slot_is_busy(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
+    pool: sqlx::postgres::PgPoolOptions,
+    connect: sqlx::postgres::PgConnectOptions,
 ) {
-    let server = server(pool, connect).await;
+    let server = TestServer::start(pool, connect).await;
     let client = Client::connect(format!("http://{}", server.address)).unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
     let config = quick_config(ClaimMode::Stream).concurrency(1);
@@ -771,14 +708,10 @@ async fn cancellations_arrive_after_a_reconnect_even_when_every_slot_is_busy(
 /// With `--auth token`: the worker registers with an API key that may only register, then
 /// works with the runtime token its registration returned. When another daemon registers the
 /// same name, the token is revoked: the worker stops claiming and its run ends by itself.
-#[sqlx::test]
-async fn the_worker_works_with_its_runtime_token_and_stops_when_it_is_revoked(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
+async fn the_worker_works_with_its_runtime_token_and_stops_when_it_is_revoked(backend: Backend) {
     use crate::auth::{ADMIN, As, admin_token_file, with_tokens};
     let file = admin_token_file(ADMIN);
-    let server = TestServer::start_with(pool, connect, with_tokens(file)).await;
+    let server = backend.start_with(with_tokens(file)).await;
     let admin = As::token(&server, ADMIN);
     let register_only = admin.create_key(&["register"]).await;
     let client = Client::from_channel(server.channel.clone())
@@ -834,12 +767,8 @@ async fn wait_for_as(client: &crate::auth::As, task_id: &str, status: pb::TaskSt
 
 /// A finished task's report outlasts every refusal the server may answer while it recovers
 /// (UNAVAILABLE, ABORTED, OVERLOADED), also past the report deadline: it is never given up.
-#[sqlx::test]
-async fn a_finished_task_is_reported_however_long_the_server_refuses(
-    pool: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let server = server(pool, connect).await;
+async fn a_finished_task_is_reported_however_long_the_server_refuses(backend: Backend) {
+    let server = backend.start().await;
     let faults = Faults::default();
     for code in [
         Code::Unavailable,
@@ -866,3 +795,24 @@ async fn a_finished_task_is_reported_however_long_the_server_refuses(
     assert_eq!(done.attempt, 1);
     assert_eq!(faults.calls("CompleteTask"), 7);
 }
+
+conformance!(
+    the_worker_runs_each_task_once_and_reports_result_and_usage,
+    the_worker_claims_only_into_free_slots,
+    a_stream_cancellation_reaches_the_running_handler,
+    a_polled_cancellation_reaches_the_running_handler,
+    a_lost_start_answer_is_retried_with_the_same_token,
+    when_both_start_answers_are_lost_the_task_status_decides,
+    a_start_that_keeps_failing_fails_the_task_with_its_token,
+    a_transient_error_on_complete_is_retried_and_never_becomes_a_failure,
+    a_superseded_claim_is_dropped_without_failing_the_task,
+    a_long_prepare_keeps_its_lease,
+    shutdown_lets_in_flight_tasks_finish_then_deregisters,
+    past_the_grace_in_flight_tasks_are_failed_for_a_retry,
+    the_worker_survives_a_server_restart_mid_stream,
+    orphans_of_an_earlier_life_are_recovered_at_start,
+    without_streaming_the_worker_falls_back_to_long_poll,
+    the_worker_heartbeats_at_the_interval_the_server_gave,
+    the_worker_works_with_its_runtime_token_and_stops_when_it_is_revoked,
+    a_finished_task_is_reported_however_long_the_server_refuses,
+);
