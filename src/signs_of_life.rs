@@ -57,14 +57,14 @@ impl SignsOfLife {
         if runtimes.is_empty() {
             return;
         }
-        metrics::counter!("leasehold_signs_of_life_total").increment(runtimes.len() as u64);
+        crate::telemetry::metrics::signs_of_life(runtimes.len());
         if liveness.record(&runtimes).await.is_some() {
             return;
         }
         match store.touch_runtimes(&runtimes).await {
             Ok(written) => liveness.flushed(&written).await,
             Err(error) => {
-                metrics::counter!("leasehold_liveness_write_failures_total").increment(1);
+                crate::telemetry::metrics::liveness_write_failed();
                 tracing::warn!(%error, runtimes = runtimes.len(), "cannot write last_seen_at");
             }
         }

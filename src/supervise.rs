@@ -22,8 +22,7 @@ where
             match tokio::spawn(make()).await {
                 Ok(()) => return,
                 Err(error) if error.is_panic() => {
-                    metrics::counter!("leasehold_background_task_restarts_total", "task" => name)
-                        .increment(1);
+                    crate::telemetry::metrics::background_task_restarted(name);
                     tracing::error!(task = name, "a background task panicked; starting it again");
                 }
                 Err(_) => return,

@@ -31,11 +31,11 @@ pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: Cancel
                 due_since = report.swept_at;
             }
             Ok(None) => {
-                metrics::counter!("leasehold_sweeps_total", "outcome" => "skipped").increment(1);
+                crate::telemetry::metrics::sweep_ended("skipped");
                 due_since = None;
             }
             Err(error) => {
-                metrics::counter!("leasehold_sweeps_total", "outcome" => "failed").increment(1);
+                crate::telemetry::metrics::sweep_ended("failed");
                 tracing::warn!(%error, "sweep failed; trying again next tick");
                 due_since = None;
             }
@@ -45,7 +45,7 @@ pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: Cancel
 
 /// `leasehold_sweeps_total{outcome="led"}` and rows per stage.
 fn count(report: &SweepReport) {
-    metrics::counter!("leasehold_sweeps_total", "outcome" => "led").increment(1);
+    crate::telemetry::metrics::sweep_ended("led");
     for (stage, rows) in [
         ("mark_offline", report.marked_offline.len()),
         ("runtime_offline", report.runtime_offline.len()),
@@ -54,7 +54,7 @@ fn count(report: &SweepReport) {
         ("became_available", report.became_available.len()),
         ("retention", report.deleted_finished as usize),
     ] {
-        metrics::counter!("leasehold_sweeper_rows_total", "stage" => stage).increment(rows as u64);
+        crate::telemetry::metrics::sweeper_rows(stage, rows);
     }
 }
 

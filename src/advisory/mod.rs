@@ -121,8 +121,7 @@ impl RedisLink {
         }
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.timeout, command(self.connection.clone())).await;
-        metrics::histogram!("leasehold_redis_call_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        crate::telemetry::metrics::redis_call(started.elapsed());
         match outcome {
             Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
@@ -144,7 +143,7 @@ impl RedisLink {
 
     fn degrade(&self, cause: &dyn std::fmt::Display) {
         if self.healthy.swap(false, Ordering::AcqRel) {
-            metrics::gauge!("leasehold_redis_degraded").set(1.0);
+            crate::telemetry::metrics::redis_degraded(true);
             tracing::warn!(
                 %cause,
                 "redis degraded: liveness, the claim cache and cross-replica wake-ups fall back \
@@ -174,7 +173,7 @@ impl RedisLink {
 
     /// Probes once, at start-up, so a healthy Redis is used from the first request.
     pub async fn connect_now(&self) {
-        metrics::gauge!("leasehold_redis_degraded").set(1.0);
+        crate::telemetry::metrics::redis_degraded(true);
         if !self.recover().await {
             tracing::warn!(
                 "redis unavailable at start-up; running on PostgreSQL alone until it answers"
@@ -199,7 +198,7 @@ impl RedisLink {
         match self.probe().await {
             Ok(()) => {
                 self.healthy.store(true, Ordering::Release);
-                metrics::gauge!("leasehold_redis_degraded").set(0.0);
+                crate::telemetry::metrics::redis_degraded(false);
                 tracing::info!("redis available: using it for liveness and the claim cache");
                 true
             }

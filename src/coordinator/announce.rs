@@ -3,6 +3,7 @@
 //! moves are announced the same way, and the metrics the service layer counts.
 
 use super::*;
+use crate::telemetry::metrics;
 
 impl Coordinator {
     /// Delivers other replicas' wake-ups and cancellations here until `stop`.
@@ -49,11 +50,11 @@ impl Coordinator {
             .cloned()
             .collect();
         for queue in emptied {
-            set_queue_gauges(&queue, 0, 0, 0, None);
+            metrics::queue_depth(&queue, 0, 0, 0, None);
             reported.remove(&queue);
         }
         for depth in depths {
-            set_queue_gauges(
+            metrics::queue_depth(
                 &depth.queue,
                 depth.queued,
                 depth.dispatched,
@@ -125,38 +126,16 @@ pub(super) fn count_preflight(moves: &[TaskMove]) {
         } else {
             "preflight"
         };
-        metrics::counter!("leasehold_lease_expiries_total", "cause" => cause).increment(1);
+        metrics::lease_expired(cause);
     }
 }
 
 pub(super) fn count_failure(reason: &'static str, retried: bool) {
-    metrics::counter!("leasehold_task_failures_total", "reason" => reason).increment(1);
-    if retried {
-        metrics::counter!("leasehold_task_retries_total", "reason" => reason).increment(1);
-    }
+    metrics::task_failed(reason, retried);
 }
 
 pub(super) fn count_server_failures(reason: &'static str, moves: &[TaskMove]) {
     for moved in moves {
         count_failure(reason, moved.status == TaskStatus::Queued);
     }
-}
-
-pub(super) fn set_queue_gauges(
-    queue: &str,
-    queued: u64,
-    dispatched: u64,
-    running: u64,
-    oldest_queued_age: Option<Duration>,
-) {
-    for (status, count) in [
-        ("QUEUED", queued),
-        ("DISPATCHED", dispatched),
-        ("RUNNING", running),
-    ] {
-        metrics::gauge!("leasehold_queue_tasks", "queue" => queue.to_owned(), "status" => status)
-            .set(count as f64);
-    }
-    metrics::gauge!("leasehold_queue_oldest_queued_age_seconds", "queue" => queue.to_owned())
-        .set(oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
 }

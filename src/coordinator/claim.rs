@@ -72,11 +72,16 @@ impl Coordinator {
         };
         let (snapshot, outcome) = read_and_claim.await?;
         self.note_sign_of_life(runtime_id);
+        crate::telemetry::metrics::claim_answered(if outcome.is_some() {
+            "store"
+        } else {
+            "cache"
+        });
         let Some(outcome) = outcome else {
             return Ok(Vec::new());
         };
         count_preflight(&outcome.preflight);
-        metrics::counter!("leasehold_tasks_claimed_total").increment(outcome.claimed.len() as u64);
+        crate::telemetry::metrics::tasks_claimed(outcome.claimed.len());
         self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
         if !outcome.claimed.is_empty() && self.claim_cache.is_active() {
@@ -181,7 +186,7 @@ impl Coordinator {
                 TaskStatus::Failed => "poison",
                 _ => "stream_break",
             };
-            metrics::counter!("leasehold_lease_expiries_total", "cause" => cause).increment(1);
+            crate::telemetry::metrics::lease_expired(cause);
         }
         self.announce(&expired).await;
         Ok(expired.len())

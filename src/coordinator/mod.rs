@@ -185,7 +185,7 @@ impl Coordinator {
     ) -> Result<Task> {
         let task = self.store.start(task_id, token, acting).await?;
         self.note_holder_alive(&task);
-        metrics::counter!("leasehold_task_starts_total").increment(1);
+        crate::telemetry::metrics::task_started();
         Ok(task)
     }
 
@@ -228,7 +228,7 @@ impl Coordinator {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
         let task = self.store.complete(task_id, token, result, acting).await?;
         self.note_holder_alive(&task);
-        metrics::counter!("leasehold_task_completions_total").increment(1);
+        crate::telemetry::metrics::task_completed();
         self.announce_task(&task).await;
         Ok(task)
     }

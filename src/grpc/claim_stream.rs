@@ -138,10 +138,9 @@ impl Session {
         mut inbound: Streaming<pb::StreamClaimsRequest>,
         outbound: Sender,
     ) {
-        let open_streams = metrics::gauge!("leasehold_stream_sessions_open");
-        open_streams.increment(1.0);
+        let open = crate::telemetry::metrics::stream_session_open();
         let end = self.serve(&mut inbound, &outbound).await;
-        open_streams.decrement(1.0);
+        drop(open);
         match end {
             End::Draining => {
                 let _ = outbound

@@ -59,10 +59,7 @@ where
                     Ok(response) => code_name(response.headers()),
                     Err(_) => "UNKNOWN",
                 };
-                metrics::counter!("leasehold_rpc_requests_total", "method" => method.clone(), "code" => code)
-                    .increment(1);
-                metrics::histogram!("leasehold_rpc_duration_seconds", "method" => method, "code" => code)
-                    .record(started.elapsed().as_secs_f64());
+                crate::telemetry::metrics::rpc_answered(method, code, started.elapsed());
                 result
             }
             .instrument(span),

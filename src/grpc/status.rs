@@ -76,8 +76,7 @@ impl From<Error> for Status {
                 error_info("SERVER_DRAINING", []),
             ),
             Error::Unauthenticated(problem) => {
-                metrics::counter!("leasehold_auth_denials_total", "reason" => problem.reason())
-                    .increment(1);
+                crate::telemetry::metrics::auth_denied(problem.reason());
                 Status::with_error_details(
                     Code::Unauthenticated,
                     message,
@@ -85,8 +84,7 @@ impl From<Error> for Status {
                 )
             }
             Error::ScopeMissing(scope) => {
-                metrics::counter!("leasehold_auth_denials_total", "reason" => "SCOPE_MISSING")
-                    .increment(1);
+                crate::telemetry::metrics::auth_denied("SCOPE_MISSING");
                 Status::with_error_details(
                     Code::PermissionDenied,
                     message,
@@ -94,8 +92,7 @@ impl From<Error> for Status {
                 )
             }
             Error::RuntimeMismatch => {
-                metrics::counter!("leasehold_auth_denials_total", "reason" => "RUNTIME_MISMATCH")
-                    .increment(1);
+                crate::telemetry::metrics::auth_denied("RUNTIME_MISMATCH");
                 Status::with_error_details(
                     Code::PermissionDenied,
                     message,
@@ -108,7 +105,7 @@ impl From<Error> for Status {
                 error_info("TOO_MANY_STREAMS", [("limit", limit.to_string())]),
             ),
             Error::Overloaded => {
-                metrics::counter!("leasehold_calls_shed_total").increment(1);
+                crate::telemetry::metrics::call_shed();
                 let mut details = error_info("OVERLOADED", []);
                 details.set_retry_info(Some(OVERLOADED_RETRY_AFTER));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
@@ -154,7 +151,7 @@ fn refused_status(refused: &RefusedWrite, message: String) -> Status {
         Refusal::TaskCancelled => (Code::FailedPrecondition, "TASK_CANCELLED"),
         Refusal::TaskTerminal => (Code::FailedPrecondition, "TASK_TERMINAL"),
     };
-    metrics::counter!("leasehold_stale_token_rejections_total", "reason" => reason).increment(1);
+    crate::telemetry::metrics::stale_token_rejected(reason);
     let mut metadata = vec![
         ("task_id", refused.task_id.to_string()),
         ("status", task_status_name(refused.status).to_owned()),

@@ -34,13 +34,7 @@ impl MeasuredStore {
 }
 
 fn record<T>(operation: &'static str, started: Instant, result: &Result<T>) {
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics::histogram!(
-        "leasehold_store_call_duration_seconds",
-        "operation" => operation,
-        "outcome" => outcome
-    )
-    .record(started.elapsed().as_secs_f64());
+    crate::telemetry::metrics::store_call(operation, result.is_ok(), started.elapsed());
 }
 
 /// Attempts after the first when a call lost to a concurrent change.
@@ -84,7 +78,7 @@ macro_rules! measured {
             let result = $store.inner.$name($(Clone::clone(&$arg)),*).await;
             if attempt < CONFLICT_RETRIES && lost_to_a_conflict(&result) {
                 attempt += 1;
-                metrics::counter!("leasehold_store_conflict_retries_total").increment(1);
+                crate::telemetry::metrics::store_conflict_retried();
                 tokio::time::sleep(conflict_pause(attempt)).await;
                 continue;
             }

@@ -63,6 +63,12 @@ async fn counters_move_during_lease_cycles(backend: Backend) {
         2.0,
         "{second}"
     );
+    let from_store = r#"leasehold_claim_calls_total{answered_by="store"}"#;
+    assert_eq!(
+        sample(&second, from_store) - sample(&first, from_store),
+        2.0,
+        "{second}"
+    );
     let rejected = r#"leasehold_rpc_requests_total{method="WorkerService/StartTask",code="FAILED_PRECONDITION"}"#;
     assert_eq!(sample(&second, rejected), 3.0, "{second}");
     let stale = r#"leasehold_stale_token_rejections_total{reason="TASK_TERMINAL"}"#;

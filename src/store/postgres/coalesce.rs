@@ -190,8 +190,7 @@ async fn write_loop<W: SharedWrite>(db: Db, mut receiver: mpsc::UnboundedReceive
 
 /// One statement for the batch; every writer gets its answer.
 async fn write_batch<W: SharedWrite>(db: &Db, mut batch: Vec<Pending<W>>) {
-    metrics::histogram!("leasehold_shared_statement_writes", "kind" => W::KIND)
-        .record(batch.len() as f64);
+    crate::telemetry::metrics::shared_statement(W::KIND, batch.len());
     // Rows are locked in one fixed order (by id), which keeps a shared statement from
     // deadlocking with another one.
     batch.sort_by_key(|pending| pending.write.task_id());

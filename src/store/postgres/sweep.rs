@@ -157,7 +157,7 @@ pub(super) async fn run(
 /// A stage's outcome, or nothing when it failed (logged and counted).
 fn isolated<T: Default>(stage: &'static str, outcome: Result<T>) -> T {
     outcome.unwrap_or_else(|error| {
-        metrics::counter!("leasehold_sweeper_stage_failures_total", "stage" => stage).increment(1);
+        crate::telemetry::metrics::sweeper_stage_failed(stage);
         tracing::warn!(stage, %error, "a sweeper stage failed; the other stages still run");
         T::default()
     })

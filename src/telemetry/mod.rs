@@ -1,6 +1,8 @@
 //! Logging: `RUST_LOG` filters (default `info`), human-readable or JSON lines. Metrics:
 //! Prometheus text on `--metrics-listen` (`/metrics`).
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -55,6 +57,7 @@ pub fn serve_metrics(address: SocketAddr) -> anyhow::Result<()> {
         .install();
     match installed {
         Ok(()) => {
+            metrics::describe();
             tracing::info!(%address, "serving metrics");
             Ok(())
         }
