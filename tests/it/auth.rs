@@ -20,7 +20,9 @@ use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::harness::{Backend, TestServer, assert_error, error_metadata, task_id, task_in};
+use crate::harness::{
+    Backend, EVENTUALLY, TestServer, assert_error, error_metadata, eventually, task_id, task_in,
+};
 
 /// Sends `authorization: Bearer <token>` (or nothing) with every call.
 #[derive(Clone)]
@@ -340,17 +342,12 @@ async fn api_keys_are_listed_without_secrets_and_expire_and_revoke(backend: Back
     assert!(!format!("{listed:?}").contains(&token));
     // The use above is written down (off the call's path, so it may take a moment); the key
     // never used has no last use.
-    let mut last_used = None;
-    for _ in 0..50 {
+    eventually("the key's use is recorded", EVENTUALLY, async || {
         let keys = list_keys().await;
         assert!(keys[1].last_used_at.is_none());
-        last_used = keys[0].last_used_at;
-        if last_used.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(last_used.is_some(), "the key's use was never recorded");
+        keys[0].last_used_at.is_some().then_some(())
+    })
+    .await;
 
     tokio::time::sleep(Duration::from_millis(900)).await;
     let expired = As::token(&server, &short_lived)
@@ -491,15 +488,12 @@ async fn a_changed_admin_token_file_is_read_again() {
     // A different length, so the change shows even where modification times are coarse.
     std::fs::write(&file, "the-rotated-admin-token\n").unwrap();
     let rotated = As::token(&server, "the-rotated-admin-token");
-    let mut accepted = false;
-    for _ in 0..50 {
-        if rotated.try_create_key(&["read"], None).await.is_ok() {
-            accepted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(accepted, "the rotated admin token was never accepted");
+    eventually(
+        "the rotated admin token is accepted",
+        EVENTUALLY,
+        async || rotated.try_create_key(&["read"], None).await.ok(),
+    )
+    .await;
     let old = first.try_create_key(&["read"], None).await.unwrap_err();
     assert_error(&old, Code::Unauthenticated, "CREDENTIALS_INVALID");
 }

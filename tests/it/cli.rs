@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-use crate::harness::{TestServer, status_of};
+use crate::harness::{TestServer, status_of, wait_for_task};
 
 fn leasehold(server: &TestServer) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
@@ -247,20 +247,6 @@ async fn enqueue(
     server.enqueue(request).await.id
 }
 
-async fn settle(server: &TestServer, task_id: &str, done: impl Fn(&pb::Task) -> bool) -> pb::Task {
-    for _ in 0..750 {
-        let task = server.get_task(task_id).await;
-        if done(&task) {
-            return task;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "task {task_id} never settled: {:?}",
-        server.get_task(task_id).await
-    );
-}
-
 #[sqlx::test]
 async fn the_worker_daemon_runs_a_command_per_task(pool: PgPoolOptions, connect: PgConnectOptions) {
     let server = TestServer::start(pool, connect).await;
@@ -273,26 +259,26 @@ async fn the_worker_daemon_runs_a_command_per_task(pool: PgPoolOptions, connect:
     let bad = enqueue(&server, "bad", &[], 3).await;
     let slow = enqueue(&server, "slow", &[("marker", marker_text)], 0).await;
 
-    let done = settle(&server, &ok, |task| {
+    let done = wait_for_task(&server, &ok, |task| {
         status_of(task) == pb::TaskStatus::Completed
     })
     .await;
     assert_eq!(text(&done.result), format!("{ok} 1 daemon blue"));
 
-    let retried = settle(&server, &flaky, |task| task.attempt == 2).await;
+    let retried = wait_for_task(&server, &flaky, |task| task.attempt == 2).await;
     assert!(
         retried.error.contains("exit code 3") && retried.error.contains("flaky failure"),
         "{retried:?}"
     );
 
-    let failed = settle(&server, &bad, |task| {
+    let failed = wait_for_task(&server, &bad, |task| {
         status_of(task) == pb::TaskStatus::Failed
     })
     .await;
     assert_eq!(failed.attempt, 1, "exit code 4 is permanent: no retry");
     assert!(failed.error.contains("bad input"), "{failed:?}");
 
-    settle(&server, &slow, |task| {
+    wait_for_task(&server, &slow, |task| {
         status_of(task) == pb::TaskStatus::Running
     })
     .await;

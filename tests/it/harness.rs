@@ -517,6 +517,57 @@ pub fn python_tool(name: &str) -> std::path::PathBuf {
     python().with_file_name(name)
 }
 
+/// How long a test waits for a condition that should come to hold: generous for a loaded CI
+/// machine, while a real failure still shows within seconds.
+pub const EVENTUALLY: Duration = Duration::from_secs(15);
+
+/// Asks `probe` every 20 ms until it answers `Some`, for at most `within`; panics naming `what`
+/// otherwise. Tests wait with this, never with a bare sleep, for a state they expect.
+pub async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {within:?} in vain until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`eventually`] for a plain condition.
+pub async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    eventually(what, EVENTUALLY, async || condition().then_some(())).await
+}
+
+/// Polls the task until `done` holds and returns it.
+pub async fn wait_for_task(
+    server: &TestServer,
+    task_id: &str,
+    done: impl Fn(&pb::Task) -> bool,
+) -> pb::Task {
+    let what = format!("task {task_id} reaches the expected state");
+    eventually(&what, EVENTUALLY, async || {
+        let task = server.get_task(task_id).await;
+        done(&task).then_some(task)
+    })
+    .await
+}
+
+pub async fn wait_for_status(
+    server: &TestServer,
+    task_id: &str,
+    status: pb::TaskStatus,
+) -> pb::Task {
+    wait_for_task(server, task_id, |task| status_of(task) == status).await
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

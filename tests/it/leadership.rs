@@ -7,7 +7,7 @@ use leasehold::proto as pb;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::harness::TestServer;
+use crate::harness::{EVENTUALLY, TestServer, eventually};
 
 /// (holder, epoch) of the sweep's lease.
 async fn lease(pool: &PgPool) -> (uuid::Uuid, i64) {
@@ -68,15 +68,14 @@ async fn two_replicas_sweep_with_one_steady_leader(pool: PgPoolOptions, connect:
     let first = TestServer::start_with(pool.clone(), connect.clone(), configure).await;
     let second = TestServer::start_with(pool, connect, configure).await;
     let silent = first.register("silent", &["q"]).await;
-    let mut offline = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if runtime_status(&second, &silent).await == pb::RuntimeStatus::Offline {
-            offline = true;
-            break;
-        }
-    }
-    assert!(offline, "no replica marked the silent runtime OFFLINE");
+    eventually(
+        "a replica marks the silent runtime OFFLINE",
+        EVENTUALLY,
+        async || {
+            (runtime_status(&second, &silent).await == pb::RuntimeStatus::Offline).then_some(())
+        },
+    )
+    .await;
     let (_, epoch) = lease(first.pool()).await;
     assert_eq!(epoch, 1, "leadership moved between two live replicas");
 }

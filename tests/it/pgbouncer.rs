@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::process::{Child, Command};
 
-use crate::harness::{TestServer, status_of, task_id};
+use crate::harness::{TestServer, status_of, task_id, wait_for_task};
 use crate::operations::{database_url, run_to_end, stderr_of};
 
 /// A pgbouncer of the test's own, in transaction mode, killed when dropped.
@@ -258,19 +258,10 @@ async fn two_replicas_sweep_behind_a_transaction_pooler(
     let claimed = first.claim_one(&silent).await;
     first.start_task(&claimed).await.unwrap();
 
-    let mut requeued = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = second.get_task(&task.id).await;
-        if status_of(&now) == pb::TaskStatus::Queued && now.attempt == 2 {
-            requeued = true;
-            break;
-        }
-    }
-    assert!(
-        requeued,
-        "the silent runtime's task was not failed and retried"
-    );
+    wait_for_task(&second, &task.id, |now| {
+        status_of(now) == pb::TaskStatus::Queued && now.attempt == 2
+    })
+    .await;
     assert_eq!(
         second.runtime_status(&silent).await,
         pb::RuntimeStatus::Offline

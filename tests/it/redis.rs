@@ -38,13 +38,7 @@ async fn start(pool: PgPoolOptions, connect: PgConnectOptions) -> TestServer {
 
 pub async fn wait_until_redis_is_used(server: &TestServer) {
     let redis = server.coordinator.redis().expect("redis configured");
-    for _ in 0..100 {
-        if redis.is_healthy() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the server never started using Redis");
+    crate::harness::wait_until("the server uses Redis", || redis.is_healthy()).await;
 }
 
 async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {

@@ -320,12 +320,13 @@ async fn deleted_rows_are_counted_in_a_metric() {
     completed_task(&server, &runtime, "q").await;
     server.advance_time(HOUR * 2).await;
     let series = r#"leasehold_sweeper_rows_total{stage="retention"}"#;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let metrics = crate::metrics::scrape(&address).await;
-        if crate::metrics::sample(&metrics, series) >= 1.0 {
-            return;
-        }
-    }
-    panic!("{series} never counted the deleted task");
+    crate::harness::eventually(
+        "the retention counter counts the deleted task",
+        crate::harness::EVENTUALLY,
+        async || {
+            let metrics = crate::metrics::scrape(&address).await;
+            (crate::metrics::sample(&metrics, series) >= 1.0).then_some(())
+        },
+    )
+    .await;
 }

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
-use crate::harness::{Backend, TestServer, assert_error, status_of, task_id, task_in};
+use crate::harness::{Backend, TestServer, assert_error, eventually, status_of, task_id, task_in};
 use crate::metrics::{sample, scrape};
 
 /// Long enough that only a wake-up (never the fallback re-check) can deliver within a test.
@@ -476,20 +476,14 @@ conformance!(
     draining_tells_streams_and_gives_back_their_claims,
 );
 
+/// The task in `status`, promptly (a stream delivers at once, or not at all).
 async fn wait_for_status(server: &TestServer, task_id: &str, status: pb::TaskStatus) -> pb::Task {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
+    let what = format!("task {task_id} is {status:?}");
+    eventually(&what, Duration::from_secs(1), async || {
         let task = server.get_task(task_id).await;
-        if status_of(&task) == status {
-            return task;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task still {:?}",
-            status_of(&task)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (status_of(&task) == status).then_some(task)
+    })
+    .await
 }
 
 /// Enqueues on `producer` and times until `stream` receives the claim, `samples` times.

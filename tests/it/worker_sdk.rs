@@ -21,7 +21,9 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::harness::{Backend, TestServer, status_of, task_in};
+use crate::harness::{
+    Backend, TestServer, status_of, task_in, wait_for_status, wait_for_task, wait_until,
+};
 
 const QUEUE: &str = "sdk";
 const WORKER_NAME: &str = "sdk-worker";
@@ -216,39 +218,6 @@ impl RunningWorker {
     }
 }
 
-/// Polls the task until `done` holds (10 s at most) and returns it.
-async fn wait_for(
-    server: &TestServer,
-    task_id: &str,
-    done: impl Fn(&pb::Task) -> bool,
-) -> pb::Task {
-    for _ in 0..500 {
-        let task = server.get_task(task_id).await;
-        if done(&task) {
-            return task;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "task {task_id} never reached the expected state: {:?}",
-        server.get_task(task_id).await
-    );
-}
-
-async fn wait_for_status(server: &TestServer, task_id: &str, status: pb::TaskStatus) -> pb::Task {
-    wait_for(server, task_id, |task| status_of(task) == status).await
-}
-
-async fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 async fn enqueue_payload(server: &TestServer, payload: &str) -> pb::Task {
     let mut request = task_in(QUEUE);
     request.payload = payload.as_bytes().to_vec();
@@ -437,7 +406,7 @@ async fn a_start_that_keeps_failing_fails_the_task_with_its_token(backend: Backe
         handler.clone(),
     );
     let task = enqueue_payload(&server, "unlucky").await;
-    let retried = wait_for(&server, &task.id, |task| {
+    let retried = wait_for_task(&server, &task.id, |task| {
         task.attempt == 2 || status_of(task) == pb::TaskStatus::Completed
     })
     .await;
@@ -500,7 +469,7 @@ async fn a_superseded_claim_is_dropped_without_failing_the_task(backend: Backend
         .into_inner();
     assert_eq!(recovered.retried, 1);
     gate.add_permits(1);
-    let done = wait_for(&server, &task.id, |task| {
+    let done = wait_for_task(&server, &task.id, |task| {
         status_of(task) == pb::TaskStatus::Completed
     })
     .await;
