@@ -23,9 +23,13 @@
 //! ```
 
 mod backoff;
+mod claiming;
 mod handler;
+mod lifecycle;
+mod shared;
 mod task_run;
 mod worker;
+mod worker_config;
 
 use std::time::Duration;
 
@@ -41,7 +45,8 @@ use crate::proto::worker_service_client::WorkerServiceClient;
 
 pub use backoff::Backoff;
 pub use handler::{Handler, TaskContext, TaskError};
-pub use worker::{ClaimMode, Worker, WorkerConfig};
+pub use worker::Worker;
+pub use worker_config::{ClaimMode, WorkerConfig};
 
 /// What a boxed transport fails with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -20,7 +20,7 @@ use tonic::Status;
 
 use super::backoff::Backoff;
 use super::handler::{TaskContext, TaskError};
-use super::worker::{Shared, Tracked, sleep_unless};
+use super::shared::{Shared, Tracked, sleep_unless};
 use super::{is_claim_lost, is_transient};
 use crate::proto as pb;
 
