@@ -25,6 +25,19 @@ impl CpuTimes {
         }
     }
 
+    /// CPU milliseconds per task since `earlier`: the server's, PostgreSQL's and their sum
+    /// (the bench client's own work is left out: in a deployment it is the workers').
+    pub(super) fn per_task(&self, earlier: &CpuTimes, tasks: usize) -> Value {
+        let per_task = |seconds: f64| seconds * 1000.0 / tasks.max(1) as f64;
+        let server = self.server - earlier.server;
+        let postgres = self.postgres - earlier.postgres;
+        json!({
+            "server": per_task(server),
+            "postgres": per_task(postgres),
+            "total": per_task(server + postgres),
+        })
+    }
+
     /// CPU seconds spent by each side since `earlier`.
     pub(super) fn since(&self, earlier: &CpuTimes) -> Value {
         json!({

@@ -117,6 +117,7 @@ async fn retention_rounds(args: &BenchArgs, database: &ScratchDatabase) -> anyho
             args.workers,
             args.stream_credits,
             args.tasks,
+            false,
         )
         .await?;
         // Longer than the retention plus a sweep, so this round's tasks may go too.

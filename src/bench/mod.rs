@@ -174,12 +174,35 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             workers,
             args.stream_credits,
             tasks,
+            false,
         )
         .await?;
+        let cpu_after = CpuTimes::now(server.pid());
         report["lifecycle_stream"] = json!({
             "tasks_per_second": streamed,
             "vs_unary": unary_rate.map(|unary| streamed / unary),
-            "cpu": CpuTimes::now(server.pid()).since(&cpu_before),
+            "cpu": cpu_after.since(&cpu_before),
+            "cpu_ms_per_task": cpu_after.per_task(&cpu_before, tasks),
+        });
+        // The same with the streams' claims started by the claim (`auto_start`).
+        scenarios::enqueue_in_batches(&client, "bench-stream-auto", tasks, args.producers).await?;
+        ServerProcess::vacuum(&database.url).await?;
+        let cpu_before = CpuTimes::now(server.pid());
+        let auto_started = scenarios::lifecycle_stream(
+            &client,
+            "bench-stream-auto",
+            workers,
+            args.stream_credits,
+            tasks,
+            true,
+        )
+        .await?;
+        let cpu_after = CpuTimes::now(server.pid());
+        report["lifecycle_stream_auto_start"] = json!({
+            "tasks_per_second": auto_started,
+            "vs_stream": auto_started / streamed,
+            "cpu": cpu_after.since(&cpu_before),
+            "cpu_ms_per_task": cpu_after.per_task(&cpu_before, tasks),
         });
     }
     if args.runs(Scenario::Wakeup) {
@@ -276,6 +299,7 @@ async fn lifecycle_pair(
         args.workers,
         args.stream_credits,
         args.tasks,
+        false,
     )
     .await?;
     Ok((unary, streamed))

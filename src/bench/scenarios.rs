@@ -234,13 +234,17 @@ pub(super) async fn lifecycle_unary(
 }
 
 async fn start_and_complete(client: &Client, claimed: pb::ClaimedTask) -> anyhow::Result<()> {
-    let task_id = claimed.task.context("a claim without its task")?.id;
+    let task = claimed.task.context("a claim without its task")?;
+    let task_id = task.id;
     let mut worker = client.worker();
-    let start = pb::StartTaskRequest {
-        task_id: task_id.clone(),
-        claim_token: claimed.claim_token.clone(),
-    };
-    worker.start_task(start).await?;
+    // An auto-started claim arrives RUNNING: no StartTask.
+    if task.status != pb::TaskStatus::Running as i32 {
+        let start = pb::StartTaskRequest {
+            task_id: task_id.clone(),
+            claim_token: claimed.claim_token.clone(),
+        };
+        worker.start_task(start).await?;
+    }
     let complete = pb::CompleteTaskRequest {
         task_id,
         claim_token: claimed.claim_token,
@@ -257,11 +261,17 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(client: &Client, runtime_id: String, credits: u32) -> anyhow::Result<Stream> {
+    async fn open(
+        client: &Client,
+        runtime_id: String,
+        credits: u32,
+        auto_start: bool,
+    ) -> anyhow::Result<Stream> {
         let (outbound, requests) = mpsc::channel(64);
         let open = Outbound::Open(pb::OpenStream {
             runtime_id,
             credits,
+            auto_start,
         });
         outbound
             .send(pb::StreamClaimsRequest { msg: Some(open) })
@@ -292,13 +302,15 @@ fn credit(n: u32) -> pb::StreamClaimsRequest {
 }
 
 /// `workers` runtimes, each with a claim stream of `credits`; every pushed claim is started and
-/// completed concurrently, and its credit granted back, until `total` tasks are done.
+/// completed concurrently, and its credit granted back, until `total` tasks are done. With
+/// `auto_start`, the streams ask for their claims started (no StartTask).
 pub(super) async fn lifecycle_stream(
     client: &Client,
     queue: &str,
     workers: usize,
     credits: u32,
     total: usize,
+    auto_start: bool,
 ) -> anyhow::Result<f64> {
     let mut streams = Vec::new();
     for index in 0..workers {
@@ -310,7 +322,7 @@ pub(super) async fn lifecycle_stream(
     let finished = Arc::new(tokio::sync::Notify::new());
     let mut sessions = Vec::new();
     for runtime in streams {
-        let mut stream = Stream::open(&runtime.client, runtime.id, credits).await?;
+        let mut stream = Stream::open(&runtime.client, runtime.id, credits, auto_start).await?;
         let (client, done, finished) = (runtime.client, done.clone(), finished.clone());
         sessions.push(tokio::spawn(async move {
             let mut in_flight = tokio::task::JoinSet::new();
@@ -362,7 +374,7 @@ pub(super) async fn wakeup(
     let mut sessions = Vec::new();
     for index in 0..streams {
         let runtime_id = register(stream_side, format!("wake-{queue}-{index}"), queue).await?;
-        let mut stream = Stream::open(stream_side, runtime_id, 1).await?;
+        let mut stream = Stream::open(stream_side, runtime_id, 1, false).await?;
         let (client, claims, settled) = (stream_side.clone(), claims.clone(), settled.clone());
         sessions.push(tokio::spawn(async move {
             while let Some(claimed) = stream.next_claim().await? {
@@ -455,7 +467,7 @@ pub(super) async fn open_idle_streams(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut held = Vec::new();
     for runtime_id in runtimes {
-        let mut stream = Stream::open(client, runtime_id.clone(), 1).await?;
+        let mut stream = Stream::open(client, runtime_id.clone(), 1, false).await?;
         held.push(tokio::spawn(async move {
             let _ = stream.next_claim().await;
             drop(stream.outbound);

@@ -60,6 +60,10 @@ pub struct WorkerArgs {
     /// Streamed claims (default), or long-poll `ClaimTask` for proxies without bidi streams.
     #[arg(long, value_enum, default_value_t = ClaimModeArg::Stream)]
     claim_mode: ClaimModeArg,
+    /// Streamed claims arrive started (no StartTask per task: one write fewer). The command
+    /// runs at once either way; this only saves the round trip.
+    #[arg(long, env = "LEASEHOLD_AUTO_START")]
+    auto_start: bool,
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
     /// The program to run per task, and its arguments.
@@ -82,6 +86,7 @@ impl WorkerArgs {
             self.queues.clone(),
         )
         .concurrency(self.concurrency)
+        .auto_start(self.auto_start)
         .shutdown_grace(self.shutdown_grace)
         .claim_mode(match self.claim_mode {
             ClaimModeArg::Stream => ClaimMode::Stream,

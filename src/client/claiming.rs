@@ -90,6 +90,7 @@ pub(super) async fn stream_session(
     let open = pb::OpenStream {
         runtime_id: shared.runtime_id(),
         credits: reserved.len() as u32,
+        auto_start: shared.config.auto_start,
     };
     let _ = outbound.send(outbound_message(Outbound::Open(open))).await;
     let mut worker = shared.client().worker();

@@ -2,6 +2,9 @@
 //!
 //! 1. `prepare`, with `ExtendLease` every third of the lease while it runs;
 //! 2. `StartTask` (the rules of [`start`]);
+//!
+//! (A claim that arrives RUNNING, started by the claim itself (`auto_start`), skips both the
+//! lease keeping and `StartTask`: it holds no lease and is already started.)
 //! 3. `run`, with the cancellation watcher;
 //! 4. usage, reported once whatever happened;
 //! 5. `CompleteTask` or `FailTask`, retried on transient errors until the report deadline.
@@ -43,6 +46,7 @@ pub(super) async fn process(
     _slot: OwnedSemaphorePermit,
 ) {
     let Some(task) = claimed.task else { return };
+    let started_by_claim = task.status == pb::TaskStatus::Running as i32;
     let task_id = task.id.clone();
     let token = claimed.claim_token;
     let tracked = shared.track(&task_id);
@@ -53,6 +57,7 @@ pub(super) async fn process(
         task_id: &task_id,
         token: &token,
         tracked: &tracked,
+        started_by_claim,
     };
     let verdict = run.drive().await;
     run.report_usage().await;
@@ -66,19 +71,37 @@ struct TaskRun<'a> {
     task_id: &'a str,
     token: &'a str,
     tracked: &'a Tracked,
+    /// Auto-started: the claim made the task RUNNING.
+    started_by_claim: bool,
 }
 
 impl TaskRun<'_> {
     async fn drive(&self) -> Verdict {
-        if let Err(verdict) = self.prepare().await {
+        let prepared = if self.started_by_claim {
+            self.shared
+                .handler
+                .prepare(self.context)
+                .await
+                .map_err(Verdict::Fail)
+        } else {
+            self.prepare().await
+        };
+        if let Err(verdict) = prepared {
             return verdict;
         }
         if self.context.cancelled().is_cancelled() {
+            if self.started_by_claim && !self.tracked.by_server.load(Ordering::SeqCst) {
+                // Shutting down before the handler ran a task its claim started: give it back
+                // for a retry (DeregisterRuntime requeues only unstarted claims).
+                return Verdict::Fail(TaskError::retryable("the worker stopped before running it"));
+            }
             // Cancelled, or shutting down, before it started: leave it to the server (a
             // cancelled task is finished; an unstarted claim is requeued by DeregisterRuntime).
             return Verdict::Drop("cancelled before it started");
         }
-        if let Err(verdict) = self.start().await {
+        if !self.started_by_claim
+            && let Err(verdict) = self.start().await
+        {
             return verdict;
         }
         let outcome = self.run().await;

@@ -24,6 +24,10 @@ pub struct WorkerConfig {
     /// Tasks run at once (local slots).
     pub concurrency: u32,
     pub claim_mode: ClaimMode,
+    /// Streamed claims arrive started (StreamClaims' `auto_start`): no `StartTask` per task, one
+    /// write fewer. The handler's `prepare` then runs on a RUNNING task, without a lease to
+    /// keep. Off by default; unary claims are always started with `StartTask`.
+    pub auto_start: bool,
     /// How long shutdown lets in-flight tasks finish before cancelling them.
     pub shutdown_grace: Duration,
     /// `wait` of each long-poll `ClaimTask` in unary mode.
@@ -54,6 +58,7 @@ impl WorkerConfig {
             labels: HashMap::new(),
             concurrency: 1,
             claim_mode: ClaimMode::Stream,
+            auto_start: false,
             shutdown_grace: Duration::from_secs(30),
             long_poll_wait: Duration::from_secs(20),
             cancel_poll_interval: Duration::from_secs(5),
@@ -71,6 +76,11 @@ impl WorkerConfig {
 
     pub fn claim_mode(mut self, mode: ClaimMode) -> WorkerConfig {
         self.claim_mode = mode;
+        self
+    }
+
+    pub fn auto_start(mut self, auto_start: bool) -> WorkerConfig {
+        self.auto_start = auto_start;
         self
     }
 

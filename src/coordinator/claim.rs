@@ -50,6 +50,20 @@ impl Coordinator {
         budget: Option<Duration>,
         cache: CacheUse,
     ) -> Result<Vec<ClaimedTask>> {
+        self.claim_with(runtime_id, max_tasks, budget, cache, ClaimedAs::Dispatched)
+            .await
+    }
+
+    /// [`Coordinator::claim`], its tasks handed out `claimed_as` (a stream may ask for them
+    /// started: StreamClaims' `auto_start`).
+    pub async fn claim_with(
+        &self,
+        runtime_id: RuntimeId,
+        max_tasks: Option<u32>,
+        budget: Option<Duration>,
+        cache: CacheUse,
+        claimed_as: ClaimedAs,
+    ) -> Result<Vec<ClaimedTask>> {
         let max_tasks = max_tasks.unwrap_or(1).min(MAX_CLAIM_BATCH);
         let read_and_claim = async {
             let snapshot = if max_tasks > 0 && cache == CacheUse::Read {
@@ -67,6 +81,7 @@ impl Coordinator {
                 runtime_id,
                 max_tasks,
                 budget,
+                auto_start: claimed_as == ClaimedAs::Started,
             };
             Ok((snapshot, Some(self.store.claim(request).await?)))
         };
@@ -82,6 +97,9 @@ impl Coordinator {
         };
         count_preflight(&outcome.preflight);
         crate::telemetry::metrics::tasks_claimed(outcome.claimed.len());
+        if claimed_as == ClaimedAs::Started {
+            crate::telemetry::metrics::tasks_started(outcome.claimed.len());
+        }
         self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
         if !outcome.claimed.is_empty() && self.claim_cache.is_active() {

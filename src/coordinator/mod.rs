@@ -185,7 +185,7 @@ impl Coordinator {
     ) -> Result<Task> {
         let task = self.store.start(task_id, token, acting).await?;
         self.note_holder_alive(&task);
-        crate::telemetry::metrics::task_started();
+        crate::telemetry::metrics::tasks_started(1);
         Ok(task)
     }
 
@@ -418,6 +418,15 @@ impl Coordinator {
             .await;
         Ok(info)
     }
+}
+
+/// What a claim makes of its tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimedAs {
+    /// DISPATCHED under a lease; the worker starts each with StartTask.
+    Dispatched,
+    /// RUNNING at once (StreamClaims' `auto_start`): the claim is the start.
+    Started,
 }
 
 /// Whether a claim may be answered from the empty-claim cache.

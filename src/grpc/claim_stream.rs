@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Status, Streaming};
 
-use crate::coordinator::{CacheUse, Coordinator, MAX_CLAIM_BATCH, StreamSlot, jittered};
+use crate::coordinator::{CacheUse, ClaimedAs, Coordinator, MAX_CLAIM_BATCH, StreamSlot, jittered};
 use crate::domain::auth::Principal;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
@@ -91,6 +91,11 @@ pub(super) async fn open(
         cache: CacheUse::Read,
         peak_credits: credits,
         flowing: false,
+        claimed_as: if open.auto_start {
+            ClaimedAs::Started
+        } else {
+            ClaimedAs::Dispatched
+        },
     })
 }
 
@@ -116,6 +121,8 @@ pub(super) struct Session {
     peak_credits: u64,
     /// The last claim got all it asked for: work is flowing, so credits may be gathered.
     flowing: bool,
+    /// Started by their claim (`auto_start`), or dispatched for the worker to start.
+    claimed_as: ClaimedAs,
 }
 
 struct PushedClaim {
@@ -277,17 +284,20 @@ impl Session {
         let cache = std::mem::replace(&mut self.cache, CacheUse::Read);
         let claimed = self
             .coordinator
-            .claim(self.runtime_id, Some(asked), None, cache)
+            .claim_with(self.runtime_id, Some(asked), None, cache, self.claimed_as)
             .await?;
         let got = claimed.len();
         self.flowing = got == asked as usize;
         for claim in claimed {
             self.credits -= 1;
-            self.pushed.push_back(PushedClaim {
-                task_id: claim.task.id,
-                token: claim.claim_token,
-                lease_expires_at: claim.lease_expires_at,
-            });
+            // A started task runs on the worker: a broken stream does not give it back.
+            if self.claimed_as == ClaimedAs::Dispatched {
+                self.pushed.push_back(PushedClaim {
+                    task_id: claim.task.id,
+                    token: claim.claim_token,
+                    lease_expires_at: claim.lease_expires_at,
+                });
+            }
             if outbound.send(Ok(pushed(claim))).await.is_err() {
                 return Ok(PushOutcome::WorkerGone);
             }

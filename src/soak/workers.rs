@@ -223,6 +223,7 @@ async fn stream_loop(context: Context, runtime_id: String, seed: u64) {
     loop {
         let (outbound, requests) = mpsc::channel(16);
         let open = Outbound::Open(pb::OpenStream {
+            auto_start: false,
             runtime_id: runtime_id.clone(),
             credits,
         });

@@ -73,6 +73,9 @@ pub struct ClaimRequest {
     /// Time left before the caller's deadline. The claim is rolled back rather than committed
     /// after it passes, so no task is dispatched to a caller that has given up.
     pub budget: Option<Duration>,
+    /// Claimed tasks become RUNNING at once, as if started (StreamClaims' `auto_start`): the
+    /// claim is the start, one write fewer per task.
+    pub auto_start: bool,
 }
 
 #[derive(Clone, Debug)]

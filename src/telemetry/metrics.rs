@@ -156,8 +156,8 @@ pub fn tasks_claimed(count: usize) {
     counter!(TASKS_CLAIMED).increment(count as u64);
 }
 
-pub fn task_started() {
-    counter!(TASK_STARTS).increment(1);
+pub fn tasks_started(count: usize) {
+    counter!(TASK_STARTS).increment(count as u64);
 }
 
 pub fn task_completed() {

@@ -141,6 +141,7 @@ impl As {
             msg: Some(Msg::Open(pb::OpenStream {
                 runtime_id: runtime_id.into(),
                 credits: 1,
+                auto_start: false,
             })),
         };
         self.worker

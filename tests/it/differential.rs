@@ -52,6 +52,7 @@ enum Op {
     Claim {
         runtime: usize,
         max_tasks: u32,
+        auto_start: bool,
     },
     Start {
         task: usize,
@@ -103,7 +104,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(queue, priority, pin, key, delayed, max_attempts, idempotency)| Op::Enqueue {
                 queue, priority, pin, key, delayed, max_attempts, idempotency
             }),
-        4 => (0..RUNTIMES, 0..=3u32).prop_map(|(runtime, max_tasks)| Op::Claim { runtime, max_tasks }),
+        4 => (0..RUNTIMES, 0..=3u32, any::<bool>())
+            .prop_map(|(runtime, max_tasks, auto_start)| Op::Claim { runtime, max_tasks, auto_start }),
         3 => (task.clone(), token_pick()).prop_map(|(task, token)| Op::Start { task, token }),
         1 => (task.clone(), token_pick()).prop_map(|(task, token)| Op::Extend { task, token }),
         2 => (task.clone(), token_pick()).prop_map(|(task, token)| Op::Complete { task, token }),
@@ -221,11 +223,16 @@ async fn apply(
                     subject.describe(&enqueued.task)
                 )
             }),
-        Op::Claim { runtime, max_tasks } => store
+        Op::Claim {
+            runtime,
+            max_tasks,
+            auto_start,
+        } => store
             .claim(ClaimRequest {
                 runtime_id: subject.runtimes[*runtime],
                 max_tasks: *max_tasks,
                 budget: None,
+                auto_start: *auto_start,
             })
             .await
             .map(|outcome| {

@@ -328,11 +328,14 @@ fn stream_message() -> impl Strategy<Value = pb::StreamClaimsRequest> {
     use pb::stream_claims_request::Msg;
     prop_oneof![
         Just(pb::StreamClaimsRequest { msg: None }),
-        (text(), any::<u32>()).prop_map(|(runtime_id, credits)| pb::StreamClaimsRequest {
-            msg: Some(Msg::Open(pb::OpenStream {
-                runtime_id,
-                credits
-            }))
+        (text(), any::<u32>(), any::<bool>()).prop_map(|(runtime_id, credits, auto_start)| {
+            pb::StreamClaimsRequest {
+                msg: Some(Msg::Open(pb::OpenStream {
+                    runtime_id,
+                    credits,
+                    auto_start,
+                })),
+            }
         }),
         any::<u32>().prop_map(|n| pb::StreamClaimsRequest {
             msg: Some(Msg::Credit(pb::GrantCredit { n }))

@@ -131,6 +131,7 @@ fn open_message(runtime_id: &str, credits: u32) -> Inbound {
     Inbound::Open(pb::OpenStream {
         runtime_id: runtime_id.into(),
         credits,
+        auto_start: false,
     })
 }
 
@@ -318,6 +319,54 @@ async fn flapping_streams_fail_no_task(backend: Backend) {
     );
 }
 
+/// `auto_start`: claims arrive RUNNING, started by the claim. CompleteTask needs no StartTask; a
+/// StartTask with the token is an accepted replay; a broken stream gives none of them back.
+async fn an_auto_start_stream_pushes_started_claims(backend: Backend) {
+    let server = start(backend).await;
+    let runtime = server.register("eager", &["q"]).await;
+    server.enqueue_to("q").await;
+    server.enqueue_to("q").await;
+    let open = Inbound::Open(pb::OpenStream {
+        runtime_id: runtime.clone(),
+        credits: 2,
+        auto_start: true,
+    });
+    let mut stream = ClaimStream::start(server.worker.clone(), open)
+        .await
+        .unwrap();
+    let completed = stream.next_claimed().await;
+    let running = stream.next_claimed().await;
+    for claimed in [&completed, &running] {
+        let task = server.get_task(task_id(claimed)).await;
+        assert_eq!(status_of(&task), pb::TaskStatus::Running);
+        assert!(task.started_at.is_some());
+        assert_eq!(task.claimed_by, runtime);
+    }
+
+    let done = server.complete(&completed, b"ok").await.unwrap();
+    assert_eq!(status_of(&done), pb::TaskStatus::Completed);
+    let replayed = server.start_task(&running).await.unwrap();
+    assert_eq!(status_of(&replayed), pb::TaskStatus::Running);
+    let extend = server
+        .worker
+        .clone()
+        .extend_lease(pb::ExtendLeaseRequest {
+            task_id: task_id(&running).into(),
+            claim_token: running.claim_token.clone(),
+            extend_by: None,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&extend, Code::FailedPrecondition, "TASK_ALREADY_STARTED");
+
+    drop(stream);
+    // A broken stream gives back its unstarted claims within milliseconds (the test above);
+    // a started one stays with its worker, whose token still completes it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done = server.complete(&running, b"ok").await.unwrap();
+    assert_eq!(status_of(&done), pb::TaskStatus::Completed);
+}
+
 async fn a_broken_stream_gives_back_its_unstarted_claims(backend: Backend) {
     let server = start(backend).await;
     let runtime = server.register("fragile", &["q"]).await;
@@ -469,6 +518,7 @@ conformance!(
     a_delayed_task_wakes_a_stream_when_it_comes_due,
     an_idle_stream_hears_keepalives,
     a_broken_stream_gives_back_its_unstarted_claims,
+    an_auto_start_stream_pushes_started_claims,
     a_cancellation_reaches_the_holding_stream,
     a_stream_must_open_for_a_known_runtime,
     a_long_poll_returns_as_soon_as_a_task_is_enqueued,

@@ -282,6 +282,32 @@ async fn the_worker_runs_each_task_once_and_reports_result_and_usage(backend: Ba
     assert_eq!(runtime_status(&server).await, pb::RuntimeStatus::Offline);
 }
 
+/// With `auto_start`, streamed claims arrive started: the worker sends no StartTask, and each
+/// task still completes once with its result.
+async fn an_auto_starting_worker_sends_no_start(backend: Backend) {
+    let server = backend.start().await;
+    let faults = Faults::default();
+    let worker = RunningWorker::spawn(
+        faults.client(server.channel.clone()),
+        quick_config(ClaimMode::Stream).auto_start(true),
+        TestHandler::echo(),
+    );
+    let mut tasks = Vec::new();
+    for n in 0..6 {
+        tasks.push(enqueue_payload(&server, &format!("job {n}")).await);
+    }
+    for task in &tasks {
+        let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+        assert_eq!(done.result, task.payload);
+        assert_eq!(done.attempt, 1);
+        assert!(done.started_at.is_some());
+    }
+    worker.stop().await;
+    assert_eq!(faults.calls("StartTask"), 0);
+    assert_eq!(faults.calls("CompleteTask"), 6);
+    assert_eq!(faults.calls("FailTask"), 0);
+}
+
 async fn the_worker_claims_only_into_free_slots(backend: Backend) {
     let server = backend.start().await;
     let gate = Arc::new(Semaphore::new(0));
@@ -767,6 +793,7 @@ async fn a_finished_task_is_reported_however_long_the_server_refuses(backend: Ba
 
 conformance!(
     the_worker_runs_each_task_once_and_reports_result_and_usage,
+    an_auto_starting_worker_sends_no_start,
     the_worker_claims_only_into_free_slots,
     a_stream_cancellation_reaches_the_running_handler,
     a_polled_cancellation_reaches_the_running_handler,

@@ -199,7 +199,13 @@ impl TaskStore for MemoryStore {
             }
         };
         // Claiming here is instantaneous and cannot outlive the caller's budget.
-        let claimed = state.claim(&runtime, max_tasks, self.policy.lease_duration, now);
+        let claimed = state.claim(
+            &runtime,
+            max_tasks,
+            self.policy.lease_duration,
+            request.auto_start,
+            now,
+        );
         Ok(ClaimOutcome { claimed, preflight })
     }
 

@@ -127,6 +127,7 @@ impl State {
         runtime: &Runtime,
         max_tasks: u32,
         lease: Duration,
+        auto_start: bool,
         now: DateTime<Utc>,
     ) -> Vec<ClaimedTask> {
         let room: HashMap<&str, u32> = runtime
@@ -181,7 +182,7 @@ impl State {
         }
         chosen
             .into_iter()
-            .map(|task_id| self.dispatch(task_id, runtime.id, lease, now))
+            .map(|task_id| self.dispatch(task_id, runtime.id, lease, auto_start, now))
             .collect()
     }
 
@@ -190,6 +191,7 @@ impl State {
         task_id: TaskId,
         runtime_id: RuntimeId,
         lease: Duration,
+        auto_start: bool,
         now: DateTime<Utc>,
     ) -> ClaimedTask {
         let claim_token = ClaimToken::new_random();
@@ -203,7 +205,12 @@ impl State {
             let queue = task.queue.clone();
             self.busy_keys.insert((queue, key));
         }
-        self.set_status(task_id, TaskStatus::Dispatched);
+        if auto_start {
+            self.task_mut(task_id).started_at = Some(now);
+            self.set_status(task_id, TaskStatus::Running);
+        } else {
+            self.set_status(task_id, TaskStatus::Dispatched);
+        }
         ClaimedTask {
             task: self.task_mut(task_id).clone(),
             claim_token,

@@ -219,17 +219,18 @@ impl TaskStore for PgStore {
                 .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
                 .bind(interval(self.policy.lease_duration))
                 .bind(i64::from(self.policy.max_lease_expirations))
-                .bind(request.budget.map(interval)),
+                .bind(request.budget.map(interval))
+                .bind(request.auto_start),
             fetch_all
         )
         .await
         .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
         // The function returns the preflight's rows (QUEUED, or FAILED by the poison guard)
-        // and then the claimed rows (DISPATCHED).
+        // and then the claimed rows (DISPATCHED, or RUNNING when auto-started).
         let mut outcome = ClaimOutcome::default();
         for row in rows {
             let task = Task::try_from(row)?;
-            if task.status == TaskStatus::Dispatched {
+            if task.status.is_active() {
                 outcome.claimed.push(claimed(task)?);
             } else {
                 outcome.preflight.push(TaskMove::from(&task));

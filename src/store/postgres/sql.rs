@@ -54,7 +54,7 @@ WITH revived AS (
     UPDATE runtimes SET status = 'ONLINE', last_seen_at = now(), offline_since = NULL
     WHERE id = $1 AND status = 'OFFLINE'
 )
-SELECT * FROM leasehold_claim_within_capacity($1, $2, $3, $4, $5)";
+SELECT * FROM leasehold_claim_within_capacity($1, $2, $3, $4, $5, $6)";
 
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";

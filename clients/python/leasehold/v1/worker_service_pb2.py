@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from leasehold.v1 import types_pb2 as leasehold_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!leasehold/v1/worker_service.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xc0\x01\n\x16RegisterRuntimeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12@\n\x06labels\x18\x03 \x03(\x0b\x32\x30.leasehold.v1.RegisterRuntimeRequest.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc2\x01\n\x17RegisterRuntimeResponse\x12&\n\x07runtime\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.Runtime\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rruntime_token\x18\x04 \x01(\t\"&\n\x10HeartbeatRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"q\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatus\".\n\x18\x44\x65registerRuntimeRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"-\n\x19\x44\x65registerRuntimeResponse\x12\x10\n\x08requeued\x18\x01 \x01(\r\"+\n\x15RecoverOrphansRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"9\n\x16RecoverOrphansResponse\x12\x0e\n\x06\x66\x61iled\x18\x01 \x01(\r\x12\x0f\n\x07retried\x18\x02 \x01(\r\"u\n\x10\x43laimTaskRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12\x16\n\tmax_tasks\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_max_tasks\"=\n\x11\x43laimTaskResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.leasehold.v1.ClaimedTask\"\x9a\x01\n\x13StreamClaimsRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.leasehold.v1.OpenStreamH\x00\x12+\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x19.leasehold.v1.GrantCreditH\x00\x12%\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x16.leasehold.v1.AckClaimH\x00\x42\x05\n\x03msg\"1\n\nOpenStream\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63redits\x18\x02 \x01(\r\"\x18\n\x0bGrantCredit\x12\t\n\x01n\x18\x01 \x01(\r\"\x1b\n\x08\x41\x63kClaim\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xd7\x01\n\x14StreamClaimsResponse\x12,\n\x07\x63laimed\x18\x01 \x01(\x0b\x32\x19.leasehold.v1.ClaimedTaskH\x00\x12\x30\n\tcancelled\x18\x02 \x01(\x0b\x32\x1b.leasehold.v1.TaskCancelledH\x00\x12,\n\tkeepalive\x18\x03 \x01(\x0b\x32\x17.leasehold.v1.KeepaliveH\x00\x12*\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x16.leasehold.v1.DrainingH\x00\x42\x05\n\x03msg\" \n\rTaskCancelled\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"<\n\tKeepalive\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\n\n\x08\x44raining\"8\n\x10StartTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\"5\n\x11StartTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\"h\n\x12\x45xtendLeaseRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12,\n\textend_by\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x13\x45xtendLeaseResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\"8\n\x14\x43ompleteTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\"Y\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"H\n\x10\x46\x61ilTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\x12\x12\n\nwill_retry\x18\x02 \x01(\x08\"\xad\x01\n\x12ReportUsageRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12@\n\x08\x63ounters\x18\x03 \x03(\x0b\x32..leasehold.v1.ReportUsageRequest.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13ReportUsageResponse\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"R\n\x15GetTaskStatusResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.leasehold.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r2\x9b\x08\n\rWorkerService\x12^\n\x0fRegisterRuntime\x12$.leasehold.v1.RegisterRuntimeRequest\x1a%.leasehold.v1.RegisterRuntimeResponse\x12L\n\tHeartbeat\x12\x1e.leasehold.v1.HeartbeatRequest\x1a\x1f.leasehold.v1.HeartbeatResponse\x12\x64\n\x11\x44\x65registerRuntime\x12&.leasehold.v1.DeregisterRuntimeRequest\x1a\'.leasehold.v1.DeregisterRuntimeResponse\x12[\n\x0eRecoverOrphans\x12#.leasehold.v1.RecoverOrphansRequest\x1a$.leasehold.v1.RecoverOrphansResponse\x12L\n\tClaimTask\x12\x1e.leasehold.v1.ClaimTaskRequest\x1a\x1f.leasehold.v1.ClaimTaskResponse\x12Y\n\x0cStreamClaims\x12!.leasehold.v1.StreamClaimsRequest\x1a\".leasehold.v1.StreamClaimsResponse(\x01\x30\x01\x12L\n\tStartTask\x12\x1e.leasehold.v1.StartTaskRequest\x1a\x1f.leasehold.v1.StartTaskResponse\x12R\n\x0b\x45xtendLease\x12 .leasehold.v1.ExtendLeaseRequest\x1a!.leasehold.v1.ExtendLeaseResponse\x12U\n\x0c\x43ompleteTask\x12!.leasehold.v1.CompleteTaskRequest\x1a\".leasehold.v1.CompleteTaskResponse\x12I\n\x08\x46\x61ilTask\x12\x1d.leasehold.v1.FailTaskRequest\x1a\x1e.leasehold.v1.FailTaskResponse\x12R\n\x0bReportUsage\x12 .leasehold.v1.ReportUsageRequest\x1a!.leasehold.v1.ReportUsageResponse\x12X\n\rGetTaskStatus\x12\".leasehold.v1.GetTaskStatusRequest\x1a#.leasehold.v1.GetTaskStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!leasehold/v1/worker_service.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xc0\x01\n\x16RegisterRuntimeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12@\n\x06labels\x18\x03 \x03(\x0b\x32\x30.leasehold.v1.RegisterRuntimeRequest.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc2\x01\n\x17RegisterRuntimeResponse\x12&\n\x07runtime\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.Runtime\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rruntime_token\x18\x04 \x01(\t\"&\n\x10HeartbeatRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"q\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatus\".\n\x18\x44\x65registerRuntimeRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"-\n\x19\x44\x65registerRuntimeResponse\x12\x10\n\x08requeued\x18\x01 \x01(\r\"+\n\x15RecoverOrphansRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\"9\n\x16RecoverOrphansResponse\x12\x0e\n\x06\x66\x61iled\x18\x01 \x01(\r\x12\x0f\n\x07retried\x18\x02 \x01(\r\"u\n\x10\x43laimTaskRequest\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12\x16\n\tmax_tasks\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_max_tasks\"=\n\x11\x43laimTaskResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.leasehold.v1.ClaimedTask\"\x9a\x01\n\x13StreamClaimsRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.leasehold.v1.OpenStreamH\x00\x12+\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x19.leasehold.v1.GrantCreditH\x00\x12%\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x16.leasehold.v1.AckClaimH\x00\x42\x05\n\x03msg\"E\n\nOpenStream\x12\x12\n\nruntime_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63redits\x18\x02 \x01(\r\x12\x12\n\nauto_start\x18\x03 \x01(\x08\"\x18\n\x0bGrantCredit\x12\t\n\x01n\x18\x01 \x01(\r\"\x1b\n\x08\x41\x63kClaim\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xd7\x01\n\x14StreamClaimsResponse\x12,\n\x07\x63laimed\x18\x01 \x01(\x0b\x32\x19.leasehold.v1.ClaimedTaskH\x00\x12\x30\n\tcancelled\x18\x02 \x01(\x0b\x32\x1b.leasehold.v1.TaskCancelledH\x00\x12,\n\tkeepalive\x18\x03 \x01(\x0b\x32\x17.leasehold.v1.KeepaliveH\x00\x12*\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x16.leasehold.v1.DrainingH\x00\x42\x05\n\x03msg\" \n\rTaskCancelled\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"<\n\tKeepalive\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\n\n\x08\x44raining\"8\n\x10StartTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\"5\n\x11StartTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\"h\n\x12\x45xtendLeaseRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12,\n\textend_by\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x13\x45xtendLeaseResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\"8\n\x14\x43ompleteTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\"Y\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"H\n\x10\x46\x61ilTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\x12\x12\n\nwill_retry\x18\x02 \x01(\x08\"\xad\x01\n\x12ReportUsageRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12@\n\x08\x63ounters\x18\x03 \x03(\x0b\x32..leasehold.v1.ReportUsageRequest.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13ReportUsageResponse\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"R\n\x15GetTaskStatusResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.leasehold.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r2\x9b\x08\n\rWorkerService\x12^\n\x0fRegisterRuntime\x12$.leasehold.v1.RegisterRuntimeRequest\x1a%.leasehold.v1.RegisterRuntimeResponse\x12L\n\tHeartbeat\x12\x1e.leasehold.v1.HeartbeatRequest\x1a\x1f.leasehold.v1.HeartbeatResponse\x12\x64\n\x11\x44\x65registerRuntime\x12&.leasehold.v1.DeregisterRuntimeRequest\x1a\'.leasehold.v1.DeregisterRuntimeResponse\x12[\n\x0eRecoverOrphans\x12#.leasehold.v1.RecoverOrphansRequest\x1a$.leasehold.v1.RecoverOrphansResponse\x12L\n\tClaimTask\x12\x1e.leasehold.v1.ClaimTaskRequest\x1a\x1f.leasehold.v1.ClaimTaskResponse\x12Y\n\x0cStreamClaims\x12!.leasehold.v1.StreamClaimsRequest\x1a\".leasehold.v1.StreamClaimsResponse(\x01\x30\x01\x12L\n\tStartTask\x12\x1e.leasehold.v1.StartTaskRequest\x1a\x1f.leasehold.v1.StartTaskResponse\x12R\n\x0b\x45xtendLease\x12 .leasehold.v1.ExtendLeaseRequest\x1a!.leasehold.v1.ExtendLeaseResponse\x12U\n\x0c\x43ompleteTask\x12!.leasehold.v1.CompleteTaskRequest\x1a\".leasehold.v1.CompleteTaskResponse\x12I\n\x08\x46\x61ilTask\x12\x1d.leasehold.v1.FailTaskRequest\x1a\x1e.leasehold.v1.FailTaskResponse\x12R\n\x0bReportUsage\x12 .leasehold.v1.ReportUsageRequest\x1a!.leasehold.v1.ReportUsageResponse\x12X\n\rGetTaskStatus\x12\".leasehold.v1.GetTaskStatusRequest\x1a#.leasehold.v1.GetTaskStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,45 +63,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMCLAIMSREQUEST']._serialized_start=1071
   _globals['_STREAMCLAIMSREQUEST']._serialized_end=1225
   _globals['_OPENSTREAM']._serialized_start=1227
-  _globals['_OPENSTREAM']._serialized_end=1276
-  _globals['_GRANTCREDIT']._serialized_start=1278
-  _globals['_GRANTCREDIT']._serialized_end=1302
-  _globals['_ACKCLAIM']._serialized_start=1304
-  _globals['_ACKCLAIM']._serialized_end=1331
-  _globals['_STREAMCLAIMSRESPONSE']._serialized_start=1334
-  _globals['_STREAMCLAIMSRESPONSE']._serialized_end=1549
-  _globals['_TASKCANCELLED']._serialized_start=1551
-  _globals['_TASKCANCELLED']._serialized_end=1583
-  _globals['_KEEPALIVE']._serialized_start=1585
-  _globals['_KEEPALIVE']._serialized_end=1645
-  _globals['_DRAINING']._serialized_start=1647
-  _globals['_DRAINING']._serialized_end=1657
-  _globals['_STARTTASKREQUEST']._serialized_start=1659
-  _globals['_STARTTASKREQUEST']._serialized_end=1715
-  _globals['_STARTTASKRESPONSE']._serialized_start=1717
-  _globals['_STARTTASKRESPONSE']._serialized_end=1770
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=1772
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=1876
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=1878
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=1953
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1955
-  _globals['_COMPLETETASKREQUEST']._serialized_end=2030
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=2032
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=2088
-  _globals['_FAILTASKREQUEST']._serialized_start=2090
-  _globals['_FAILTASKREQUEST']._serialized_end=2179
-  _globals['_FAILTASKRESPONSE']._serialized_start=2181
-  _globals['_FAILTASKRESPONSE']._serialized_end=2253
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=2256
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=2429
-  _globals['_REPORTUSAGEREQUEST_COUNTERSENTRY']._serialized_start=2382
-  _globals['_REPORTUSAGEREQUEST_COUNTERSENTRY']._serialized_end=2429
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=2431
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=2452
-  _globals['_GETTASKSTATUSREQUEST']._serialized_start=2454
-  _globals['_GETTASKSTATUSREQUEST']._serialized_end=2493
-  _globals['_GETTASKSTATUSRESPONSE']._serialized_start=2495
-  _globals['_GETTASKSTATUSRESPONSE']._serialized_end=2577
-  _globals['_WORKERSERVICE']._serialized_start=2580
-  _globals['_WORKERSERVICE']._serialized_end=3631
+  _globals['_OPENSTREAM']._serialized_end=1296
+  _globals['_GRANTCREDIT']._serialized_start=1298
+  _globals['_GRANTCREDIT']._serialized_end=1322
+  _globals['_ACKCLAIM']._serialized_start=1324
+  _globals['_ACKCLAIM']._serialized_end=1351
+  _globals['_STREAMCLAIMSRESPONSE']._serialized_start=1354
+  _globals['_STREAMCLAIMSRESPONSE']._serialized_end=1569
+  _globals['_TASKCANCELLED']._serialized_start=1571
+  _globals['_TASKCANCELLED']._serialized_end=1603
+  _globals['_KEEPALIVE']._serialized_start=1605
+  _globals['_KEEPALIVE']._serialized_end=1665
+  _globals['_DRAINING']._serialized_start=1667
+  _globals['_DRAINING']._serialized_end=1677
+  _globals['_STARTTASKREQUEST']._serialized_start=1679
+  _globals['_STARTTASKREQUEST']._serialized_end=1735
+  _globals['_STARTTASKRESPONSE']._serialized_start=1737
+  _globals['_STARTTASKRESPONSE']._serialized_end=1790
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1792
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1896
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1898
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1973
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1975
+  _globals['_COMPLETETASKREQUEST']._serialized_end=2050
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=2052
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=2108
+  _globals['_FAILTASKREQUEST']._serialized_start=2110
+  _globals['_FAILTASKREQUEST']._serialized_end=2199
+  _globals['_FAILTASKRESPONSE']._serialized_start=2201
+  _globals['_FAILTASKRESPONSE']._serialized_end=2273
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=2276
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=2449
+  _globals['_REPORTUSAGEREQUEST_COUNTERSENTRY']._serialized_start=2402
+  _globals['_REPORTUSAGEREQUEST_COUNTERSENTRY']._serialized_end=2449
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=2451
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=2472
+  _globals['_GETTASKSTATUSREQUEST']._serialized_start=2474
+  _globals['_GETTASKSTATUSREQUEST']._serialized_end=2513
+  _globals['_GETTASKSTATUSRESPONSE']._serialized_start=2515
+  _globals['_GETTASKSTATUSRESPONSE']._serialized_end=2597
+  _globals['_WORKERSERVICE']._serialized_start=2600
+  _globals['_WORKERSERVICE']._serialized_end=3651
 # @@protoc_insertion_point(module_scope)

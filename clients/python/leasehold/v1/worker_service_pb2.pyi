@@ -109,12 +109,14 @@ class StreamClaimsRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[GrantCredit, _Mapping]] = ..., ack: _Optional[_Union[AckClaim, _Mapping]] = ...) -> None: ...
 
 class OpenStream(_message.Message):
-    __slots__ = ("runtime_id", "credits")
+    __slots__ = ("runtime_id", "credits", "auto_start")
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_START_FIELD_NUMBER: _ClassVar[int]
     runtime_id: str
     credits: int
-    def __init__(self, runtime_id: _Optional[str] = ..., credits: _Optional[int] = ...) -> None: ...
+    auto_start: bool
+    def __init__(self, runtime_id: _Optional[str] = ..., credits: _Optional[int] = ..., auto_start: _Optional[bool] = ...) -> None: ...
 
 class GrantCredit(_message.Message):
     __slots__ = ("n",)

@@ -1,5 +1,6 @@
--- leasehold_claim(runtime, max_tasks, lease, max_lease_expirations, budget): one claim call in
--- one round trip (spec §4, T2 and T4). Called only through leasehold_claim_within_capacity.
+-- leasehold_claim(runtime, max_tasks, lease, max_lease_expirations, budget, auto_start): one
+-- claim call in one round trip (spec §4, T2 and T4). Called only through
+-- leasehold_claim_within_capacity.
 --
 -- What it does, in one transaction with its caller's statement:
 --   1. The preflight (T4): this runtime's own DISPATCHED tasks whose lease expired go back to
@@ -10,10 +11,12 @@
 --      index tasks_claimable per queue and taken FOR UPDATE SKIP LOCKED; paused queues are
 --      skipped, a capped queue (max_concurrent) gives no more than its room (claims on it
 --      serialise on its row), one task per (queue, concurrency_key) holds a concurrency_slots
---      row. Each becomes DISPATCHED with a fresh claim_token and lease_expires_at = now() + lease.
+--      row. Each becomes DISPATCHED with a fresh claim_token and lease_expires_at = now() + lease;
+--      with auto_start (StreamClaims' open option, docs/semantics.md) RUNNING instead, with
+--      started_at = now(): the claim is the start, and no StartTask write follows.
 --
--- Returns: the preflight's rows (QUEUED or FAILED) first, then the claimed rows (DISPATCHED),
--- the latter in claim order. Callers tell them apart by status.
+-- Returns: the preflight's rows (QUEUED or FAILED) first, then the claimed rows (DISPATCHED, or
+-- RUNNING with auto_start), the latter in claim order. Callers tell them apart by status.
 --
 -- Errors, with leasehold's own SQLSTATEs (store/postgres/errors.rs maps them):
 --   LH001  the runtime does not exist (RUNTIME_NOT_FOUND)
@@ -28,7 +31,8 @@ CREATE OR REPLACE FUNCTION leasehold_claim(
     p_max_tasks             integer,
     p_lease                 interval,
     p_max_lease_expirations bigint,
-    p_budget                interval
+    p_budget                interval,
+    p_auto_start            boolean DEFAULT false
 ) RETURNS SETOF tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -138,10 +142,11 @@ BEGIN
     ),
     claimed AS (
         UPDATE tasks t SET
-            status           = 'DISPATCHED',
+            status           = CASE WHEN p_auto_start THEN 'RUNNING' ELSE 'DISPATCHED' END,
             claim_token      = gen_random_uuid(),
             claimed_by       = p_runtime,
             dispatched_at    = now(),
+            started_at       = CASE WHEN p_auto_start THEN now() ELSE t.started_at END,
             lease_expires_at = now() + p_lease
         FROM chosen c
         WHERE t.id = c.id

@@ -1,5 +1,5 @@
--- leasehold_claim_within_capacity(runtime, max_tasks, lease, max_lease_expirations, budget):
--- what the claim statement (store/postgres/sql.rs CLAIM) calls. Same arguments, rows and
+-- leasehold_claim_within_capacity(runtime, max_tasks, lease, max_lease_expirations, budget,
+-- auto_start): what the claim statement (store/postgres/sql.rs CLAIM) calls. Same arguments, rows and
 -- errors as leasehold_claim, which it wraps.
 --
 -- A runtime never holds more than its max_concurrency DISPATCHED + RUNNING tasks (0 = no
@@ -17,7 +17,8 @@ CREATE OR REPLACE FUNCTION leasehold_claim_within_capacity(
     p_max_tasks             integer,
     p_lease                 interval,
     p_max_lease_expirations bigint,
-    p_budget                interval
+    p_budget                interval,
+    p_auto_start            boolean DEFAULT false
 ) RETURNS SETOF tasks
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -32,6 +33,7 @@ BEGIN
         p_max_tasks := LEAST(p_max_tasks, GREATEST(v_max - v_held, 0))::integer;
     END IF;
     RETURN QUERY SELECT * FROM leasehold_claim(p_runtime, p_max_tasks, p_lease,
-                                               p_max_lease_expirations, p_budget);
+                                               p_max_lease_expirations, p_budget,
+                                               p_auto_start);
 END
 $$;
