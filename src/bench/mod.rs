@@ -165,45 +165,21 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
         report["ratio"] = json!(unary / ceiling);
     }
     if args.runs(Scenario::LifecycleStream) {
-        scenarios::enqueue_in_batches(&client, "bench-stream", tasks, args.producers).await?;
-        ServerProcess::vacuum(&database.url).await?;
-        let cpu_before = CpuTimes::now(server.pid());
-        let streamed = scenarios::lifecycle_stream(
-            &client,
-            "bench-stream",
+        let round = StreamRound {
+            client: &client,
+            database_url: &database.url,
+            server_pid: server.pid(),
             workers,
-            args.stream_credits,
             tasks,
-            false,
-        )
-        .await?;
-        let cpu_after = CpuTimes::now(server.pid());
-        report["lifecycle_stream"] = json!({
-            "tasks_per_second": streamed,
-            "vs_unary": unary_rate.map(|unary| streamed / unary),
-            "cpu": cpu_after.since(&cpu_before),
-            "cpu_ms_per_task": cpu_after.per_task(&cpu_before, tasks),
-        });
+            args: &args,
+        };
+        let (streamed, mut figures) = round.run("bench-stream", false).await?;
+        figures["vs_unary"] = json!(unary_rate.map(|unary| streamed / unary));
+        report["lifecycle_stream"] = figures;
         // The same with the streams' claims started by the claim (`auto_start`).
-        scenarios::enqueue_in_batches(&client, "bench-stream-auto", tasks, args.producers).await?;
-        ServerProcess::vacuum(&database.url).await?;
-        let cpu_before = CpuTimes::now(server.pid());
-        let auto_started = scenarios::lifecycle_stream(
-            &client,
-            "bench-stream-auto",
-            workers,
-            args.stream_credits,
-            tasks,
-            true,
-        )
-        .await?;
-        let cpu_after = CpuTimes::now(server.pid());
-        report["lifecycle_stream_auto_start"] = json!({
-            "tasks_per_second": auto_started,
-            "vs_stream": auto_started / streamed,
-            "cpu": cpu_after.since(&cpu_before),
-            "cpu_ms_per_task": cpu_after.per_task(&cpu_before, tasks),
-        });
+        let (auto_started, mut figures) = round.run("bench-stream-auto", true).await?;
+        figures["vs_stream"] = json!(auto_started / streamed);
+        report["lifecycle_stream_auto_start"] = figures;
     }
     if args.runs(Scenario::Wakeup) {
         let one_replica =
@@ -281,6 +257,41 @@ async fn auth_overhead(
 
 /// `--tasks` tasks through the unary lifecycle on `queue`, then as many through streams on
 /// `<queue>-stream`, each from a vacuumed table: the unary figures and the streamed tasks/s.
+/// One streamed lifecycle round on a fresh queue: its rate and figures (rate, CPU).
+struct StreamRound<'a> {
+    client: &'a crate::client::Client,
+    database_url: &'a str,
+    server_pid: Option<u32>,
+    workers: usize,
+    tasks: usize,
+    args: &'a BenchArgs,
+}
+
+impl StreamRound<'_> {
+    async fn run(&self, queue: &str, auto_start: bool) -> anyhow::Result<(f64, Value)> {
+        let args = self.args;
+        scenarios::enqueue_in_batches(self.client, queue, self.tasks, args.producers).await?;
+        ServerProcess::vacuum(self.database_url).await?;
+        let cpu_before = CpuTimes::now(self.server_pid);
+        let rate = scenarios::lifecycle_stream(
+            self.client,
+            queue,
+            self.workers,
+            args.stream_credits,
+            self.tasks,
+            auto_start,
+        )
+        .await?;
+        let cpu_after = CpuTimes::now(self.server_pid);
+        let figures = json!({
+            "tasks_per_second": rate,
+            "cpu": cpu_after.since(&cpu_before),
+            "cpu_ms_per_task": cpu_after.per_task(&cpu_before, self.tasks),
+        });
+        Ok((rate, figures))
+    }
+}
+
 async fn lifecycle_pair(
     args: &BenchArgs,
     database: &ScratchDatabase,

@@ -252,24 +252,32 @@ async fn runtime_status(server: &TestServer) -> pb::RuntimeStatus {
     pb::RuntimeStatus::try_from(runtime.status).unwrap()
 }
 
-async fn the_worker_runs_each_task_once_and_reports_result_and_usage(backend: Backend) {
-    let server = backend.start().await;
+/// Six tasks through a worker configured as `config`: each completes once, on its first attempt,
+/// with its payload echoed as its result. Returns the calls the worker made.
+async fn six_tasks_complete_once(server: &TestServer, config: WorkerConfig) -> Faults {
     let faults = Faults::default();
     let worker = RunningWorker::spawn(
         faults.client(server.channel.clone()),
-        quick_config(ClaimMode::Stream),
+        config,
         TestHandler::echo(),
     );
     let mut tasks = Vec::new();
     for n in 0..6 {
-        tasks.push(enqueue_payload(&server, &format!("job {n}")).await);
+        tasks.push(enqueue_payload(server, &format!("job {n}")).await);
     }
     for task in &tasks {
-        let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
+        let done = wait_for_status(server, &task.id, pb::TaskStatus::Completed).await;
         assert_eq!(done.result, task.payload);
         assert_eq!(done.attempt, 1);
+        assert!(done.started_at.is_some());
     }
     worker.stop().await;
+    faults
+}
+
+async fn the_worker_runs_each_task_once_and_reports_result_and_usage(backend: Backend) {
+    let server = backend.start().await;
+    let faults = six_tasks_complete_once(&server, quick_config(ClaimMode::Stream)).await;
     assert_eq!(faults.calls("RecoverOrphans"), 1);
     assert_eq!(faults.calls("StartTask"), 6);
     assert_eq!(
@@ -286,23 +294,8 @@ async fn the_worker_runs_each_task_once_and_reports_result_and_usage(backend: Ba
 /// task still completes once with its result.
 async fn an_auto_starting_worker_sends_no_start(backend: Backend) {
     let server = backend.start().await;
-    let faults = Faults::default();
-    let worker = RunningWorker::spawn(
-        faults.client(server.channel.clone()),
-        quick_config(ClaimMode::Stream).auto_start(true),
-        TestHandler::echo(),
-    );
-    let mut tasks = Vec::new();
-    for n in 0..6 {
-        tasks.push(enqueue_payload(&server, &format!("job {n}")).await);
-    }
-    for task in &tasks {
-        let done = wait_for_status(&server, &task.id, pb::TaskStatus::Completed).await;
-        assert_eq!(done.result, task.payload);
-        assert_eq!(done.attempt, 1);
-        assert!(done.started_at.is_some());
-    }
-    worker.stop().await;
+    let config = quick_config(ClaimMode::Stream).auto_start(true);
+    let faults = six_tasks_complete_once(&server, config).await;
     assert_eq!(faults.calls("StartTask"), 0);
     assert_eq!(faults.calls("CompleteTask"), 6);
     assert_eq!(faults.calls("FailTask"), 0);
