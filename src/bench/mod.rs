@@ -171,7 +171,7 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             server_pid: server.pid(),
             workers,
             tasks,
-            args: &args,
+            args,
         };
         let (streamed, mut figures) = round.run("bench-stream", false).await?;
         figures["vs_unary"] = json!(unary_rate.map(|unary| streamed / unary));
