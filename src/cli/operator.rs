@@ -46,6 +46,49 @@ pub enum TaskCommand {
     Cancel(TaskIdArgs),
     /// Redrive a FAILED or CANCELLED task (attempt back to 1).
     Retry(TaskIdArgs),
+    /// Cancel every unfinished task of a queue matching the filter (CancelTasks).
+    CancelAll(BulkArgs),
+    /// Redrive every FAILED or CANCELLED task of a queue matching the filter (RetryTasks).
+    RetryAll(BulkArgs),
+}
+
+/// A bulk operation's filter.
+#[derive(Debug, Args)]
+pub struct BulkArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[arg(long)]
+    queue: String,
+    /// Repeatable; none = every status the operation can change.
+    #[arg(long, value_enum)]
+    status: Vec<StatusFilter>,
+    /// Tasks pinned to or claimed by this runtime.
+    #[arg(long)]
+    runtime_id: Option<String>,
+    /// Only count what would change.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl BulkArgs {
+    fn filter(&self) -> Option<pb::TaskFilter> {
+        Some(pb::TaskFilter {
+            queue: self.queue.clone(),
+            statuses: self.status.iter().map(|status| status.wire()).collect(),
+            runtime_id: self.runtime_id.clone().unwrap_or_default(),
+        })
+    }
+
+    fn print(&self, matched: u64, changed: u64) {
+        let text = if self.dry_run {
+            format!("{matched} tasks would change (dry run)")
+        } else {
+            format!("{changed} of {matched} matching tasks changed")
+        };
+        let json =
+            serde_json::json!({ "matched": matched, "changed": changed, "dry_run": self.dry_run });
+        self.common.print(json, text);
+    }
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +261,28 @@ impl TaskCommand {
                 let mut admin = args.common.server.client()?.admin();
                 let response = admin.retry_task(request).await.map_err(rpc_error)?;
                 print_task(&args.common, response.into_inner().task);
+                Ok(())
+            }
+            TaskCommand::CancelAll(args) => {
+                let request = pb::CancelTasksRequest {
+                    filter: args.filter(),
+                    dry_run: args.dry_run,
+                };
+                let mut tasks = args.common.server.client()?.tasks();
+                let answer = tasks.cancel_tasks(request).await.map_err(rpc_error)?;
+                let answer = answer.into_inner();
+                args.print(answer.matched, answer.changed);
+                Ok(())
+            }
+            TaskCommand::RetryAll(args) => {
+                let request = pb::RetryTasksRequest {
+                    filter: args.filter(),
+                    dry_run: args.dry_run,
+                };
+                let mut admin = args.common.server.client()?.admin();
+                let answer = admin.retry_tasks(request).await.map_err(rpc_error)?;
+                let answer = answer.into_inner();
+                args.print(answer.matched, answer.changed);
                 Ok(())
             }
         }

@@ -31,10 +31,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Most tasks one ClaimTask call hands out.
 mod announce;
+mod bulk;
 mod claim;
 mod runtimes;
 
 use announce::{count_failure, count_preflight, count_server_failures};
+pub use bulk::{BULK_BATCH, BulkOutcome};
 
 /// Most tasks one ClaimTask call hands out.
 pub const MAX_CLAIM_BATCH: u32 = 32;

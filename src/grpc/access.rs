@@ -45,10 +45,12 @@ pub(super) fn requirement(path: &str) -> Requirement {
         ("leasehold.v1.WorkerService", _) => Runtime,
         ("leasehold.v1.TaskService", "EnqueueTask" | "EnqueueTasks") => Queues(Scope::Enqueue),
         ("leasehold.v1.TaskService", "GetTask" | "ListTasks") => Queues(Scope::Read),
-        ("leasehold.v1.TaskService", "CancelTask") => Queues(Scope::Manage),
+        ("leasehold.v1.TaskService", "CancelTask" | "CancelTasks") => Queues(Scope::Manage),
         ("leasehold.v1.AdminService", "ListRuntimes") => Requirement::Scope(Scope::Read),
         ("leasehold.v1.AdminService", "DescribeQueue") => Queues(Scope::Read),
-        ("leasehold.v1.AdminService", "UpdateQueue" | "RetryTask") => Queues(Scope::Manage),
+        ("leasehold.v1.AdminService", "UpdateQueue" | "RetryTask" | "RetryTasks") => {
+            Queues(Scope::Manage)
+        }
         _ => Requirement::Scope(Scope::Admin),
     }
 }

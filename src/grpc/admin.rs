@@ -115,6 +115,20 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn retry_tasks(
+        &self,
+        request: Request<pb::RetryTasksRequest>,
+    ) -> Result<Response<pb::RetryTasksResponse>, Status> {
+        let principal = access::principal(&request)?;
+        let request = request.into_inner();
+        let filter = super::tasks::bulk_filter(&principal, request.filter)?;
+        let crate::coordinator::BulkOutcome { matched, changed } = self
+            .coordinator
+            .retry_tasks(filter, request.dry_run)
+            .await?;
+        Ok(Response::new(pb::RetryTasksResponse { matched, changed }))
+    }
+
     async fn create_api_key(
         &self,
         request: Request<pb::CreateApiKeyRequest>,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::Coordinator;
-use crate::domain::auth::Scope;
-use crate::domain::{Result, validate};
+use crate::coordinator::{BulkOutcome, Coordinator};
+use crate::domain::auth::{Principal, Scope};
+use crate::domain::{Error, Result, validate};
 use crate::store::{Enqueued, NewTask, PageCursor, TaskFilter, TaskPage};
 
 use super::{access, convert, page_token, status};
@@ -99,6 +99,24 @@ fn task_filter(request: &pb::ListTasksRequest) -> Result<TaskFilter> {
     })
 }
 
+/// A bulk operation's filter, and the check that the caller may manage its queue.
+pub(super) fn bulk_filter(
+    principal: &Principal,
+    filter: Option<pb::TaskFilter>,
+) -> Result<TaskFilter> {
+    let filter = filter.ok_or_else(|| Error::invalid("filter", "a bulk operation needs one"))?;
+    access::queue(principal, Scope::Manage, &filter.queue)?;
+    Ok(TaskFilter {
+        queue: Some(filter.queue),
+        statuses: filter
+            .statuses
+            .iter()
+            .map(|status| convert::task_status_from_wire("filter.statuses", *status))
+            .collect::<Result<_>>()?,
+        runtime_id: convert::optional_runtime_id("filter.runtime_id", &filter.runtime_id)?,
+    })
+}
+
 #[tonic::async_trait]
 impl TaskService for TaskApi {
     async fn enqueue_task(
@@ -170,6 +188,20 @@ impl TaskService for TaskApi {
             .list_tasks(filter, after, request.page_size)
             .await?;
         Ok(Response::new(bounded_page(page)))
+    }
+
+    async fn cancel_tasks(
+        &self,
+        request: Request<pb::CancelTasksRequest>,
+    ) -> Result<Response<pb::CancelTasksResponse>, Status> {
+        let principal = access::principal(&request)?;
+        let request = request.into_inner();
+        let filter = bulk_filter(&principal, request.filter)?;
+        let BulkOutcome { matched, changed } = self
+            .coordinator
+            .cancel_tasks(filter, request.dry_run)
+            .await?;
+        Ok(Response::new(pb::CancelTasksResponse { matched, changed }))
     }
 
     async fn cancel_task(

@@ -119,6 +119,9 @@ measured! {
     once fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
     retried fn cancel(&self, task_id: TaskId) -> Result<Task>;
     retried fn retry_task(&self, task_id: TaskId) -> Result<Task>;
+    once fn matching_task_ids(&self, filter: &TaskFilter, after: Option<TaskId>, limit: u32) -> Result<Vec<TaskId>>;
+    retried fn cancel_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>>;
+    retried fn retry_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>>;
     once fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
     retried fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
     once fn queue_depths(&self) -> Result<Vec<QueueDepth>>;

@@ -468,6 +468,23 @@ pub trait TaskStore: Send + Sync + 'static {
     /// lease expirations, no error or result); anything else is `NotRetryable`.
     async fn retry_task(&self, task_id: TaskId) -> Result<Task>;
 
+    /// Ids of the tasks matching `filter` (`queue` set, `statuses` not empty), in id order
+    /// after `after`, at most `limit`: the pages a bulk operation works through.
+    async fn matching_task_ids(
+        &self,
+        filter: &TaskFilter,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskId>>;
+
+    /// [`TaskStore::cancel`] for many tasks in one change: answers the ones it cancelled; the
+    /// others (already finished, or gone) are skipped.
+    async fn cancel_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>>;
+
+    /// [`TaskStore::retry_task`] for many tasks in one change: answers the ones it redrove;
+    /// the others (not FAILED or CANCELLED, or gone) are skipped.
+    async fn retry_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>>;
+
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
 
     async fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;

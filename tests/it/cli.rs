@@ -188,6 +188,26 @@ async fn operator_tables_read_well_and_errors_are_typed(
     assert!(text(&bad_flag.stderr).contains("KEY=VALUE"));
     let queued = server.describe_queue("ops").await.counts.unwrap().queued;
     assert_eq!(queued, 1, "rejected input stored nothing");
+
+    // Bulk operations by filter, with a dry run first.
+    let bulk = ["task", "cancel-all", "--queue", "ops", "--status", "queued"];
+    let would = json(&server, &[&bulk[..], &["--dry-run"]].concat()).await;
+    assert_eq!(
+        (&would["matched"], &would["changed"]),
+        (&1.into(), &0.into())
+    );
+    let said = text(
+        &run(&server, &[&bulk[..], &["--dry-run"]].concat())
+            .await
+            .stdout,
+    );
+    assert_eq!(said.trim(), "1 tasks would change (dry run)");
+    let done = json(&server, &bulk).await;
+    assert_eq!((&done["matched"], &done["changed"]), (&1.into(), &1.into()));
+    let redriven = json(&server, &["task", "retry-all", "--queue", "ops"]).await;
+    assert_eq!(redriven["changed"], 1);
+    let queued = server.describe_queue("ops").await.counts.unwrap().queued;
+    assert_eq!(queued, 1, "cancelled, then redriven");
 }
 
 /// A task script: its payload picks what it does.

@@ -27,7 +27,7 @@ use tonic_types::StatusExt;
 use crate::harness::{Backend, TestServer};
 
 /// Every unary RPC, by path.
-const UNARY: [&str; 22] = [
+const UNARY: [&str; 24] = [
     "/leasehold.v1.WorkerService/RegisterRuntime",
     "/leasehold.v1.WorkerService/Heartbeat",
     "/leasehold.v1.WorkerService/DeregisterRuntime",
@@ -50,6 +50,8 @@ const UNARY: [&str; 22] = [
     "/leasehold.v1.AdminService/RetryTask",
     "/leasehold.v1.AdminService/CreateApiKey",
     "/leasehold.v1.AdminService/ListApiKeys",
+    "/leasehold.v1.TaskService/CancelTasks",
+    "/leasehold.v1.AdminService/RetryTasks",
 ];
 
 /// Sends and receives message bytes as they are: the fuzzer's messages need not be valid.

@@ -150,10 +150,21 @@ async fn every_grpcurl_recipe_works_against_a_server(
         session.answer("cancel").await["task"]["status"],
         "TASK_STATUS_CANCELLED"
     );
+    // uint64 counts are strings in proto3 JSON.
+    let would_retry = session.answer("retry-all-dry-run").await;
+    assert_eq!(would_retry["matched"], "1", "{would_retry}");
     let retried = session.answer("retry").await;
     assert_eq!(
         (&retried["task"]["status"], &retried["task"]["attempt"]),
         (&Value::from("TASK_STATUS_QUEUED"), &Value::from(1))
+    );
+
+    let would_cancel = session.answer("cancel-all-dry-run").await;
+    assert_eq!(would_cancel["matched"], "1", "{would_cancel}");
+    assert!(
+        would_cancel
+            .get("changed")
+            .is_none_or(|changed| changed == "0")
     );
 
     let updated = session.answer("queue-update").await;

@@ -13,6 +13,7 @@ mod harness;
 
 mod auth;
 mod bench;
+mod bulk;
 mod cli;
 mod coalesce;
 mod deploy;

@@ -186,7 +186,7 @@ conformance!(
 
 /// History written straight into the table: `count` tasks of `queue` in `status`, finished
 /// `age` ago.
-async fn insert_history(server: &TestServer, queue: &str, status: &str, count: i64, age: &str) {
+pub async fn insert_history(server: &TestServer, queue: &str, status: &str, count: i64, age: &str) {
     sqlx::query(
         "INSERT INTO tasks (id, queue, payload, status, attempt, max_attempts, created_at,
                             available_at, finished_at)

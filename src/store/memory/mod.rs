@@ -463,6 +463,58 @@ impl TaskStore for MemoryStore {
         reads::depths(self)
     }
 
+    async fn matching_task_ids(
+        &self,
+        filter: &TaskFilter,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskId>> {
+        let state = self.state();
+        let mut ids: Vec<TaskId> = state
+            .tasks
+            .values()
+            .filter(|task| {
+                filter.queue.as_deref() == Some(task.queue.as_str())
+                    && filter.statuses.contains(&task.status)
+                    && filter.runtime_id.is_none_or(|runtime| {
+                        task.runtime_id == Some(runtime) || task.claimed_by == Some(runtime)
+                    })
+                    && after.is_none_or(|after| task.id > after)
+            })
+            .map(|task| task.id)
+            .collect();
+        ids.sort();
+        ids.truncate(limit as usize);
+        Ok(ids)
+    }
+
+    async fn cancel_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>> {
+        let mut cancelled = Vec::new();
+        for task_id in task_ids {
+            let active = self
+                .state()
+                .tasks
+                .get(task_id)
+                .is_some_and(|task| !task.status.is_terminal());
+            if active {
+                cancelled.push(self.cancel(*task_id).await?);
+            }
+        }
+        Ok(cancelled)
+    }
+
+    async fn retry_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>> {
+        let mut redriven = Vec::new();
+        for task_id in task_ids {
+            match self.retry_task(*task_id).await {
+                Ok(task) => redriven.push(task),
+                Err(Error::NotRetryable { .. } | Error::TaskNotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(redriven)
+    }
+
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {
         reads::describe(self, queue)
     }

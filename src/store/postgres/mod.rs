@@ -424,7 +424,8 @@ impl TaskStore for PgStore {
 
     async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         for _ in 0..FENCED_WRITE_ATTEMPTS {
-            if let Some(task) = self.fetch_task(sql::CANCEL, task_id).await? {
+            let cancelled = queues::change_many(&self.db, sql::CANCEL_MANY, &[task_id]).await?;
+            if let Some(task) = cancelled.into_iter().next() {
                 return Ok(task);
             }
             let task = self.get_task(task_id).await?;
@@ -443,7 +444,8 @@ impl TaskStore for PgStore {
     }
 
     async fn retry_task(&self, task_id: TaskId) -> Result<Task> {
-        if let Some(task) = self.fetch_task(sql::RETRY_TASK, task_id).await? {
+        let redriven = queues::change_many(&self.db, sql::RETRY_MANY, &[task_id]).await?;
+        if let Some(task) = redriven.into_iter().next() {
             return Ok(task);
         }
         let task = self.get_task(task_id).await?;
@@ -451,6 +453,23 @@ impl TaskStore for PgStore {
             task_id,
             status: task.status,
         })
+    }
+
+    async fn matching_task_ids(
+        &self,
+        filter: &TaskFilter,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskId>> {
+        queues::matching_task_ids(&self.db, filter, after, limit).await
+    }
+
+    async fn cancel_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>> {
+        queues::change_many(&self.db, sql::CANCEL_MANY, task_ids).await
+    }
+
+    async fn retry_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>> {
+        queues::change_many(&self.db, sql::RETRY_MANY, task_ids).await
     }
 
     async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {

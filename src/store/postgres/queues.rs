@@ -6,7 +6,9 @@ use super::errors::plain;
 use super::pooler::{Db, run};
 use super::rows::{QueueRow, TaskRow, to_u32, to_u64};
 use super::sql;
-use crate::domain::{QueueInfo, Result, StatusCounts, Task};
+use uuid::Uuid;
+
+use crate::domain::{QueueInfo, Result, StatusCounts, Task, TaskId};
 use crate::store::{PageCursor, QueueDepth, QueueUpdate, TaskFilter, TaskPage};
 
 /// A page of tasks matching `filter`, oldest first (by `created_at`, then id).
@@ -116,4 +118,40 @@ pub(super) async fn update(db: &Db, queue: &str, update: QueueUpdate) -> Result<
     .await
     .map_err(plain)?;
     describe(db, queue).await
+}
+
+/// A page of a bulk operation: the ids of `filter`'s tasks after `after`.
+pub(super) async fn matching_task_ids(
+    db: &Db,
+    filter: &TaskFilter,
+    after: Option<TaskId>,
+    limit: u32,
+) -> Result<Vec<TaskId>> {
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    let ids: Vec<Uuid> = run!(
+        db,
+        sqlx::query_scalar(sql::MATCHING_TASK_IDS)
+            .bind(&filter.queue)
+            .bind(&statuses)
+            .bind(filter.runtime_id.map(|id| id.as_uuid()))
+            .bind(after.map(|id| id.as_uuid()))
+            .bind(i64::from(limit)),
+        fetch_all
+    )
+    .await
+    .map_err(plain)?;
+    Ok(ids.into_iter().map(TaskId::from_uuid).collect())
+}
+
+/// Runs `statement` (CANCEL_MANY, RETRY_MANY) on `task_ids`: the rows it changed.
+pub(super) async fn change_many(
+    db: &Db,
+    statement: &'static str,
+    task_ids: &[TaskId],
+) -> Result<Vec<Task>> {
+    let ids: Vec<Uuid> = task_ids.iter().map(|id| id.as_uuid()).collect();
+    let rows: Vec<TaskRow> = run!(db, sqlx::query_as(statement).bind(ids), fetch_all)
+        .await
+        .map_err(plain)?;
+    rows.into_iter().map(Task::try_from).collect()
 }

@@ -185,19 +185,36 @@ WHERE ($1::text IS NULL OR queue = $1)
 ORDER BY created_at, id
 LIMIT $6";
 
-pub(super) const CANCEL: &str = "
+/// CancelTask and CancelTasks: the active ones of `$1` become CANCELLED, rows locked in id
+/// order (two bulk cancels never deadlock).
+pub(super) const CANCEL_MANY: &str = "
 UPDATE tasks SET status = 'CANCELLED', finished_at = now(), failure_reason = 'CANCELLED',
                  lease_expires_at = NULL
-WHERE id = $1 AND status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
+WHERE id IN (SELECT id FROM tasks
+             WHERE id = ANY ($1::uuid[]) AND status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
+             ORDER BY id FOR UPDATE)
+  AND status IN ('QUEUED', 'DISPATCHED', 'RUNNING')
 RETURNING *";
 
-/// T9. The finishing claim's token (kept on a FAILED/CANCELLED row) is remembered as ended
+/// Bulk operations' pages: ids of one queue's tasks in some statuses, pinned to or claimed by
+/// a runtime if `$3`, in id order after `$4`.
+pub(super) const MATCHING_TASK_IDS: &str = "
+SELECT id FROM tasks
+WHERE queue = $1 AND status = ANY ($2::text[])
+  AND ($3::uuid IS NULL OR runtime_id = $3 OR claimed_by = $3)
+  AND ($4::uuid IS NULL OR id > $4)
+ORDER BY id
+LIMIT $5";
+
+/// T9 for the tasks of `$1` (RetryTask: one; RetryTasks: a batch). The finishing claim's
+/// token (kept on a FAILED/CANCELLED row) is remembered as ended
 /// by requeue, so its late writes get CLAIM_SUPERSEDED.
 /// A redrive takes the task out of a terminal status: if the tally counted it, it is
 /// subtracted there in the same statement (migration 16).
-pub(super) const RETRY_TASK: &str = "
+pub(super) const RETRY_MANY: &str = "
 WITH progress AS (SELECT counted_through FROM finished_tally_progress FOR SHARE),
-before AS (SELECT id, status, finished_at FROM tasks WHERE id = $1 FOR UPDATE),
+before AS (SELECT id, status, finished_at FROM tasks WHERE id = ANY ($1::uuid[])
+           ORDER BY id FOR UPDATE),
 redriven AS (
 UPDATE tasks SET
     status               = 'QUEUED',
@@ -219,10 +236,12 @@ WHERE tasks.id = b.id AND tasks.status IN ('FAILED', 'CANCELLED')
 RETURNING tasks.*, b.status AS status_before, b.finished_at AS finished_before
 ),
 untallied AS (
-    UPDATE queue_finished_tally q SET tasks = q.tasks - 1
-    FROM redriven r, progress p
-    WHERE q.queue = r.queue AND q.status = r.status_before
-      AND r.finished_before <= p.counted_through
+    UPDATE queue_finished_tally q SET tasks = q.tasks - d.redriven
+    FROM (SELECT r.queue, r.status_before, count(*) AS redriven
+          FROM redriven r, progress p
+          WHERE r.finished_before <= p.counted_through
+          GROUP BY r.queue, r.status_before) d
+    WHERE q.queue = d.queue AND q.status = d.status_before
 )
 SELECT * FROM redriven";
 

@@ -55,6 +55,11 @@ class AdminServiceStub:
                 request_serializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTaskRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTaskResponse.FromString,
                 _registered_method=True)
+        self.RetryTasks = channel.unary_unary(
+                '/leasehold.v1.AdminService/RetryTasks',
+                request_serializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTasksRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTasksResponse.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/leasehold.v1.AdminService/CreateApiKey',
                 request_serializer=leasehold_dot_v1_dot_admin__service__pb2.CreateApiKeyRequest.SerializeToString,
@@ -100,6 +105,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryTasks(self, request, context):
+        """Redrives every FAILED or CANCELLED task matching the filter, in batches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """API keys (spec §9). The token is returned once, by CreateApiKey; only its digest is kept.
         """
@@ -141,6 +153,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RetryTask,
                     request_deserializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTaskRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTaskResponse.SerializeToString,
+            ),
+            'RetryTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTasks,
+                    request_deserializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTasksRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_admin__service__pb2.RetryTasksResponse.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -267,6 +284,33 @@ class AdminService:
             '/leasehold.v1.AdminService/RetryTask',
             leasehold_dot_v1_dot_admin__service__pb2.RetryTaskRequest.SerializeToString,
             leasehold_dot_v1_dot_admin__service__pb2.RetryTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leasehold.v1.AdminService/RetryTasks',
+            leasehold_dot_v1_dot_admin__service__pb2.RetryTasksRequest.SerializeToString,
+            leasehold_dot_v1_dot_admin__service__pb2.RetryTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

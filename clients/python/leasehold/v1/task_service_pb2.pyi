@@ -117,3 +117,19 @@ class CancelTaskResponse(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     task: _types_pb2.Task
     def __init__(self, task: _Optional[_Union[_types_pb2.Task, _Mapping]] = ...) -> None: ...
+
+class CancelTasksRequest(_message.Message):
+    __slots__ = ("filter", "dry_run")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    filter: _types_pb2.TaskFilter
+    dry_run: bool
+    def __init__(self, filter: _Optional[_Union[_types_pb2.TaskFilter, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class CancelTasksResponse(_message.Message):
+    __slots__ = ("matched", "changed")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    matched: int
+    changed: int
+    def __init__(self, matched: _Optional[int] = ..., changed: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class TaskServiceStub:
                 request_serializer=leasehold_dot_v1_dot_task__service__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_task__service__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
+        self.CancelTasks = channel.unary_unary(
+                '/leasehold.v1.TaskService/CancelTasks',
+                request_serializer=leasehold_dot_v1_dot_task__service__pb2.CancelTasksRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_task__service__pb2.CancelTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -96,6 +101,13 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTasks(self, request, context):
+        """Cancels every active task matching the filter, in batches (docs/semantics.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +135,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=leasehold_dot_v1_dot_task__service__pb2.CancelTaskRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_task__service__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'CancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTasks,
+                    request_deserializer=leasehold_dot_v1_dot_task__service__pb2.CancelTasksRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_task__service__pb2.CancelTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class TaskService:
             '/leasehold.v1.TaskService/CancelTask',
             leasehold_dot_v1_dot_task__service__pb2.CancelTaskRequest.SerializeToString,
             leasehold_dot_v1_dot_task__service__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leasehold.v1.TaskService/CancelTasks',
+            leasehold_dot_v1_dot_task__service__pb2.CancelTasksRequest.SerializeToString,
+            leasehold_dot_v1_dot_task__service__pb2.CancelTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

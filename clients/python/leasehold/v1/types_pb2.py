@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18leasehold/v1/types.proto\x12\x0cleasehold.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x05\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x12\n\nruntime_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x32\n\x08metadata\x18\x07 \x03(\x0b\x32 .leasehold.v1.Task.MetadataEntry\x12(\n\x06status\x18\x08 \x01(\x0e\x32\x18.leasehold.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x14\n\x0cmax_attempts\x18\n \x01(\r\x12\x19\n\x11lease_expirations\x18\x0b \x01(\r\x12\x12\n\nclaimed_by\x18\x0c \x01(\t\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61vailable_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdispatched_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06result\x18\x14 \x01(\x0c\x12\r\n\x05\x65rror\x18\x15 \x01(\t\x12\x33\n\x0e\x66\x61ilure_reason\x18\x16 \x01(\x0e\x32\x1b.leasehold.v1.FailureReason\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0b\x43laimedTask\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x02\n\x07Runtime\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.leasehold.v1.Runtime.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12+\n\x06status\x18\x06 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatus\x12\x30\n\x0clast_seen_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc4\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x1a\n\x16TASK_STATUS_DISPATCHED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*\xf0\x02\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41ILURE_REASON_TASK_ERROR\x10\x01\x12\"\n\x1e\x46\x41ILURE_REASON_RUNTIME_OFFLINE\x10\x02\x12#\n\x1f\x46\x41ILURE_REASON_RUNTIME_RECOVERY\x10\x03\x12#\n\x1f\x46\x41ILURE_REASON_DISPATCH_TIMEOUT\x10\x04\x12$\n FAILURE_REASON_EXECUTION_TIMEOUT\x10\x05\x12*\n&FAILURE_REASON_LEASE_EXPIRED_TOO_OFTEN\x10\x06\x12!\n\x1d\x46\x41ILURE_REASON_QUEUED_EXPIRED\x10\x07\x12\x1f\n\x1b\x46\x41ILURE_REASON_RUNTIME_GONE\x10\x08\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\t*f\n\rRuntimeStatus\x12\x1e\n\x1aRUNTIME_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RUNTIME_STATUS_ONLINE\x10\x01\x12\x1a\n\x16RUNTIME_STATUS_OFFLINE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18leasehold/v1/types.proto\x12\x0cleasehold.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x05\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x12\n\nruntime_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x32\n\x08metadata\x18\x07 \x03(\x0b\x32 .leasehold.v1.Task.MetadataEntry\x12(\n\x06status\x18\x08 \x01(\x0e\x32\x18.leasehold.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x14\n\x0cmax_attempts\x18\n \x01(\r\x12\x19\n\x11lease_expirations\x18\x0b \x01(\r\x12\x12\n\nclaimed_by\x18\x0c \x01(\t\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61vailable_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdispatched_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06result\x18\x14 \x01(\x0c\x12\r\n\x05\x65rror\x18\x15 \x01(\t\x12\x33\n\x0e\x66\x61ilure_reason\x18\x16 \x01(\x0e\x32\x1b.leasehold.v1.FailureReason\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\nTaskFilter\x12\r\n\x05queue\x18\x01 \x01(\t\x12*\n\x08statuses\x18\x02 \x03(\x0e\x32\x18.leasehold.v1.TaskStatus\x12\x12\n\nruntime_id\x18\x03 \x01(\t\"z\n\x0b\x43laimedTask\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.leasehold.v1.Task\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x02\n\x07Runtime\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.leasehold.v1.Runtime.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12+\n\x06status\x18\x06 \x01(\x0e\x32\x1b.leasehold.v1.RuntimeStatus\x12\x30\n\x0clast_seen_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc4\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x1a\n\x16TASK_STATUS_DISPATCHED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*\xf0\x02\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41ILURE_REASON_TASK_ERROR\x10\x01\x12\"\n\x1e\x46\x41ILURE_REASON_RUNTIME_OFFLINE\x10\x02\x12#\n\x1f\x46\x41ILURE_REASON_RUNTIME_RECOVERY\x10\x03\x12#\n\x1f\x46\x41ILURE_REASON_DISPATCH_TIMEOUT\x10\x04\x12$\n FAILURE_REASON_EXECUTION_TIMEOUT\x10\x05\x12*\n&FAILURE_REASON_LEASE_EXPIRED_TOO_OFTEN\x10\x06\x12!\n\x1d\x46\x41ILURE_REASON_QUEUED_EXPIRED\x10\x07\x12\x1f\n\x1b\x46\x41ILURE_REASON_RUNTIME_GONE\x10\x08\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\t*f\n\rRuntimeStatus\x12\x1e\n\x1aRUNTIME_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RUNTIME_STATUS_ONLINE\x10\x01\x12\x1a\n\x16RUNTIME_STATUS_OFFLINE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASK_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_RUNTIME_LABELSENTRY']._loaded_options = None
   _globals['_RUNTIME_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1277
-  _globals['_TASKSTATUS']._serialized_end=1473
-  _globals['_FAILUREREASON']._serialized_start=1476
-  _globals['_FAILUREREASON']._serialized_end=1844
-  _globals['_RUNTIMESTATUS']._serialized_start=1846
-  _globals['_RUNTIMESTATUS']._serialized_end=1948
+  _globals['_TASKSTATUS']._serialized_start=1370
+  _globals['_TASKSTATUS']._serialized_end=1566
+  _globals['_FAILUREREASON']._serialized_start=1569
+  _globals['_FAILUREREASON']._serialized_end=1937
+  _globals['_RUNTIMESTATUS']._serialized_start=1939
+  _globals['_RUNTIMESTATUS']._serialized_end=2041
   _globals['_TASK']._serialized_start=76
   _globals['_TASK']._serialized_end=827
   _globals['_TASK_METADATAENTRY']._serialized_start=780
   _globals['_TASK_METADATAENTRY']._serialized_end=827
-  _globals['_CLAIMEDTASK']._serialized_start=829
-  _globals['_CLAIMEDTASK']._serialized_end=951
-  _globals['_RUNTIME']._serialized_start=954
-  _globals['_RUNTIME']._serialized_end=1274
-  _globals['_RUNTIME_LABELSENTRY']._serialized_start=1229
-  _globals['_RUNTIME_LABELSENTRY']._serialized_end=1274
+  _globals['_TASKFILTER']._serialized_start=829
+  _globals['_TASKFILTER']._serialized_end=920
+  _globals['_CLAIMEDTASK']._serialized_start=922
+  _globals['_CLAIMEDTASK']._serialized_end=1044
+  _globals['_RUNTIME']._serialized_start=1047
+  _globals['_RUNTIME']._serialized_end=1367
+  _globals['_RUNTIME_LABELSENTRY']._serialized_start=1322
+  _globals['_RUNTIME_LABELSENTRY']._serialized_end=1367
 # @@protoc_insertion_point(module_scope)

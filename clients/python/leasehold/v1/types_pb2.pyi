@@ -114,6 +114,16 @@ class Task(_message.Message):
     failure_reason: FailureReason
     def __init__(self, id: _Optional[str] = ..., queue: _Optional[str] = ..., runtime_id: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., priority: _Optional[int] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., lease_expirations: _Optional[int] = ..., claimed_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., available_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dispatched_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., failure_reason: _Optional[_Union[FailureReason, str]] = ...) -> None: ...
 
+class TaskFilter(_message.Message):
+    __slots__ = ("queue", "statuses", "runtime_id")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    statuses: _containers.RepeatedScalarFieldContainer[TaskStatus]
+    runtime_id: str
+    def __init__(self, queue: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[TaskStatus, str]]] = ..., runtime_id: _Optional[str] = ...) -> None: ...
+
 class ClaimedTask(_message.Message):
     __slots__ = ("task", "claim_token", "lease_expires_at")
     TASK_FIELD_NUMBER: _ClassVar[int]
