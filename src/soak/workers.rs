@@ -222,8 +222,10 @@ async fn stream_loop(context: Context, runtime_id: String, seed: u64) {
     let credits = 2;
     loop {
         let (outbound, requests) = mpsc::channel(16);
+        // Half the streams ask for their claims started (`auto_start`): that path, too, must
+        // lose nothing under the faults.
         let open = Outbound::Open(pb::OpenStream {
-            auto_start: false,
+            auto_start: rng.random_bool(0.5),
             runtime_id: runtime_id.clone(),
             credits,
         });
@@ -276,23 +278,31 @@ async fn execute(context: &Context, claimed: pb::ClaimedTask, seed: u64) {
         .record(&context.name, Kind::Claimed, &task.id, &token, "", "");
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..50))).await;
     let worker = context.worker.clone();
-    let started = retried(
-        context,
-        &task.id,
-        &token,
-        "",
-        Kind::StartOk,
-        Kind::StartRefused,
-        || {
-            let mut worker = worker.clone();
-            let request = pb::StartTaskRequest {
-                task_id: task.id.clone(),
-                claim_token: token.clone(),
-            };
-            async move { worker.start_task(request).await.map(|_| ()) }
-        },
-    )
-    .await;
+    let started = if task.status == pb::TaskStatus::Running as i32 {
+        // Auto-started: the claim was the accepted start.
+        context
+            .history
+            .record(&context.name, Kind::StartOk, &task.id, &token, "", "");
+        true
+    } else {
+        retried(
+            context,
+            &task.id,
+            &token,
+            "",
+            Kind::StartOk,
+            Kind::StartRefused,
+            || {
+                let mut worker = worker.clone();
+                let request = pb::StartTaskRequest {
+                    task_id: task.id.clone(),
+                    claim_token: token.clone(),
+                };
+                async move { worker.start_task(request).await.map(|_| ()) }
+            },
+        )
+        .await
+    };
     if !started {
         return;
     }
