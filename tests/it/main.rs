@@ -41,5 +41,6 @@ mod service;
 mod signs_of_life;
 mod soak;
 mod streams;
+mod task_calls;
 mod tls;
 mod worker_sdk;
