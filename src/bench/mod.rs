@@ -5,6 +5,7 @@
 mod ceiling;
 mod cpu;
 mod history;
+mod plans;
 mod scenarios;
 mod servers;
 
@@ -72,6 +73,9 @@ enum Scenario {
     /// The lifecycles on an empty table and on one holding `--history-rows` finished tasks;
     /// then retention keeping the table bounded under rounds of load.
     History,
+    /// The claim's latency after `ANALYZE` on an empty table and a burst of `--tasks`,
+    /// against the same after real statistics.
+    Plans,
 }
 
 impl BenchArgs {
@@ -212,6 +216,11 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
     }
     if args.runs(Scenario::History) {
         report["history"] = history::measure(args, database, &client).await?;
+    }
+    if args.runs(Scenario::Plans) {
+        let redis = args.redis_url.as_deref();
+        report["plans"] =
+            plans::measure(&args.database_url, redis, args.tasks, args.producers).await?;
     }
     report["targets"] = targets(&report);
     Ok(report)
@@ -402,6 +411,7 @@ fn targets(report: &Value) -> Value {
         "auth_stream_vs_open": at_least(figure("/auth/stream_ratio"), 0.95),
         "history_unary_vs_empty": at_least(figure("/history/unary_ratio"), 0.9),
         "history_stream_vs_empty": at_least(figure("/history/stream_ratio"), 0.9),
+        "plans_claim_after_empty_statistics": at_most(figure("/plans/p50_ratio"), 2.0),
     })
 }
 
