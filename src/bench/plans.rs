@@ -66,7 +66,9 @@ async fn claim_latencies(
     queue: &str,
     samples: usize,
 ) -> anyhow::Result<Latencies> {
-    let runtime = scenarios::register_worker(client, format!("{queue}-claimer"), queue).await?;
+    // It keeps every task it claims: no limit on how many it holds.
+    let name = format!("{queue}-claimer");
+    let runtime = scenarios::register_holding(client, name, queue, 0).await?;
     let mut worker = runtime.client.worker();
     let mut latencies: Vec<Duration> = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -78,7 +80,12 @@ async fn claim_latencies(
         let started = Instant::now();
         let claimed = worker.claim_task(request).await?.into_inner().tasks;
         latencies.push(started.elapsed());
-        anyhow::ensure!(claimed.len() == 1, "the queue ran dry");
+        anyhow::ensure!(
+            claimed.len() == 1,
+            "claim {} of {samples} on {queue} got {} tasks",
+            latencies.len(),
+            claimed.len()
+        );
     }
     Ok(Latencies::new(latencies))
 }

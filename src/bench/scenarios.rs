@@ -56,11 +56,21 @@ pub(super) async fn register_worker(
     name: String,
     queue: &str,
 ) -> anyhow::Result<Registered> {
+    register_holding(client, name, queue, 32).await
+}
+
+/// [`register_worker`] with its own `max_concurrency` (0: no limit).
+pub(super) async fn register_holding(
+    client: &Client,
+    name: String,
+    queue: &str,
+    max_concurrency: u32,
+) -> anyhow::Result<Registered> {
     let request = pb::RegisterRuntimeRequest {
         name,
         queues: vec![queue.to_owned()],
         labels: Default::default(),
-        max_concurrency: 32,
+        max_concurrency,
     };
     let answer = client
         .worker()
