@@ -74,8 +74,6 @@ impl State {
             .collect()
     }
 
-    /// Ends a DISPATCHED task's claim as a lease expiry: back to QUEUED, or FAILED by the
-    /// poison guard (T10).
     /// T4': a claim stream ended; its unstarted claim goes back to QUEUED at once. Not a lease
     /// expiry for the poison guard: the task never ran, and a flapping client must not fail a
     /// queue's tasks (spec §2). A late StartTask with the token gets LEASE_EXPIRED.
@@ -90,6 +88,8 @@ impl State {
         TaskMove::from(&*self.task_mut(task_id))
     }
 
+    /// Ends a DISPATCHED task's claim as a lease expiry: back to QUEUED, or FAILED by the
+    /// poison guard (T10).
     pub(super) fn expire_claim(
         &mut self,
         task_id: TaskId,
