@@ -87,30 +87,62 @@ WHERE t.id = w.id AND t.claim_token = w.token AND t.status = 'RUNNING'
   AND (w.holder IS NULL OR t.claimed_by = w.holder)
 RETURNING t.*";
 
-/// $3 error, $4 retryable, $5 backoff base (ms), $6 backoff max (ms), $7 jitter in [0, 1).
-/// The retry delay is `min(max, base * 2^(attempt-1)) * jitter`, as `RetryBackoff::delay`.
-pub(super) const FAIL: &str = "
-WITH decision AS (
-    SELECT id, ($4 AND attempt < max_attempts) AS retry,
-           LEAST($6::float8, $5::float8 * power(2, LEAST(attempt - 1, 31))) * $7::float8 AS delay_ms
-    FROM tasks WHERE id = $1
-)
-UPDATE tasks t SET
+/// The retry delay in milliseconds, as `RetryBackoff::delay`: `min(max, base * 2^(attempt-1))
+/// * jitter`, from the parameters (or expressions) holding base, max and jitter.
+macro_rules! retry_delay_ms {
+    ($base:literal, $max:literal, $jitter:literal) => {
+        concat!(
+            "LEAST(",
+            $max,
+            "::float8, ",
+            $base,
+            "::float8 * power(2, LEAST(attempt - 1, 31))) * ",
+            $jitter
+        )
+    };
+}
+
+/// What a failure writes (FailTask's and the server's alike), after a `decision` CTE `d`
+/// with `retry` and `delay_ms`: retried, back to QUEUED after the delay with the next
+/// attempt and the claim ended as `$claim_end`; otherwise FAILED for good.
+macro_rules! failure_outcome {
+    ($error:literal, $reason:literal, $claim_end:literal) => {
+        concat!(
+            "
     status               = CASE WHEN d.retry THEN 'QUEUED' ELSE 'FAILED' END,
-    error                = $3,
-    failure_reason       = 'TASK_ERROR',
+    error                = ", $error, ",
+    failure_reason       = ", $reason, ",
     finished_at          = CASE WHEN d.retry THEN NULL ELSE now() END,
     available_at         = CASE WHEN d.retry THEN now() + make_interval(secs => d.delay_ms / 1000.0)
                                 ELSE t.available_at END,
     attempt              = CASE WHEN d.retry THEN t.attempt + 1 ELSE t.attempt END,
     previous_claim_token = CASE WHEN d.retry THEN t.claim_token ELSE t.previous_claim_token END,
-    previous_claim_end   = CASE WHEN d.retry THEN 'RETRIED' ELSE t.previous_claim_end END,
+    previous_claim_end   = CASE WHEN d.retry THEN ", $claim_end, " ELSE t.previous_claim_end END,
     claim_token          = CASE WHEN d.retry THEN NULL ELSE t.claim_token END,
-    lease_expires_at     = NULL
+    lease_expires_at     = NULL"
+        )
+    };
+}
+
+/// $3 error, $4 retryable, $5 backoff base (ms), $6 backoff max (ms), $7 jitter in [0, 1).
+/// The retry delay is `min(max, base * 2^(attempt-1)) * jitter`, as `RetryBackoff::delay`.
+pub(super) const FAIL: &str = concat!(
+    "
+WITH decision AS (
+    SELECT id, ($4 AND attempt < max_attempts) AS retry,
+           ",
+    retry_delay_ms!("$5", "$6", "$7"),
+    " AS delay_ms
+    FROM tasks WHERE id = $1
+)
+UPDATE tasks t SET",
+    failure_outcome!("$3", "'TASK_ERROR'", "'RETRIED'"),
+    "
 FROM decision d
 WHERE t.id = d.id AND t.claim_token = $2 AND ($8::uuid IS NULL OR t.claimed_by = $8)
   AND (t.status = 'RUNNING' OR (t.status = 'DISPATCHED' AND t.lease_expires_at >= now()))
-RETURNING t.*";
+RETURNING t.*"
+);
 
 /// Upserts the counters when the token holds an active claim; answers whether it did. The
 /// owner row is share-locked so a concurrent finish cannot slip in between.
@@ -358,21 +390,14 @@ WITH picked AS (",
             "),
 decision AS (
     SELECT t.id, t.attempt < t.max_attempts AS retry,
-           LEAST($3::float8, $2::float8 * power(2, LEAST(t.attempt - 1, 31))) * random() AS delay_ms
+           ",
+            retry_delay_ms!("$2", "$3", "random()"),
+            " AS delay_ms
     FROM tasks t JOIN picked p ON p.id = t.id
 )
-UPDATE tasks t SET
-    status               = CASE WHEN d.retry THEN 'QUEUED' ELSE 'FAILED' END,
-    error                = $5,
-    failure_reason       = $4,
-    finished_at          = CASE WHEN d.retry THEN NULL ELSE now() END,
-    available_at         = CASE WHEN d.retry THEN now() + make_interval(secs => d.delay_ms / 1000.0)
-                                ELSE t.available_at END,
-    attempt              = CASE WHEN d.retry THEN t.attempt + 1 ELSE t.attempt END,
-    previous_claim_token = CASE WHEN d.retry THEN t.claim_token ELSE t.previous_claim_token END,
-    previous_claim_end   = CASE WHEN d.retry THEN 'REQUEUED' ELSE t.previous_claim_end END,
-    claim_token          = CASE WHEN d.retry THEN NULL ELSE t.claim_token END,
-    lease_expires_at     = NULL
+UPDATE tasks t SET",
+            failure_outcome!("$5", "$4", "'REQUEUED'"),
+            "
 FROM decision d
 WHERE t.id = d.id AND t.status IN ('DISPATCHED', 'RUNNING')
 RETURNING ",
