@@ -142,12 +142,28 @@ pub(super) async fn reregister(shared: &Shared) {
     }
 }
 
+/// Tries a few times before giving up on a transient error: a runtime left ONLINE keeps its
+/// unstarted claims until their leases pass and is only declared OFFLINE by the sweeper.
+const DEREGISTER_ATTEMPTS: u32 = 3;
+
 pub(super) async fn deregister(shared: &Shared) {
-    let request = pb::DeregisterRuntimeRequest {
-        runtime_id: shared.runtime_id(),
-    };
-    match shared.client().worker().deregister_runtime(request).await {
-        Ok(response) => tracing::info!(requeued = response.into_inner().requeued, "deregistered"),
-        Err(status) => tracing::warn!(error = %status.message(), "DeregisterRuntime failed"),
+    for attempt in 1..=DEREGISTER_ATTEMPTS {
+        let request = pb::DeregisterRuntimeRequest {
+            runtime_id: shared.runtime_id(),
+        };
+        match shared.client().worker().deregister_runtime(request).await {
+            Ok(response) => {
+                tracing::info!(requeued = response.into_inner().requeued, "deregistered");
+                return;
+            }
+            Err(status) if super::is_transient(&status) && attempt < DEREGISTER_ATTEMPTS => {
+                tracing::debug!(error = %status.message(), "DeregisterRuntime failed; again");
+                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "DeregisterRuntime failed");
+                return;
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-use crate::harness::{TestServer, status_of, wait_for_task};
+use crate::harness::{EVENTUALLY, TestServer, status_of, wait_for_task};
 
 fn leasehold(server: &TestServer) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_leasehold"));
@@ -303,13 +303,13 @@ async fn the_worker_daemon_runs_a_command_per_task(pool: PgPoolOptions, connect:
     })
     .await;
     server.cancel(&slow).await;
-    for _ in 0..250 {
-        if marker.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let said = std::fs::read_to_string(&marker).expect("the child got SIGTERM");
+    // The shell creates the file before it writes to it: wait for the words, not the file.
+    let said = crate::harness::eventually("the child got SIGTERM", EVENTUALLY, async || {
+        std::fs::read_to_string(&marker)
+            .ok()
+            .filter(|said| said.ends_with('\n'))
+    })
+    .await;
     assert_eq!(said.trim(), "terminated");
     let _ = std::fs::remove_file(&marker);
 
