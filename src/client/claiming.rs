@@ -106,7 +106,10 @@ pub(super) async fn stream_session(
         // Dropping `outbound` on return ends the stream; the server then gives back every
         // pushed claim not yet started (T4').
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                close_gracefully(outbound, inbound).await;
+                return Ok(());
+            }
             message = tokio::time::timeout(idle_timeout, inbound.message()) => {
                 let message = message
                     .map_err(|_| Status::unavailable("the claim stream went silent"))??
@@ -137,6 +140,20 @@ pub(super) async fn stream_session(
             }
         }
     }
+}
+
+/// At shutdown: ends the request stream and waits (briefly) for the server to end its side,
+/// which it does once the stream's unstarted claims went back. Only then may the runtime
+/// deregister: a stream still open on the server could claim for it afterwards. Claims pushed
+/// meanwhile are not run; the server gives them back (an auto-started one is failed for a
+/// retry when the runtime goes OFFLINE).
+async fn close_gracefully(
+    outbound: mpsc::Sender<pb::StreamClaimsRequest>,
+    mut inbound: tonic::Streaming<pb::StreamClaimsResponse>,
+) {
+    drop(outbound);
+    let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
 }
 
 pub(super) fn outbound_message(msg: Outbound) -> pb::StreamClaimsRequest {

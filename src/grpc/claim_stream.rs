@@ -274,6 +274,12 @@ impl Session {
 
     /// Claims up to the credits left (one batch) and pushes them.
     async fn push_claims(&mut self, outbound: &Sender) -> Result<PushOutcome> {
+        // A worker that went away claims nothing more: its claim would also revive a runtime
+        // it just deregistered (a claim is a sign of life), e.g. when the deregistration's
+        // own requeue wakes this stream before it noticed the worker left.
+        if outbound.is_closed() {
+            return Ok(PushOutcome::WorkerGone);
+        }
         // The credential the stream opened with must still hold: a runtime token revoked by a
         // re-registration stops its old streams too. (From the credential cache: no round trip.)
         self.coordinator
