@@ -130,12 +130,8 @@ pub(super) fn count_preflight(moves: &[TaskMove]) {
     }
 }
 
-pub(super) fn count_failure(reason: &'static str, retried: bool) {
-    metrics::task_failed(reason, retried);
-}
-
 pub(super) fn count_server_failures(reason: &'static str, moves: &[TaskMove]) {
     for moved in moves {
-        count_failure(reason, moved.status == TaskStatus::Queued);
+        metrics::task_failed(reason, moved.status == TaskStatus::Queued);
     }
 }

@@ -35,7 +35,7 @@ mod bulk;
 mod claim;
 mod runtimes;
 
-use announce::{count_failure, count_preflight, count_server_failures};
+use announce::{count_preflight, count_server_failures};
 pub use bulk::{BULK_BATCH, BulkOutcome};
 
 /// Most tasks one ClaimTask call hands out.
@@ -251,7 +251,7 @@ impl Coordinator {
         };
         let outcome = self.store.fail(task_id, token, failure, acting).await?;
         self.note_holder_alive(&outcome.task);
-        count_failure("TASK_ERROR", outcome.will_retry);
+        crate::telemetry::metrics::task_failed("TASK_ERROR", outcome.will_retry);
         self.announce_task(&outcome.task).await;
         Ok(outcome)
     }

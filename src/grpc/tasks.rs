@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::{BulkOutcome, Coordinator};
 use crate::domain::auth::{Principal, Scope};
-use crate::domain::{Error, Result, validate};
+use crate::domain::{Error, Result, TaskStatus, validate};
 use crate::store::{Enqueued, NewTask, PageCursor, TaskFilter, TaskPage};
 
 use super::{access, convert, page_token, status};
@@ -87,14 +87,16 @@ fn bounded_page(page: TaskPage) -> pb::ListTasksResponse {
     }
 }
 
+fn statuses(field: &str, wire: &[i32]) -> Result<Vec<TaskStatus>> {
+    wire.iter()
+        .map(|status| convert::task_status_from_wire(field, *status))
+        .collect()
+}
+
 fn task_filter(request: &pb::ListTasksRequest) -> Result<TaskFilter> {
     Ok(TaskFilter {
         queue: Some(request.queue.clone()).filter(|queue| !queue.is_empty()),
-        statuses: request
-            .statuses
-            .iter()
-            .map(|status| convert::task_status_from_wire("statuses", *status))
-            .collect::<Result<_>>()?,
+        statuses: statuses("statuses", &request.statuses)?,
         runtime_id: convert::optional_runtime_id("runtime_id", &request.runtime_id)?,
     })
 }
@@ -108,11 +110,7 @@ pub(super) fn bulk_filter(
     access::queue(principal, Scope::Manage, &filter.queue)?;
     Ok(TaskFilter {
         queue: Some(filter.queue),
-        statuses: filter
-            .statuses
-            .iter()
-            .map(|status| convert::task_status_from_wire("filter.statuses", *status))
-            .collect::<Result<_>>()?,
+        statuses: statuses("filter.statuses", &filter.statuses)?,
         runtime_id: convert::optional_runtime_id("filter.runtime_id", &filter.runtime_id)?,
     })
 }
