@@ -36,6 +36,7 @@ use crate::store::postgres::{PgStore, schema};
 use crate::store::{StorePolicy, SweepPolicy, TaskStore};
 use crate::supervise::Background;
 use crate::sweeper;
+use crate::telemetry::metrics::Metrics;
 use crate::tls::{ReloadingTls, TlsFiles};
 
 /// How long a request waits for a free database connection before it is UNAVAILABLE.
@@ -135,10 +136,18 @@ impl App {
                  be used, and no API key can be created"
             );
         }
+        let metrics = Metrics::new();
         let redis = config
             .redis_url
             .as_deref()
-            .map(|url| RedisLink::new(url, &config.redis_key_prefix, config.redis_timeout))
+            .map(|url| {
+                RedisLink::new(
+                    url,
+                    &config.redis_key_prefix,
+                    config.redis_timeout,
+                    metrics.clone(),
+                )
+            })
             .transpose()
             .context("invalid REDIS_URL")?
             .map(Arc::new);
@@ -148,6 +157,7 @@ impl App {
                 settings,
                 redis,
                 (config.auth, config.admin_token_file.clone()),
+                metrics,
             )),
             config,
         })
@@ -168,9 +178,6 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        if let Some(address) = self.config.metrics_listen {
-            crate::telemetry::serve_metrics(address)?;
-        }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         health
@@ -181,6 +188,14 @@ impl App {
             .await
             .context("the store did not answer")?;
         let stopping = CancellationToken::new();
+        if let Some(address) = self.config.metrics_listen {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen {address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving metrics");
+            let routes = crate::web::metrics_routes(self.coordinator.metrics().clone());
+            crate::web::spawn(listener, routes, stopping.clone());
+        }
         let background = self.spawn_background(stopping.child_token()).await;
         set_health(&health, ServingStatus::Serving).await;
         tokio::spawn(drain_on_shutdown(
@@ -207,7 +222,7 @@ impl App {
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .layer(
                 tower::ServiceBuilder::new()
-                    .layer(ObserveLayer)
+                    .layer(ObserveLayer::new(self.coordinator.metrics().clone()))
                     .layer(TypedErrorsLayer)
                     .layer(ShedLayer::new(self.config.max_inflight_calls))
                     .layer(AuthLayer::new(self.coordinator.clone())),
@@ -284,7 +299,7 @@ impl App {
     /// [`Background::stop_within`], or only asked to stop when the value is dropped (the server
     /// ended some other way).
     async fn spawn_background(&self, stop: CancellationToken) -> Background {
-        let mut background = Background::new(stop);
+        let mut background = Background::new(stop, self.coordinator.metrics().clone());
         // Each duty is supervised: one that panics is started again (spec §10).
         let mut duty =
             |name: &'static str, run: fn(Arc<Coordinator>, CancellationToken) -> BoxedDuty| {

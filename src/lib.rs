@@ -24,3 +24,4 @@ pub mod sweeper;
 pub mod telemetry;
 pub mod tls;
 pub mod wakeups;
+pub mod web;

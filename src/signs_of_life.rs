@@ -15,14 +15,22 @@ use crate::advisory::Liveness;
 use crate::advisory::liveness::RECORD_INTERVAL;
 use crate::domain::RuntimeId;
 use crate::store::TaskStore;
+use crate::telemetry::metrics::Metrics;
 
-#[derive(Default)]
 pub struct SignsOfLife {
     /// Runtimes heard from since the last recording.
     noted: Mutex<HashSet<RuntimeId>>,
+    metrics: Metrics,
 }
 
 impl SignsOfLife {
+    pub fn new(metrics: Metrics) -> SignsOfLife {
+        SignsOfLife {
+            noted: Mutex::default(),
+            metrics,
+        }
+    }
+
     pub fn note(&self, runtime: RuntimeId) {
         self.lock().insert(runtime);
     }
@@ -57,14 +65,14 @@ impl SignsOfLife {
         if runtimes.is_empty() {
             return;
         }
-        crate::telemetry::metrics::signs_of_life(runtimes.len());
+        self.metrics.signs_of_life(runtimes.len());
         if liveness.record(&runtimes).await.is_some() {
             return;
         }
         match store.touch_runtimes(&runtimes).await {
             Ok(written) => liveness.flushed(&written).await,
             Err(error) => {
-                crate::telemetry::metrics::liveness_write_failed();
+                self.metrics.liveness_write_failed();
                 tracing::warn!(%error, runtimes = runtimes.len(), "cannot write last_seen_at");
             }
         }

@@ -8,11 +8,18 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::metrics::Metrics;
+
 /// Pause before a panicked task starts again, so a task that panics at once does not spin.
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs `make()` until it returns (it was stopped), starting it again whenever it panics.
-pub fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, make: F) -> JoinHandle<()>
+pub fn supervise<F, Fut>(
+    name: &'static str,
+    stop: CancellationToken,
+    metrics: Metrics,
+    make: F,
+) -> JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -22,7 +29,7 @@ where
             match tokio::spawn(make()).await {
                 Ok(()) => return,
                 Err(error) if error.is_panic() => {
-                    crate::telemetry::metrics::background_task_restarted(name);
+                    metrics.background_task_restarted(name);
                     tracing::error!(task = name, "a background task panicked; starting it again");
                 }
                 Err(_) => return,
@@ -40,13 +47,15 @@ where
 /// life are recorded) before the store is left. Dropped without that, it only asks.
 pub struct Background {
     stop: CancellationToken,
+    metrics: Metrics,
     duties: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl Background {
-    pub fn new(stop: CancellationToken) -> Background {
+    pub fn new(stop: CancellationToken, metrics: Metrics) -> Background {
         Background {
             stop,
+            metrics,
             duties: Vec::new(),
         }
     }
@@ -57,7 +66,7 @@ impl Background {
         F: Fn() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let handle = supervise(name, self.stop.clone(), make);
+        let handle = supervise(name, self.stop.clone(), self.metrics.clone(), make);
         self.duties.push((name, handle));
     }
 
@@ -104,21 +113,26 @@ mod tests {
     async fn a_task_that_panics_is_started_again() {
         let runs = Arc::new(AtomicUsize::new(0));
         let counted = runs.clone();
-        let supervisor = supervise("test", CancellationToken::new(), move || {
-            let runs = counted.clone();
-            async move {
-                if runs.fetch_add(1, Ordering::SeqCst) < 2 {
-                    panic!("bad input");
+        let supervisor = supervise(
+            "test",
+            CancellationToken::new(),
+            Metrics::new(),
+            move || {
+                let runs = counted.clone();
+                async move {
+                    if runs.fetch_add(1, Ordering::SeqCst) < 2 {
+                        panic!("bad input");
+                    }
                 }
-            }
-        });
+            },
+        );
         supervisor.await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn stopping_waits_for_duties_to_finish_and_abandons_the_stuck() {
-        let mut background = Background::new(CancellationToken::new());
+        let mut background = Background::new(CancellationToken::new(), Metrics::new());
         let finished = Arc::new(AtomicUsize::new(0));
         let (stop, done) = (background.stop_token().clone(), finished.clone());
         background.supervise("tidy", move || {
@@ -142,7 +156,7 @@ mod tests {
         stop.cancel();
         let runs = Arc::new(AtomicUsize::new(0));
         let counted = runs.clone();
-        let supervisor = supervise("test", stop, move || {
+        let supervisor = supervise("test", stop, Metrics::new(), move || {
             let runs = counted.clone();
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);

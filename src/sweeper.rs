@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::Coordinator;
 use crate::store::SweepReport;
+use crate::telemetry::metrics::Metrics;
 
 pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: CancellationToken) {
     let interval = interval.max(Duration::from_millis(1));
@@ -27,15 +28,15 @@ pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: Cancel
         match coordinator.sweep(due_since).await {
             Ok(Some(report)) => {
                 log(&report);
-                count(&report);
+                count(coordinator.metrics(), &report);
                 due_since = report.swept_at;
             }
             Ok(None) => {
-                crate::telemetry::metrics::sweep_ended("skipped");
+                coordinator.metrics().sweep_ended("skipped");
                 due_since = None;
             }
             Err(error) => {
-                crate::telemetry::metrics::sweep_ended("failed");
+                coordinator.metrics().sweep_ended("failed");
                 tracing::warn!(%error, "sweep failed; trying again next tick");
                 due_since = None;
             }
@@ -44,8 +45,11 @@ pub async fn run(coordinator: Arc<Coordinator>, interval: Duration, stop: Cancel
 }
 
 /// `leasehold_sweeps_total{outcome="led"}` and rows per stage.
-fn count(report: &SweepReport) {
-    crate::telemetry::metrics::sweep_ended("led");
+fn count(metrics: &Metrics, report: &SweepReport) {
+    metrics.sweep_ended("led");
+    for stage in &report.failed_stages {
+        metrics.sweeper_stage_failed(stage);
+    }
     for (stage, rows) in [
         ("mark_offline", report.marked_offline.len()),
         ("runtime_offline", report.runtime_offline.len()),
@@ -54,7 +58,7 @@ fn count(report: &SweepReport) {
         ("became_available", report.became_available.len()),
         ("retention", report.deleted_finished as usize),
     ] {
-        crate::telemetry::metrics::sweeper_rows(stage, rows);
+        metrics.sweeper_rows(stage, rows);
     }
 }
 

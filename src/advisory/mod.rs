@@ -16,6 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisResult};
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::metrics::Metrics;
 use crate::wakeups::Wakes;
 
 pub mod claim_cache;
@@ -40,11 +41,17 @@ pub struct RedisLink {
     prefix: String,
     timeout: Duration,
     healthy: AtomicBool,
+    metrics: Metrics,
 }
 
 impl RedisLink {
     /// Connects lazily: the server starts (degraded) even when Redis is down.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<RedisLink> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> anyhow::Result<RedisLink> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -57,6 +64,7 @@ impl RedisLink {
             timeout,
             // Not yet: the first probe starts an epoch, then the link is used.
             healthy: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -121,7 +129,7 @@ impl RedisLink {
         }
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.timeout, command(self.connection.clone())).await;
-        crate::telemetry::metrics::redis_call(started.elapsed());
+        self.metrics.redis_call(started.elapsed());
         match outcome {
             Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
@@ -143,7 +151,7 @@ impl RedisLink {
 
     fn degrade(&self, cause: &dyn std::fmt::Display) {
         if self.healthy.swap(false, Ordering::AcqRel) {
-            crate::telemetry::metrics::redis_degraded(true);
+            self.metrics.redis_degraded(true);
             tracing::warn!(
                 %cause,
                 "redis degraded: liveness, the claim cache and cross-replica wake-ups fall back \
@@ -173,7 +181,7 @@ impl RedisLink {
 
     /// Probes once, at start-up, so a healthy Redis is used from the first request.
     pub async fn connect_now(&self) {
-        crate::telemetry::metrics::redis_degraded(true);
+        self.metrics.redis_degraded(true);
         if !self.recover().await {
             tracing::warn!(
                 "redis unavailable at start-up; running on PostgreSQL alone until it answers"
@@ -198,7 +206,7 @@ impl RedisLink {
         match self.probe().await {
             Ok(()) => {
                 self.healthy.store(true, Ordering::Release);
-                crate::telemetry::metrics::redis_degraded(false);
+                self.metrics.redis_degraded(false);
                 tracing::info!("redis available: using it for liveness and the claim cache");
                 true
             }

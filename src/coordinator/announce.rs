@@ -3,7 +3,6 @@
 //! moves are announced the same way, and the metrics the service layer counts.
 
 use super::*;
-use crate::telemetry::metrics;
 
 impl Coordinator {
     /// Delivers other replicas' wake-ups and cancellations here until `stop`.
@@ -21,9 +20,9 @@ impl Coordinator {
             .sweep(&self.settings.sweep, &self.liveness, due_since)
             .await?;
         if let Some(report) = &report {
-            count_server_failures("RUNTIME_OFFLINE", &report.runtime_offline);
-            count_server_failures("TIMEOUT", &report.timed_out);
-            count_server_failures("RUNTIME_GONE", &report.runtime_gone);
+            self.count_server_failures("RUNTIME_OFFLINE", &report.runtime_offline);
+            self.count_server_failures("TIMEOUT", &report.timed_out);
+            self.count_server_failures("RUNTIME_GONE", &report.runtime_gone);
             self.announce(report.moves()).await;
             self.refresh_queue_gauges().await;
         }
@@ -50,11 +49,11 @@ impl Coordinator {
             .cloned()
             .collect();
         for queue in emptied {
-            metrics::queue_depth(&queue, 0, 0, 0, None);
+            self.metrics.queue_depth(&queue, 0, 0, 0, None);
             reported.remove(&queue);
         }
         for depth in depths {
-            metrics::queue_depth(
+            self.metrics.queue_depth(
                 &depth.queue,
                 depth.queued,
                 depth.dispatched,
@@ -119,19 +118,22 @@ impl Coordinator {
     }
 }
 
-pub(super) fn count_preflight(moves: &[TaskMove]) {
-    for moved in moves {
-        let cause = if moved.status == TaskStatus::Failed {
-            "poison"
-        } else {
-            "preflight"
-        };
-        metrics::lease_expired(cause);
+impl Coordinator {
+    pub(super) fn count_preflight(&self, moves: &[TaskMove]) {
+        for moved in moves {
+            let cause = if moved.status == TaskStatus::Failed {
+                "poison"
+            } else {
+                "preflight"
+            };
+            self.metrics.lease_expired(cause);
+        }
     }
-}
 
-pub(super) fn count_server_failures(reason: &'static str, moves: &[TaskMove]) {
-    for moved in moves {
-        metrics::task_failed(reason, moved.status == TaskStatus::Queued);
+    pub(super) fn count_server_failures(&self, reason: &'static str, moves: &[TaskMove]) {
+        for moved in moves {
+            self.metrics
+                .task_failed(reason, moved.status == TaskStatus::Queued);
+        }
     }
 }

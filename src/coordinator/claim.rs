@@ -87,18 +87,15 @@ impl Coordinator {
         };
         let (snapshot, outcome) = read_and_claim.await?;
         self.note_sign_of_life(runtime_id);
-        crate::telemetry::metrics::claim_answered(if outcome.is_some() {
-            "store"
-        } else {
-            "cache"
-        });
+        self.metrics
+            .claim_answered(if outcome.is_some() { "store" } else { "cache" });
         let Some(outcome) = outcome else {
             return Ok(Vec::new());
         };
-        count_preflight(&outcome.preflight);
-        crate::telemetry::metrics::tasks_claimed(outcome.claimed.len());
+        self.count_preflight(&outcome.preflight);
+        self.metrics.tasks_claimed(outcome.claimed.len());
         if claimed_as == ClaimedAs::Started {
-            crate::telemetry::metrics::tasks_started(outcome.claimed.len());
+            self.metrics.tasks_started(outcome.claimed.len());
         }
         self.announce_topics(Wakes::of_moves(&outcome.preflight), &[])
             .await;
@@ -204,7 +201,7 @@ impl Coordinator {
                 TaskStatus::Failed => "poison",
                 _ => "stream_break",
             };
-            crate::telemetry::metrics::lease_expired(cause);
+            self.metrics.lease_expired(cause);
         }
         self.announce(&expired).await;
         Ok(expired.len())

@@ -25,6 +25,7 @@ use crate::store::{
     NewTask, PageCursor, QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove,
     TaskPage, TaskStore,
 };
+use crate::telemetry::metrics::Metrics;
 use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,6 @@ mod bulk;
 mod claim;
 mod runtimes;
 
-use announce::{count_preflight, count_server_failures};
 pub use bulk::{BULK_BATCH, BulkOutcome};
 
 /// Most tasks one ClaimTask call hands out.
@@ -100,6 +100,7 @@ pub struct Coordinator {
     authenticator: Authenticator,
     /// Claim streams open on this replica, per runtime.
     open_streams: Arc<std::sync::Mutex<std::collections::HashMap<RuntimeId, usize>>>,
+    metrics: Metrics,
 }
 
 /// One open claim stream of a runtime, counted until dropped.
@@ -130,8 +131,10 @@ impl Coordinator {
         settings: Settings,
         redis: Option<Arc<RedisLink>>,
         auth: (AuthMode, Option<PathBuf>),
+        metrics: Metrics,
     ) -> Self {
-        let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store));
+        store.attach_metrics(&metrics);
+        let store: Arc<dyn TaskStore> = Arc::new(MeasuredStore::new(store, metrics.clone()));
         Self {
             authenticator: Authenticator::new(auth.0, store.clone(), redis.clone(), auth.1),
             open_streams: Arc::default(),
@@ -140,7 +143,7 @@ impl Coordinator {
                 settings.liveness_ttl,
                 settings.sweep.offline_after,
             ),
-            signs_of_life: SignsOfLife::default(),
+            signs_of_life: SignsOfLife::new(metrics.clone()),
             claim_cache: Arc::new(ClaimCache::new(redis.clone())),
             notifier: Notifier::new(),
             due: DueWakeups::default(),
@@ -150,7 +153,13 @@ impl Coordinator {
             redis,
             store,
             settings,
+            metrics,
         }
+    }
+
+    /// This server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn settings(&self) -> &Settings {
@@ -187,7 +196,7 @@ impl Coordinator {
     ) -> Result<Task> {
         let task = self.store.start(task_id, token, acting).await?;
         self.note_holder_alive(&task);
-        crate::telemetry::metrics::tasks_started(1);
+        self.metrics.tasks_started(1);
         Ok(task)
     }
 
@@ -230,7 +239,7 @@ impl Coordinator {
         validate::payload_size("result", &result, self.settings.max_payload_bytes)?;
         let task = self.store.complete(task_id, token, result, acting).await?;
         self.note_holder_alive(&task);
-        crate::telemetry::metrics::task_completed();
+        self.metrics.task_completed();
         self.announce_task(&task).await;
         Ok(task)
     }
@@ -251,7 +260,7 @@ impl Coordinator {
         };
         let outcome = self.store.fail(task_id, token, failure, acting).await?;
         self.note_holder_alive(&outcome.task);
-        crate::telemetry::metrics::task_failed("TASK_ERROR", outcome.will_retry);
+        self.metrics.task_failed("TASK_ERROR", outcome.will_retry);
         self.announce_task(&outcome.task).await;
         Ok(outcome)
     }

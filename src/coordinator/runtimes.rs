@@ -160,7 +160,7 @@ impl Coordinator {
 
     pub async fn recover_orphans(&self, runtime_id: RuntimeId) -> Result<Recovered> {
         let recovered = self.store.recover_orphans(runtime_id).await?;
-        count_server_failures("RUNTIME_RECOVERY", &recovered.moved);
+        self.count_server_failures("RUNTIME_RECOVERY", &recovered.moved);
         self.announce(&recovered.moved).await;
         tracing::info!(
             %runtime_id,

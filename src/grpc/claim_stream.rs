@@ -145,7 +145,7 @@ impl Session {
         mut inbound: Streaming<pb::StreamClaimsRequest>,
         outbound: Sender,
     ) {
-        let open = crate::telemetry::metrics::stream_session_open();
+        let open = self.coordinator.metrics().stream_session_open();
         let end = self.serve(&mut inbound, &outbound).await;
         drop(open);
         match end {
@@ -155,6 +155,7 @@ impl Session {
                     .await;
             }
             End::Failed(status) => {
+                super::observe::count_refusal(self.coordinator.metrics(), &status);
                 let _ = outbound.send(Err(status)).await;
             }
             End::WorkerGone => {}

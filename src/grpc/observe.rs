@@ -4,31 +4,76 @@
 //!
 //! The code is read from the response headers: tonic answers every error as a trailers-only
 //! response, whose `grpc-status` travels in the headers; a success carries it in the trailers
-//! only, so no header means OK. For a stream, the figures describe its opening.
+//! only, so no header means OK. For a stream, the figures describe its opening. A refusal's
+//! `ErrorInfo` reason also counts it as an auth denial, a shed call or a stale token.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderMap, Request, Response};
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+use crate::telemetry::metrics::Metrics;
+
+/// The fence's refusals of a superseded claim's owner write (spec §3).
+const STALE_TOKEN_REASONS: [&str; 6] = [
+    "CLAIM_SUPERSEDED",
+    "LEASE_EXPIRED",
+    "TASK_NOT_STARTED",
+    "TASK_ALREADY_STARTED",
+    "TASK_CANCELLED",
+    "TASK_TERMINAL",
+];
+
+/// Counts a refused call by its `ErrorInfo` reason: an auth denial (UNAUTHENTICATED,
+/// PERMISSION_DENIED), a shed call (OVERLOADED) or a stale token. The reasons are the server's
+/// own, so the label values stay few.
+pub(super) fn count_refusal(metrics: &Metrics, status: &Status) {
+    let Some(reason) = status.get_details_error_info().map(|info| info.reason) else {
+        return;
+    };
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => metrics.auth_denied(&reason),
+        Code::ResourceExhausted if reason == "OVERLOADED" => metrics.call_shed(),
+        _ if STALE_TOKEN_REASONS.contains(&reason.as_str()) => {
+            metrics.stale_token_rejected(&reason)
+        }
+        _ => {}
+    }
+}
+
+/// Observes every call into the server's `metrics`.
+#[derive(Clone, Debug)]
+pub struct ObserveLayer {
+    metrics: Metrics,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Metrics) -> ObserveLayer {
+        ObserveLayer { metrics }
+    }
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner }
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
+    metrics: Metrics,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -52,6 +97,7 @@ where
             tracing::info_span!("rpc", method = %method, task_id = Empty, runtime_id = Empty);
         let started = Instant::now();
         let response = span.in_scope(|| self.inner.call(request));
+        let metrics = self.metrics.clone();
         Box::pin(
             async move {
                 let result = response.await;
@@ -59,7 +105,13 @@ where
                     Ok(response) => code_name(response.headers()),
                     Err(_) => "UNKNOWN",
                 };
-                crate::telemetry::metrics::rpc_answered(method, code, started.elapsed());
+                metrics.rpc_answered(method, code, started.elapsed());
+                if let Ok(response) = &result
+                    && code != "OK"
+                    && let Some(status) = Status::from_header_map(response.headers())
+                {
+                    count_refusal(&metrics, &status);
+                }
                 result
             }
             .instrument(span),

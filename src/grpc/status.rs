@@ -75,37 +75,27 @@ impl From<Error> for Status {
                 message,
                 error_info("SERVER_DRAINING", []),
             ),
-            Error::Unauthenticated(problem) => {
-                crate::telemetry::metrics::auth_denied(problem.reason());
-                Status::with_error_details(
-                    Code::Unauthenticated,
-                    message,
-                    error_info(problem.reason(), []),
-                )
-            }
-            Error::ScopeMissing(scope) => {
-                crate::telemetry::metrics::auth_denied("SCOPE_MISSING");
-                Status::with_error_details(
-                    Code::PermissionDenied,
-                    message,
-                    error_info("SCOPE_MISSING", [("scope", scope)]),
-                )
-            }
-            Error::RuntimeMismatch => {
-                crate::telemetry::metrics::auth_denied("RUNTIME_MISMATCH");
-                Status::with_error_details(
-                    Code::PermissionDenied,
-                    message,
-                    error_info("RUNTIME_MISMATCH", []),
-                )
-            }
+            Error::Unauthenticated(problem) => Status::with_error_details(
+                Code::Unauthenticated,
+                message,
+                error_info(problem.reason(), []),
+            ),
+            Error::ScopeMissing(scope) => Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                error_info("SCOPE_MISSING", [("scope", scope)]),
+            ),
+            Error::RuntimeMismatch => Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                error_info("RUNTIME_MISMATCH", []),
+            ),
             Error::TooManyStreams(limit) => Status::with_error_details(
                 Code::ResourceExhausted,
                 message,
                 error_info("TOO_MANY_STREAMS", [("limit", limit.to_string())]),
             ),
             Error::Overloaded => {
-                crate::telemetry::metrics::call_shed();
                 let mut details = error_info("OVERLOADED", []);
                 details.set_retry_info(Some(OVERLOADED_RETRY_AFTER));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
@@ -151,7 +141,6 @@ fn refused_status(refused: &RefusedWrite, message: String) -> Status {
         Refusal::TaskCancelled => (Code::FailedPrecondition, "TASK_CANCELLED"),
         Refusal::TaskTerminal => (Code::FailedPrecondition, "TASK_TERMINAL"),
     };
-    crate::telemetry::metrics::stale_token_rejected(reason);
     let mut metadata = vec![
         ("task_id", refused.task_id.to_string()),
         ("status", task_status_name(refused.status).to_owned()),

@@ -22,19 +22,22 @@ use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::{
     ClaimToken, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
 };
+use crate::telemetry::metrics::Metrics;
 
 pub struct MeasuredStore {
     inner: Arc<dyn TaskStore>,
+    metrics: Metrics,
 }
 
 impl MeasuredStore {
-    pub fn new(inner: Arc<dyn TaskStore>) -> Self {
-        Self { inner }
+    pub fn new(inner: Arc<dyn TaskStore>, metrics: Metrics) -> Self {
+        Self { inner, metrics }
     }
-}
 
-fn record<T>(operation: &'static str, started: Instant, result: &Result<T>) {
-    crate::telemetry::metrics::store_call(operation, result.is_ok(), started.elapsed());
+    fn record<T>(&self, operation: &'static str, started: Instant, result: &Result<T>) {
+        self.metrics
+            .store_call(operation, result.is_ok(), started.elapsed());
+    }
 }
 
 /// Attempts after the first when a call lost to a concurrent change.
@@ -62,7 +65,7 @@ macro_rules! measured {
                 async fn $name(&self $(, $arg: $ty)*) -> $ret {
                     let started = Instant::now();
                     let result = measured!(@call $mode self $name $($arg)*);
-                    record(stringify!($name), started, &result);
+                    self.record(stringify!($name), started, &result);
                     result
                 }
             )*
@@ -78,7 +81,7 @@ macro_rules! measured {
             let result = $store.inner.$name($(Clone::clone(&$arg)),*).await;
             if attempt < CONFLICT_RETRIES && lost_to_a_conflict(&result) {
                 attempt += 1;
-                crate::telemetry::metrics::store_conflict_retried();
+                $store.metrics.store_conflict_retried();
                 tokio::time::sleep(conflict_pause(attempt)).await;
                 continue;
             }

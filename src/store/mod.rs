@@ -16,6 +16,7 @@ use crate::domain::{
     ClaimToken, ClaimedTask, QueueInfo, Result, RetryBackoff, Runtime, RuntimeId, RuntimeStatus,
     Task, TaskId, TaskStatus,
 };
+use crate::telemetry::metrics::Metrics;
 
 pub mod measured;
 pub mod memory;
@@ -226,6 +227,8 @@ pub struct SweepReport {
     pub became_available: Vec<TaskMove>,
     /// Retention: finished tasks deleted (with their usage rows).
     pub deleted_finished: u64,
+    /// Stages that failed (logged; the others still ran).
+    pub failed_stages: Vec<&'static str>,
 }
 
 impl SweepReport {
@@ -310,6 +313,10 @@ pub struct QueueUpdate {
 
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
+    /// Gives the store the server's metrics, for what only the store sees (the size of shared
+    /// statements). Called once, by the coordinator that takes the store.
+    fn attach_metrics(&self, _metrics: &Metrics) {}
+
     /// Succeeds when the store can serve requests; health reports SERVING only after it does.
     async fn ping(&self) -> Result<()>;
 

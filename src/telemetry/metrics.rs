@@ -2,11 +2,13 @@
 //! for Prometheus (`# HELP`) by [`describe`]. Call sites say what happened; this module says how
 //! it is counted. The list of series is in docs/operations.md ("Metrics").
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 const RPC_REQUESTS: &str = "leasehold_rpc_requests_total";
 const RPC_DURATION: &str = "leasehold_rpc_duration_seconds";
@@ -35,8 +37,8 @@ const SIGNS_OF_LIFE: &str = "leasehold_signs_of_life_total";
 const LIVENESS_WRITE_FAILURES: &str = "leasehold_liveness_write_failures_total";
 const BACKGROUND_TASK_RESTARTS: &str = "leasehold_background_task_restarts_total";
 
-/// Registers every series' help text with the installed recorder.
-pub fn describe() {
+/// Registers every series' help text with the current recorder.
+fn describe() {
     describe_counter!(RPC_REQUESTS, "RPCs answered, by method and gRPC code");
     describe_histogram!(
         RPC_DURATION,
@@ -115,131 +117,229 @@ pub fn describe() {
     );
 }
 
-pub fn rpc_answered(method: String, code: &'static str, took: Duration) {
-    counter!(RPC_REQUESTS, "method" => method.clone(), "code" => code).increment(1);
-    histogram!(RPC_DURATION, "method" => method, "code" => code).record(took.as_secs_f64());
+/// Latency buckets (seconds) of every duration histogram: 0.5ms to 10s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One server's metrics: every series it records, rendered as Prometheus text on `/metrics`.
+/// Each server owns its handle (nothing is process-wide), so two servers in one process, as
+/// in the tests, count apart. Cloning is cheap and shares the series.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
 }
 
-pub fn auth_denied(reason: &'static str) {
-    counter!(AUTH_DENIALS, "reason" => reason).increment(1);
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
-pub fn call_shed() {
-    counter!(CALLS_SHED).increment(1);
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
 }
 
-pub fn stale_token_rejected(reason: &'static str) {
-    counter!(STALE_TOKEN_REJECTIONS, "reason" => reason).increment(1);
-}
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .expect("the latency buckets are not empty")
+            .build_recorder();
+        let metrics = Metrics {
+            recorder: Arc::new(recorder),
+        };
+        metrics.record(describe);
+        metrics
+    }
 
-/// One more open claim stream, until the guard is dropped.
-pub fn stream_session_open() -> StreamSession {
-    gauge!(STREAM_SESSIONS_OPEN).increment(1.0);
-    StreamSession(())
+    /// Every series in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let handle = self.recorder.handle();
+        handle.run_upkeep();
+        handle.render()
+    }
+
+    /// Runs `write` with this server's recorder as the one the `metrics` macros use.
+    fn record<T>(&self, write: impl FnOnce() -> T) -> T {
+        ::metrics::with_local_recorder(&*self.recorder, write)
+    }
+
+    /// One more open claim stream, until the guard is dropped.
+    pub fn stream_session_open(&self) -> StreamSession {
+        self.record(|| gauge!(STREAM_SESSIONS_OPEN).increment(1.0));
+        StreamSession(self.clone())
+    }
+
+    pub fn rpc_answered(&self, method: String, code: &'static str, took: Duration) {
+        self.record(|| {
+            counter!(RPC_REQUESTS, "method" => method.clone(), "code" => code).increment(1);
+            histogram!(RPC_DURATION, "method" => method, "code" => code).record(took.as_secs_f64());
+        });
+    }
+
+    pub fn auth_denied(&self, reason: &str) {
+        self.record(|| {
+            counter!(AUTH_DENIALS, "reason" => reason.to_owned()).increment(1);
+        });
+    }
+
+    pub fn call_shed(&self) {
+        self.record(|| {
+            counter!(CALLS_SHED).increment(1);
+        });
+    }
+
+    pub fn stale_token_rejected(&self, reason: &str) {
+        self.record(|| {
+            counter!(STALE_TOKEN_REJECTIONS, "reason" => reason.to_owned()).increment(1);
+        });
+    }
+
+    /// `answered_by`: `cache` (the empty-claim cache, no PostgreSQL) or `store`.
+    pub fn claim_answered(&self, answered_by: &'static str) {
+        self.record(|| {
+            counter!(CLAIM_CALLS, "answered_by" => answered_by).increment(1);
+        });
+    }
+
+    pub fn tasks_claimed(&self, count: usize) {
+        self.record(|| {
+            counter!(TASKS_CLAIMED).increment(count as u64);
+        });
+    }
+
+    pub fn tasks_started(&self, count: usize) {
+        self.record(|| {
+            counter!(TASK_STARTS).increment(count as u64);
+        });
+    }
+
+    pub fn task_completed(&self) {
+        self.record(|| {
+            counter!(TASK_COMPLETIONS).increment(1);
+        });
+    }
+
+    pub fn task_failed(&self, reason: &'static str, retried: bool) {
+        self.record(|| {
+            counter!(TASK_FAILURES, "reason" => reason).increment(1);
+            if retried {
+                counter!(TASK_RETRIES, "reason" => reason).increment(1);
+            }
+        });
+    }
+
+    /// `cause`: `preflight` (requeued), `poison` (failed by the poison guard), `stream` (a stream's
+    /// unstarted claim given back).
+    pub fn lease_expired(&self, cause: &'static str) {
+        self.record(|| {
+            counter!(LEASE_EXPIRIES, "cause" => cause).increment(1);
+        });
+    }
+
+    pub fn queue_depth(
+        &self,
+        queue: &str,
+        queued: u64,
+        dispatched: u64,
+        running: u64,
+        oldest_queued_age: Option<Duration>,
+    ) {
+        self.record(|| {
+            for (status, count) in [
+                ("QUEUED", queued),
+                ("DISPATCHED", dispatched),
+                ("RUNNING", running),
+            ] {
+                gauge!(QUEUE_TASKS, "queue" => queue.to_owned(), "status" => status)
+                    .set(count as f64);
+            }
+            gauge!(QUEUE_OLDEST_QUEUED_AGE, "queue" => queue.to_owned())
+                .set(oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
+        });
+    }
+
+    /// `outcome`: `led`, `skipped` (another replica leads), `failed`.
+    pub fn sweep_ended(&self, outcome: &'static str) {
+        self.record(|| {
+            counter!(SWEEPS, "outcome" => outcome).increment(1);
+        });
+    }
+
+    pub fn sweeper_rows(&self, stage: &'static str, rows: usize) {
+        self.record(|| {
+            counter!(SWEEPER_ROWS, "stage" => stage).increment(rows as u64);
+        });
+    }
+
+    pub fn sweeper_stage_failed(&self, stage: &'static str) {
+        self.record(|| {
+            counter!(SWEEPER_STAGE_FAILURES, "stage" => stage).increment(1);
+        });
+    }
+
+    pub fn store_call(&self, operation: &'static str, succeeded: bool, took: Duration) {
+        self.record(|| {
+            let outcome = if succeeded { "ok" } else { "error" };
+            histogram!(STORE_CALL_DURATION, "operation" => operation, "outcome" => outcome)
+                .record(took.as_secs_f64());
+        });
+    }
+
+    pub fn store_conflict_retried(&self) {
+        self.record(|| {
+            counter!(STORE_CONFLICT_RETRIES).increment(1);
+        });
+    }
+
+    pub fn shared_statement(&self, kind: &'static str, writes: usize) {
+        self.record(|| {
+            histogram!(SHARED_STATEMENT_WRITES, "kind" => kind).record(writes as f64);
+        });
+    }
+
+    pub fn redis_call(&self, took: Duration) {
+        self.record(|| {
+            histogram!(REDIS_CALL_DURATION).record(took.as_secs_f64());
+        });
+    }
+
+    pub fn redis_degraded(&self, degraded: bool) {
+        self.record(|| {
+            gauge!(REDIS_DEGRADED).set(if degraded { 1.0 } else { 0.0 });
+        });
+    }
+
+    pub fn signs_of_life(&self, runtimes: usize) {
+        self.record(|| {
+            counter!(SIGNS_OF_LIFE).increment(runtimes as u64);
+        });
+    }
+
+    pub fn liveness_write_failed(&self) {
+        self.record(|| {
+            counter!(LIVENESS_WRITE_FAILURES).increment(1);
+        });
+    }
+
+    pub fn background_task_restarted(&self, task: &'static str) {
+        self.record(|| {
+            counter!(BACKGROUND_TASK_RESTARTS, "task" => task).increment(1);
+        });
+    }
 }
 
 /// Counts a claim stream as open while it lives.
-pub struct StreamSession(());
+pub struct StreamSession(Metrics);
 
 impl Drop for StreamSession {
     fn drop(&mut self) {
-        gauge!(STREAM_SESSIONS_OPEN).decrement(1.0);
+        self.0
+            .record(|| gauge!(STREAM_SESSIONS_OPEN).decrement(1.0));
     }
-}
-
-/// `answered_by`: `cache` (the empty-claim cache, no PostgreSQL) or `store`.
-pub fn claim_answered(answered_by: &'static str) {
-    counter!(CLAIM_CALLS, "answered_by" => answered_by).increment(1);
-}
-
-pub fn tasks_claimed(count: usize) {
-    counter!(TASKS_CLAIMED).increment(count as u64);
-}
-
-pub fn tasks_started(count: usize) {
-    counter!(TASK_STARTS).increment(count as u64);
-}
-
-pub fn task_completed() {
-    counter!(TASK_COMPLETIONS).increment(1);
-}
-
-pub fn task_failed(reason: &'static str, retried: bool) {
-    counter!(TASK_FAILURES, "reason" => reason).increment(1);
-    if retried {
-        counter!(TASK_RETRIES, "reason" => reason).increment(1);
-    }
-}
-
-/// `cause`: `preflight` (requeued), `poison` (failed by the poison guard), `stream` (a stream's
-/// unstarted claim given back).
-pub fn lease_expired(cause: &'static str) {
-    counter!(LEASE_EXPIRIES, "cause" => cause).increment(1);
-}
-
-pub fn queue_depth(
-    queue: &str,
-    queued: u64,
-    dispatched: u64,
-    running: u64,
-    oldest_queued_age: Option<Duration>,
-) {
-    for (status, count) in [
-        ("QUEUED", queued),
-        ("DISPATCHED", dispatched),
-        ("RUNNING", running),
-    ] {
-        gauge!(QUEUE_TASKS, "queue" => queue.to_owned(), "status" => status).set(count as f64);
-    }
-    gauge!(QUEUE_OLDEST_QUEUED_AGE, "queue" => queue.to_owned())
-        .set(oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
-}
-
-/// `outcome`: `led`, `skipped` (another replica leads), `failed`.
-pub fn sweep_ended(outcome: &'static str) {
-    counter!(SWEEPS, "outcome" => outcome).increment(1);
-}
-
-pub fn sweeper_rows(stage: &'static str, rows: usize) {
-    counter!(SWEEPER_ROWS, "stage" => stage).increment(rows as u64);
-}
-
-pub fn sweeper_stage_failed(stage: &'static str) {
-    counter!(SWEEPER_STAGE_FAILURES, "stage" => stage).increment(1);
-}
-
-pub fn store_call(operation: &'static str, succeeded: bool, took: Duration) {
-    let outcome = if succeeded { "ok" } else { "error" };
-    histogram!(STORE_CALL_DURATION, "operation" => operation, "outcome" => outcome)
-        .record(took.as_secs_f64());
-}
-
-pub fn store_conflict_retried() {
-    counter!(STORE_CONFLICT_RETRIES).increment(1);
-}
-
-pub fn shared_statement(kind: &'static str, writes: usize) {
-    histogram!(SHARED_STATEMENT_WRITES, "kind" => kind).record(writes as f64);
-}
-
-pub fn redis_call(took: Duration) {
-    histogram!(REDIS_CALL_DURATION).record(took.as_secs_f64());
-}
-
-pub fn redis_degraded(degraded: bool) {
-    gauge!(REDIS_DEGRADED).set(if degraded { 1.0 } else { 0.0 });
-}
-
-pub fn signs_of_life(runtimes: usize) {
-    counter!(SIGNS_OF_LIFE).increment(runtimes as u64);
-}
-
-pub fn liveness_write_failed() {
-    counter!(LIVENESS_WRITE_FAILURES).increment(1);
-}
-
-pub fn background_task_restarted(task: &'static str) {
-    counter!(BACKGROUND_TASK_RESTARTS, "task" => task).increment(1);
 }
 
 #[cfg(test)]

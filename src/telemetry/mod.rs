@@ -1,11 +1,7 @@
-//! Logging: `RUST_LOG` filters (default `info`), human-readable or JSON lines. Metrics:
-//! Prometheus text on `--metrics-listen` (`/metrics`).
+//! Logging: `RUST_LOG` filters (default `info`), human-readable or JSON lines. Metrics: one
+//! [`metrics::Metrics`] per server, served as Prometheus text by [`crate::web`].
 
 pub mod metrics;
-
-use std::net::SocketAddr;
-
-use metrics_exporter_prometheus::PrometheusBuilder;
 
 use tracing_subscriber::EnvFilter;
 
@@ -40,31 +36,5 @@ where
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Latency buckets (seconds) of every duration histogram: 0.5ms to 10s.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// Serves Prometheus metrics on `address` for the rest of the process. The recorder is
-/// process-wide: a second server in the same process (tests) keeps the first one's.
-pub fn serve_metrics(address: SocketAddr) -> anyhow::Result<()> {
-    let installed = PrometheusBuilder::new()
-        .with_http_listener(address)
-        .set_buckets(&LATENCY_BUCKETS)?
-        .install();
-    match installed {
-        Ok(()) => {
-            metrics::describe();
-            tracing::info!(%address, "serving metrics");
-            Ok(())
-        }
-        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => {
-            tracing::warn!("a metrics recorder is already installed in this process");
-            Ok(())
-        }
-        Err(error) => Err(error.into()),
     }
 }

@@ -15,7 +15,7 @@
 //! a write slower but never changes what it does.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::pooler::{Db, run};
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::rows::TaskRow;
 use crate::domain::{ClaimToken, RuntimeId, TaskId};
+use crate::telemetry::metrics::Metrics;
 
 /// Most writes in one statement; more wait for the next one.
 const MAX_BATCH: usize = 256;
@@ -155,13 +156,16 @@ struct Pending<W> {
 pub(super) struct Coalescer<W> {
     db: Db,
     sender: OnceLock<mpsc::UnboundedSender<Pending<W>>>,
+    /// Where the statements' sizes are counted, once a server took the store.
+    metrics: Arc<OnceLock<Metrics>>,
 }
 
 impl<W: SharedWrite> Coalescer<W> {
-    pub(super) fn new(db: Db) -> Self {
+    pub(super) fn new(db: Db, metrics: Arc<OnceLock<Metrics>>) -> Self {
         Self {
             db,
             sender: OnceLock::new(),
+            metrics,
         }
     }
 
@@ -170,7 +174,7 @@ impl<W: SharedWrite> Coalescer<W> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tokio::spawn(write_loop(self.db.clone(), receiver));
+            tokio::spawn(write_loop(self.db.clone(), self.metrics.clone(), receiver));
             sender
         });
         if sender.send(Pending { write, reply }).is_err() {
@@ -181,16 +185,22 @@ impl<W: SharedWrite> Coalescer<W> {
     }
 }
 
-async fn write_loop<W: SharedWrite>(db: Db, mut receiver: mpsc::UnboundedReceiver<Pending<W>>) {
+async fn write_loop<W: SharedWrite>(
+    db: Db,
+    metrics: Arc<OnceLock<Metrics>>,
+    mut receiver: mpsc::UnboundedReceiver<Pending<W>>,
+) {
     let mut batch = Vec::new();
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if let Some(metrics) = metrics.get() {
+            metrics.shared_statement(W::KIND, batch.len());
+        }
         write_batch(&db, std::mem::take(&mut batch)).await;
     }
 }
 
 /// One statement for the batch; every writer gets its answer.
 async fn write_batch<W: SharedWrite>(db: &Db, mut batch: Vec<Pending<W>>) {
-    crate::telemetry::metrics::shared_statement(W::KIND, batch.len());
     // Rows are locked in one fixed order (by id), which keeps a shared statement from
     // deadlocking with another one.
     batch.sort_by_key(|pending| pending.write.task_id());

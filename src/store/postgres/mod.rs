@@ -2,6 +2,7 @@
 //! that matched no row costs one more read to say why (or to answer a replay).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use crate::store::{
     QueueDepth, QueueUpdate, Recovered, RuntimeCredential, StorePolicy, SweepPolicy, SweepReport,
     TaskFilter, TaskMove, TaskPage, TaskStore,
 };
+use crate::telemetry::metrics::Metrics;
 
 mod coalesce;
 mod credentials;
@@ -85,6 +87,8 @@ pub struct PgStore {
     policy: StorePolicy,
     starts: Coalescer<coalesce::Start>,
     completes: Coalescer<coalesce::Complete>,
+    /// The server's metrics, once a coordinator took the store ([`TaskStore::attach_metrics`]).
+    metrics: Arc<OnceLock<Metrics>>,
 }
 
 impl PgStore {
@@ -98,9 +102,11 @@ impl PgStore {
     pub fn routed(pool: PgPool, policy: StorePolicy, route: Route) -> Self {
         let db = Db::new(pool, route);
         let pool = db.pool();
+        let metrics = Arc::<OnceLock<Metrics>>::default();
         Self {
-            starts: Coalescer::new(db.clone()),
-            completes: Coalescer::new(db.clone()),
+            starts: Coalescer::new(db.clone(), metrics.clone()),
+            completes: Coalescer::new(db.clone(), metrics.clone()),
+            metrics,
             liveness: db.with_pool(side_pool(
                 pool,
                 LIVENESS_CONNECTIONS,
@@ -134,6 +140,11 @@ impl PgStore {
 
 #[async_trait]
 impl TaskStore for PgStore {
+    fn attach_metrics(&self, metrics: &Metrics) {
+        // A store taken by a second coordinator keeps counting for the first.
+        let _ = self.metrics.set(metrics.clone());
+    }
+
     async fn ping(&self) -> Result<()> {
         run!(&self.db, sqlx::query("SELECT 1"), execute)
             .await

@@ -89,14 +89,21 @@ pub(super) async fn run(
         swept_at: Some(swept_at),
         ..SweepReport::default()
     };
+    let mut failed = Vec::new();
     // Each stage on its own (spec §10): one that fails is logged and counted, and the ones
     // after it still run. Every statement commits alone, so a failed one leaves nothing open.
-    isolated("blackout_credit", sweep.credit_blackout().await);
+    isolated(
+        &mut failed,
+        "blackout_credit",
+        sweep.credit_blackout().await,
+    );
     report.marked_offline = isolated(
+        &mut failed,
         "mark_offline",
         sweep.mark_stale_runtimes_offline(oracle).await,
     );
     report.runtime_offline = isolated(
+        &mut failed,
         "runtime_offline",
         sweep
             .fail_in_batches(
@@ -108,6 +115,7 @@ pub(super) async fn run(
             .await,
     );
     report.timed_out = isolated(
+        &mut failed,
         "dispatch_timeout",
         sweep
             .fail_in_batches(
@@ -119,6 +127,7 @@ pub(super) async fn run(
             .await,
     );
     report.timed_out.extend(isolated(
+        &mut failed,
         "execution_timeout",
         sweep
             .fail_in_batches(
@@ -130,6 +139,7 @@ pub(super) async fn run(
             .await,
     ));
     report.timed_out.extend(isolated(
+        &mut failed,
         "queue_execution_timeout",
         sweep
             .fail_in_batches(
@@ -140,24 +150,37 @@ pub(super) async fn run(
             )
             .await,
     ));
-    report.runtime_gone = isolated("runtime_gone", sweep.fail_pinned_orphans().await);
+    report.runtime_gone = isolated(
+        &mut failed,
+        "runtime_gone",
+        sweep.fail_pinned_orphans().await,
+    );
     if let Some(since) = due_since {
         report.became_available = isolated(
+            &mut failed,
             "became_available",
             sweep.became_available(since, swept_at).await,
         );
     }
     if let Some(retain) = policy.retain_finished {
-        report.deleted_finished = isolated("retention", sweep.delete_finished(retain).await);
+        report.deleted_finished = isolated(
+            &mut failed,
+            "retention",
+            sweep.delete_finished(retain).await,
+        );
     }
-    isolated("finished_tally", sweep.tally_finished().await);
+    isolated(&mut failed, "finished_tally", sweep.tally_finished().await);
     Ok(Some(report))
 }
 
-/// A stage's outcome, or nothing when it failed (logged and counted).
-fn isolated<T: Default>(stage: &'static str, outcome: Result<T>) -> T {
+/// A stage's outcome, or nothing when it failed (logged, and named in `failed`).
+fn isolated<T: Default>(
+    failed: &mut Vec<&'static str>,
+    stage: &'static str,
+    outcome: Result<T>,
+) -> T {
     outcome.unwrap_or_else(|error| {
-        crate::telemetry::metrics::sweeper_stage_failed(stage);
+        failed.push(stage);
         tracing::warn!(stage, %error, "a sweeper stage failed; the other stages still run");
         T::default()
     })
