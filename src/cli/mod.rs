@@ -2,6 +2,7 @@
 //! daemon and the operator commands (`task`, `queue`, `runtime`, `key`), each talking to a
 //! server over gRPC with the SDK. `serve`'s flags are [`crate::config::Config`].
 
+mod keys;
 mod operator;
 mod render;
 mod worker_daemon;
@@ -11,7 +12,8 @@ use tonic::Status;
 
 use crate::client::{Client, TlsOptions, error_reason};
 
-pub use operator::{KeyCommand, QueueCommand, RuntimeCommand, TaskCommand};
+pub use keys::KeyCommand;
+pub use operator::{QueueCommand, RuntimeCommand, TaskCommand};
 pub use worker_daemon::WorkerArgs;
 
 #[derive(Debug, Parser)]

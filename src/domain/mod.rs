@@ -8,6 +8,7 @@ pub mod ids;
 pub mod liveness;
 pub mod retry;
 pub mod task;
+pub mod transitions;
 pub mod validate;
 
 pub use error::{Error, RefusedWrite, Result};

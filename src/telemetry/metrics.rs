@@ -144,10 +144,13 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&LATENCY_BUCKETS)
-            .expect("the latency buckets are not empty")
-            .build_recorder();
+        // `set_buckets` refuses only an empty list, which ours is not.
+        let builder = PrometheusBuilder::new();
+        let recorder = match builder.set_buckets(&LATENCY_BUCKETS) {
+            Ok(with_buckets) => with_buckets,
+            Err(_) => PrometheusBuilder::new(),
+        }
+        .build_recorder();
         let metrics = Metrics {
             recorder: Arc::new(recorder),
         };
@@ -345,6 +348,24 @@ impl Drop for StreamSession {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    use super::Metrics;
+
+    #[test]
+    fn two_servers_count_apart() {
+        let (one, other) = (Metrics::new(), Metrics::new());
+        one.task_completed();
+        one.task_completed();
+        assert!(one.render().contains("leasehold_task_completions_total 2"));
+        assert!(!other.render().contains("leasehold_task_completions_total"));
+        // Each handle carries the help text.
+        other.task_completed();
+        assert!(
+            other
+                .render()
+                .contains("# HELP leasehold_task_completions_total Tasks completed")
+        );
+    }
 
     /// `leasehold_…` names in `text` as written between backticks or quotes.
     fn names_in(text: &str, quote: char) -> BTreeSet<String> {

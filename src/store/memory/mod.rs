@@ -16,9 +16,10 @@ use uuid::Uuid;
 use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::fence::{self, OwnerWrite, Verdict};
 use crate::domain::liveness::{self, RedisView};
+use crate::domain::transitions::{self, FailureCause};
 use crate::domain::{
     ClaimEnd, ClaimToken, ClaimedTask, Error, FailureReason, PreviousClaim, QueueInfo, Result,
-    Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus, retry,
+    Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus,
 };
 use crate::store::{
     Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
@@ -134,7 +135,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// At PostgreSQL's microsecond precision.
 fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+    transitions::at_store_precision(at)
 }
 
 fn to_chrono(duration: Duration) -> chrono::Duration {
@@ -350,13 +351,9 @@ impl TaskStore for MemoryStore {
     async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         let now = self.now();
         let mut state = self.state();
-        let task = state.task(task_id)?;
-        if !task.status.is_terminal() {
-            let task = state.task_mut(task_id);
-            task.finished_at = Some(now);
-            task.failure_reason = Some(FailureReason::Cancelled);
-            task.lease_expires_at = None;
-            state.set_status(task_id, TaskStatus::Cancelled);
+        state.task(task_id)?;
+        if let Some(status) = transitions::cancel(state.task_mut(task_id), now) {
+            state.set_status(task_id, status);
         }
         Ok(state.task(task_id)?.clone())
     }
@@ -364,28 +361,10 @@ impl TaskStore for MemoryStore {
     async fn retry_task(&self, task_id: TaskId) -> Result<Task> {
         let now = self.now();
         let mut state = self.state();
-        let status = state.task(task_id)?.status;
-        if !matches!(status, TaskStatus::Failed | TaskStatus::Cancelled) {
-            return Err(Error::NotRetryable { task_id, status });
-        }
-        let task = state.task_mut(task_id);
-        if let Some(token) = task.claim_token.take() {
-            task.previous_claim = Some(PreviousClaim {
-                token,
-                end: ClaimEnd::Requeued,
-            });
-        }
-        task.attempt = 1;
-        task.lease_expirations = 0;
-        task.available_at = now;
-        task.dispatched_at = None;
-        task.started_at = None;
-        task.finished_at = None;
-        task.lease_expires_at = None;
-        task.result = None;
-        task.error = None;
-        task.failure_reason = None;
-        state.set_status(task_id, TaskStatus::Queued);
+        state.task(task_id)?;
+        let status = transitions::redrive(state.task_mut(task_id), now)
+            .map_err(|status| Error::NotRetryable { task_id, status })?;
+        state.set_status(task_id, status);
         Ok(state.task(task_id)?.clone())
     }
 

@@ -74,49 +74,23 @@ impl State {
             .collect()
     }
 
-    /// T4': a claim stream ended; its unstarted claim goes back to QUEUED at once. Not a lease
-    /// expiry for the poison guard: the task never ran, and a flapping client must not fail a
-    /// queue's tasks (spec §2). A late StartTask with the token gets LEASE_EXPIRED.
+    /// T4': a claim stream ended; its unstarted claim goes back to QUEUED at once.
     pub(super) fn give_back_stream_claim(&mut self, task_id: TaskId) -> TaskMove {
-        let task = self.task_mut(task_id);
-        task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
-            token,
-            end: ClaimEnd::LeaseExpired,
-        });
-        task.lease_expires_at = None;
-        self.set_status(task_id, TaskStatus::Queued);
+        let status = transitions::give_back(self.task_mut(task_id));
+        self.set_status(task_id, status);
         TaskMove::from(&*self.task_mut(task_id))
     }
 
-    /// Ends a DISPATCHED task's claim as a lease expiry: back to QUEUED, or FAILED by the
-    /// poison guard (T10).
+    /// T4: a DISPATCHED task's claim ends as a lease expiry (with the T10 poison guard).
     pub(super) fn expire_claim(
         &mut self,
         task_id: TaskId,
         policy: &StorePolicy,
         now: DateTime<Utc>,
     ) -> TaskMove {
-        {
-            let task = self.task_mut(task_id);
-            task.lease_expirations += 1;
-            task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
-                token,
-                end: ClaimEnd::LeaseExpired,
-            });
-            task.lease_expires_at = None;
-            let poisoned = task.lease_expirations > policy.max_lease_expirations;
-            if poisoned {
-                task.failure_reason = Some(FailureReason::LeaseExpiredTooOften);
-                task.error = Some(format!("lease expired {} times", task.lease_expirations));
-                task.finished_at = Some(now);
-            }
-            let status = if poisoned {
-                TaskStatus::Failed
-            } else {
-                TaskStatus::Queued
-            };
-            self.set_status(task_id, status);
-        }
+        let task = self.task_mut(task_id);
+        let status = transitions::expire_lease(task, policy.max_lease_expirations, now);
+        self.set_status(task_id, status);
         TaskMove::from(&*self.task_mut(task_id))
     }
 
@@ -218,6 +192,7 @@ impl State {
         }
     }
 
+    /// T6: the worker failed the task.
     pub(super) fn fail(
         &mut self,
         task_id: TaskId,
@@ -225,24 +200,15 @@ impl State {
         policy: &StorePolicy,
         now: DateTime<Utc>,
     ) {
+        let cause = FailureCause {
+            reason: FailureReason::TaskError,
+            error: failure.error.clone(),
+            retryable: failure.retryable,
+            retried_claim_ends_as: ClaimEnd::Retried,
+        };
         let task = self.task_mut(task_id);
-        let retrying = retry::will_retry(failure.retryable, task.attempt, task.max_attempts);
-        task.error = Some(failure.error.clone());
-        task.failure_reason = Some(FailureReason::TaskError);
-        task.lease_expires_at = None;
-        if !retrying {
-            task.finished_at = Some(now);
-            self.set_status(task_id, TaskStatus::Failed);
-            return;
-        }
-        let delay = policy.retry_backoff.delay(task.attempt, failure.jitter);
-        task.available_at = micros(now + to_chrono(delay));
-        task.attempt += 1;
-        task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
-            token,
-            end: ClaimEnd::Retried,
-        });
-        self.set_status(task_id, TaskStatus::Queued);
+        let status = transitions::fail(task, cause, &policy.retry_backoff, failure.jitter, now);
+        self.set_status(task_id, status);
     }
 
     /// T1, or the existing task when the idempotency key is taken in the queue.

@@ -271,26 +271,16 @@ impl State {
         policy: &StorePolicy,
         now: DateTime<Utc>,
     ) -> TaskMove {
+        let cause = FailureCause {
+            reason: failure.reason,
+            error: failure.error.to_owned(),
+            retryable: true,
+            retried_claim_ends_as: ClaimEnd::Requeued,
+        };
+        let jitter = rand::random::<f64>();
         let task = self.task_mut(task_id);
-        let retrying = retry::will_retry(true, task.attempt, task.max_attempts);
-        task.error = Some(failure.error.to_owned());
-        task.failure_reason = Some(failure.reason);
-        task.lease_expires_at = None;
-        if retrying {
-            let delay = policy
-                .retry_backoff
-                .delay(task.attempt, rand::random::<f64>());
-            task.available_at = micros(now + to_chrono(delay));
-            task.attempt += 1;
-            task.previous_claim = task.claim_token.take().map(|token| PreviousClaim {
-                token,
-                end: ClaimEnd::Requeued,
-            });
-            self.set_status(task_id, TaskStatus::Queued);
-        } else {
-            task.finished_at = Some(now);
-            self.set_status(task_id, TaskStatus::Failed);
-        }
+        let status = transitions::fail(task, cause, &policy.retry_backoff, jitter, now);
+        self.set_status(task_id, status);
         TaskMove::from(&*self.task_mut(task_id))
     }
 }

@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::domain::auth::{ApiKey, SecretDigest};
 use crate::domain::fence::{self};
 use crate::domain::{
-    ClaimToken, ClaimedTask, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId,
-    RuntimeStatus, Task, TaskId, TaskStatus,
+    ClaimToken, Error, FailureReason, QueueInfo, Result, Runtime, RuntimeId, RuntimeStatus, Task,
+    TaskId, TaskStatus,
 };
 use crate::store::{
     Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
@@ -25,6 +25,7 @@ use crate::store::{
 };
 use crate::telemetry::metrics::Metrics;
 
+mod claim;
 mod coalesce;
 mod credentials;
 mod enqueue;
@@ -39,10 +40,10 @@ mod sql;
 mod sweep;
 
 use coalesce::Coalescer;
-use errors::{Context, classify, plain};
+use errors::plain;
 use fenced::{Applied, FENCED_WRITE_ATTEMPTS, Fenced, GuardedWrite};
 use pooler::{Db, Route, run};
-use rows::{MoveRow, TaskRow, to_u32};
+use rows::{TaskRow, to_u32};
 use sweep::StageArgument;
 
 /// Statements tests examine with EXPLAIN.
@@ -223,31 +224,7 @@ impl TaskStore for PgStore {
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        let rows: Vec<TaskRow> = run!(
-            &self.db,
-            sqlx::query_as(sql::CLAIM)
-                .bind(request.runtime_id.as_uuid())
-                .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
-                .bind(interval(self.policy.lease_duration))
-                .bind(i64::from(self.policy.max_lease_expirations))
-                .bind(request.budget.map(interval))
-                .bind(request.auto_start),
-            fetch_all
-        )
-        .await
-        .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
-        // The function returns the preflight's rows (QUEUED, or FAILED by the poison guard)
-        // and then the claimed rows (DISPATCHED, or RUNNING when auto-started).
-        let mut outcome = ClaimOutcome::default();
-        for row in rows {
-            let task = Task::try_from(row)?;
-            if task.status.is_active() {
-                outcome.claimed.push(claimed(task)?);
-            } else {
-                outcome.preflight.push(TaskMove::from(&task));
-            }
-        }
-        Ok(outcome)
+        claim::claim(&self.db, &self.policy, request).await
     }
 
     async fn expire_claims(
@@ -255,21 +232,7 @@ impl TaskStore for PgStore {
         runtime_id: RuntimeId,
         claims: &[(TaskId, ClaimToken)],
     ) -> Result<Vec<TaskMove>> {
-        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims
-            .iter()
-            .map(|(task_id, token)| (task_id.as_uuid(), token.as_uuid()))
-            .unzip();
-        let rows: Vec<MoveRow> = run!(
-            &self.db,
-            sqlx::query_as(sql::EXPIRE_CLAIMS)
-                .bind(runtime_id.as_uuid())
-                .bind(ids)
-                .bind(tokens),
-            fetch_all
-        )
-        .await
-        .map_err(plain)?;
-        rows::moves(rows)
+        claim::expire(&self.db, runtime_id, claims).await
     }
 
     async fn runtime_capacity(&self, runtime_id: RuntimeId) -> Result<Capacity> {
@@ -504,17 +467,4 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(work)
         .await
         .map_err(|error| Error::Internal(error.into()))
-}
-
-fn claimed(task: Task) -> Result<ClaimedTask> {
-    match (task.claim_token, task.lease_expires_at) {
-        (Some(claim_token), Some(lease_expires_at)) => Ok(ClaimedTask {
-            claim_token,
-            lease_expires_at,
-            task,
-        }),
-        _ => Err(Error::Internal(
-            "a claimed row came back without its token or lease".into(),
-        )),
-    }
 }
