@@ -204,6 +204,19 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Address of the operator console (plain HTTP, with `/metrics` too); unset = off.
+    #[arg(long, env = "LEASEHOLD_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// How long a console sign-in lasts.
+    #[arg(long, env = "LEASEHOLD_CONSOLE_SESSION_TTL", default_value = "8h", value_parser = duration)]
+    pub console_session_ttl: Duration,
+
+    /// Mark the console's session cookie `Secure`: set it when browsers reach the console over
+    /// HTTPS through a TLS-terminating proxy (a request forwarded as https gets it anyway).
+    #[arg(long, env = "LEASEHOLD_CONSOLE_SECURE_COOKIES")]
+    pub console_secure_cookies: bool,
+
     /// Log format: human-readable or one JSON object per line.
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,

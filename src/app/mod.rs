@@ -31,6 +31,7 @@ use crate::supervise::Background;
 use crate::sweeper;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ReloadingTls, TlsFiles};
+use crate::web::console::Console;
 
 /// How long an HTTP/2 keepalive ping may go unanswered before the connection is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -180,14 +181,7 @@ impl App {
             .await
             .context("the store did not answer")?;
         let stopping = CancellationToken::new();
-        if let Some(address) = self.config.metrics_listen {
-            let listener = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen on --metrics-listen {address}"))?;
-            tracing::info!(address = %listener.local_addr()?, "serving metrics");
-            let routes = crate::web::metrics_routes(self.coordinator.metrics().clone());
-            crate::web::spawn(listener, routes, stopping.clone());
-        }
+        self.serve_http(&stopping).await?;
         let background = self.spawn_background(stopping.child_token()).await;
         set_health(&health, ServingStatus::Serving).await;
         tokio::spawn(drain_on_shutdown(
@@ -269,6 +263,32 @@ impl App {
         background.stop_within(BACKGROUND_STOP_GRACE).await;
         self.coordinator.step_down().await;
         tracing::info!("leasehold stopped");
+        Ok(())
+    }
+
+    /// `--metrics-listen` (metrics alone) and `--http-listen` (the console and metrics).
+    async fn serve_http(&self, stopping: &CancellationToken) -> anyhow::Result<()> {
+        let metrics = || crate::web::metrics_routes(self.coordinator.metrics().clone());
+        if let Some(address) = self.config.metrics_listen {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen {address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving metrics");
+            crate::web::spawn(listener, metrics(), stopping.clone());
+        }
+        if let Some(address) = self.config.http_listen {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on --http-listen {address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving the console");
+            let console = Arc::new(Console::new(
+                self.coordinator.clone(),
+                self.config.console_session_ttl,
+                self.config.console_secure_cookies,
+            ));
+            let routes = crate::web::console::routes(console).merge(metrics());
+            crate::web::spawn(listener, routes, stopping.clone());
+        }
         Ok(())
     }
 

@@ -21,9 +21,9 @@ use crate::domain::{
 use crate::signs_of_life::SignsOfLife;
 use crate::store::measured::MeasuredStore;
 use crate::store::{
-    Capacity, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, NewApiKey, NewRuntime,
-    NewTask, PageCursor, QueueUpdate, Recovered, SweepPolicy, SweepReport, TaskFilter, TaskMove,
-    TaskPage, TaskStore,
+    Capacity, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, MinuteCount, NewApiKey,
+    NewRuntime, NewTask, PageCursor, QueueOverview, QueueUpdate, Recovered, SweepPolicy,
+    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use crate::telemetry::metrics::Metrics;
 use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
@@ -155,6 +155,11 @@ impl Coordinator {
             settings,
             metrics,
         }
+    }
+
+    /// How calls are authenticated (`--auth`).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.authenticator.mode()
     }
 
     /// This server's metrics.
@@ -411,6 +416,20 @@ impl Coordinator {
         self.announce_task(&task).await;
         tracing::info!(%task_id, "task redriven");
         Ok(task)
+    }
+
+    pub async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {
+        self.store.task_usage(task_id).await
+    }
+
+    /// The console's queue page (see [`QueueOverview`]).
+    pub async fn queue_overview(&self, limit: u32) -> Result<QueueOverview> {
+        self.store.queue_overview(limit).await
+    }
+
+    /// Tasks finished per queue and minute since `since`.
+    pub async fn throughput(&self, since: DateTime<Utc>) -> Result<Vec<MinuteCount>> {
+        self.store.throughput(since).await
     }
 
     pub async fn describe_queue(&self, queue: &str) -> Result<QueueInfo> {

@@ -98,6 +98,7 @@ fn task_filter(request: &pb::ListTasksRequest) -> Result<TaskFilter> {
         queue: Some(request.queue.clone()).filter(|queue| !queue.is_empty()),
         statuses: statuses("statuses", &request.statuses)?,
         runtime_id: convert::optional_runtime_id("runtime_id", &request.runtime_id)?,
+        ..TaskFilter::default()
     })
 }
 
@@ -112,6 +113,7 @@ pub(super) fn bulk_filter(
         queue: Some(filter.queue),
         statuses: statuses("filter.statuses", &filter.statuses)?,
         runtime_id: convert::optional_runtime_id("filter.runtime_id", &filter.runtime_id)?,
+        ..TaskFilter::default()
     })
 }
 

@@ -12,9 +12,9 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
-    QueueDepth, QueueUpdate, Recovered, RuntimeCredential, SweepPolicy, SweepReport, TaskFilter,
-    TaskMove, TaskPage, TaskStore,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
+    PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential, SweepPolicy,
+    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use uuid::Uuid;
 
@@ -119,6 +119,7 @@ measured! {
     once fn enqueue(&self, task: NewTask) -> Result<Enqueued>;
     once fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
     once fn get_task(&self, task_id: TaskId) -> Result<Task>;
+    once fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>>;
     once fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
     retried fn cancel(&self, task_id: TaskId) -> Result<Task>;
     retried fn retry_task(&self, task_id: TaskId) -> Result<Task>;
@@ -128,6 +129,8 @@ measured! {
     once fn describe_queue(&self, queue: &str) -> Result<QueueInfo>;
     retried fn update_queue(&self, queue: &str, update: QueueUpdate) -> Result<QueueInfo>;
     once fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
+    once fn queue_overview(&self, limit: u32) -> Result<QueueOverview>;
+    once fn throughput(&self, since: DateTime<Utc>) -> Result<Vec<MinuteCount>>;
 }
 
 #[cfg(test)]

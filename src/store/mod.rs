@@ -173,6 +173,9 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn get_task(&self, task_id: TaskId) -> Result<Task>;
 
+    /// The task's usage counters, summed over its claims, by name.
+    async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>>;
+
     async fn list_tasks(
         &self,
         filter: TaskFilter,
@@ -211,4 +214,10 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Active tasks per queue (queues without any are left out), for the depth gauges the
     /// sweeping replica refreshes.
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>>;
+
+    /// The console's queue page: at most `limit` queues, by name (see [`QueueOverview`]).
+    async fn queue_overview(&self, limit: u32) -> Result<QueueOverview>;
+
+    /// Tasks finished per queue and minute, for minutes from `since`, by queue then minute.
+    async fn throughput(&self, since: DateTime<Utc>) -> Result<Vec<MinuteCount>>;
 }

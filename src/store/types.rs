@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::domain::auth::{Grant, SecretDigest};
 use crate::domain::liveness::RedisView;
 use crate::domain::{
-    ClaimedTask, RetryBackoff, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
+    ClaimedTask, QueueInfo, RetryBackoff, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
 };
 
 /// Policy the store applies inside its transitions.
@@ -269,6 +269,31 @@ pub struct TaskFilter {
     pub statuses: Vec<TaskStatus>,
     /// Tasks pinned to or claimed by this runtime.
     pub runtime_id: Option<RuntimeId>,
+    /// Created at or after this (ListTasks only; the bulk operations ignore it).
+    pub created_from: Option<DateTime<Utc>>,
+    /// Created before this (ListTasks only).
+    pub created_before: Option<DateTime<Utc>>,
+    /// The task enqueued with this idempotency key (ListTasks only).
+    pub idempotency_key: Option<String>,
+}
+
+/// Every known queue (a settings row, active tasks at the last sweep, or finished tasks in
+/// the tally), for the console: active counts as of the last sweep, finished counts as of the
+/// last tally. Never counts the tasks table.
+#[derive(Clone, Debug, Default)]
+pub struct QueueOverview {
+    pub queues: Vec<QueueInfo>,
+    /// When the active counts were taken (the latest sweep that wrote them).
+    pub counted_at: Option<DateTime<Utc>>,
+}
+
+/// Tasks of one queue finished within one minute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MinuteCount {
+    pub queue: String,
+    pub minute: DateTime<Utc>,
+    pub completed: u64,
+    pub failed: u64,
 }
 
 /// Where a page of `ListTasks` starts: just after this (created_at, id).

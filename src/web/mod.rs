@@ -1,6 +1,9 @@
-//! The server's HTTP side: Prometheus text on `/metrics`, served on `--metrics-listen`.
-//! Plain HTTP/1.1 without TLS or tokens, like the metrics endpoints scrapers expect; bind it
-//! to a private address.
+//! The server's HTTP side: Prometheus text on `/metrics` (on `--metrics-listen`, and on
+//! `--http-listen` beside the operator console). Plain HTTP/1.1: `/metrics` asks for no
+//! credential, as scrapers expect (bind it to a private address); the console signs its
+//! visitors in (docs/console.md). For HTTPS, put a TLS-terminating proxy in front.
+
+pub mod console;
 
 use axum::Router;
 use axum::routing::get;

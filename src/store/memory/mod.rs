@@ -23,9 +23,10 @@ use crate::domain::{
 };
 use crate::store::{
     Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
-    QueueDepth, QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered, RuntimeCredential, StorePolicy,
-    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
+    PageCursor, QueueDepth, QueueOverview, QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered,
+    RuntimeCredential, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage,
+    TaskStore,
 };
 
 mod credentials;
@@ -440,6 +441,25 @@ impl TaskStore for MemoryStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         reads::depths(self)
+    }
+
+    async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {
+        let state = self.state();
+        let mut summed = BTreeMap::new();
+        for ((_, _), counters) in state.usage.iter().filter(|((id, _), _)| *id == task_id) {
+            for (name, value) in counters {
+                *summed.entry(name.clone()).or_insert(0) += value;
+            }
+        }
+        Ok(summed)
+    }
+
+    async fn queue_overview(&self, limit: u32) -> Result<QueueOverview> {
+        reads::overview(self, limit)
+    }
+
+    async fn throughput(&self, since: DateTime<Utc>) -> Result<Vec<MinuteCount>> {
+        reads::throughput(self, since)
     }
 
     async fn matching_task_ids(

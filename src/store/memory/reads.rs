@@ -1,8 +1,8 @@
 //! Reads and settings of queues, and pages of tasks, on the embedded store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound as _, Utc};
 
 use super::*;
 
@@ -28,6 +28,16 @@ pub(super) fn list_tasks(
                 && after.is_none_or(|cursor| {
                     (task.created_at, task.id) > (cursor.created_at, cursor.id)
                 })
+                && filter
+                    .created_from
+                    .is_none_or(|from| task.created_at >= from)
+                && filter
+                    .created_before
+                    .is_none_or(|before| task.created_at < before)
+                && filter
+                    .idempotency_key
+                    .as_ref()
+                    .is_none_or(|key| task.idempotency_key.as_ref() == Some(key))
         })
         .collect();
     matching.sort_by_key(|task| (task.created_at, task.id));
@@ -99,6 +109,60 @@ pub(super) fn describe(store: &MemoryStore, queue: &str) -> Result<QueueInfo> {
         counts,
         oldest_queued_at,
     })
+}
+
+/// Every queue with settings or tasks, counted exactly (the embedded store is small).
+pub(super) fn overview(store: &MemoryStore, limit: u32) -> Result<QueueOverview> {
+    let names: BTreeSet<String> = {
+        let state = store.state();
+        state
+            .queues
+            .keys()
+            .cloned()
+            .chain(state.tasks.values().map(|task| task.queue.clone()))
+            .collect()
+    };
+    let queues = names
+        .iter()
+        .take(limit as usize)
+        .map(|name| describe(store, name))
+        .collect::<Result<_>>()?;
+    Ok(QueueOverview {
+        queues,
+        counted_at: Some(store.now()),
+    })
+}
+
+/// Completed and failed tasks per queue and minute, from the tasks themselves.
+pub(super) fn throughput(store: &MemoryStore, since: DateTime<Utc>) -> Result<Vec<MinuteCount>> {
+    let state = store.state();
+    let mut minutes: BTreeMap<(String, DateTime<Utc>), (u64, u64)> = BTreeMap::new();
+    for task in state.tasks.values() {
+        let Some(finished_at) = task.finished_at else {
+            continue;
+        };
+        let minute = finished_at
+            .duration_trunc(chrono::Duration::minutes(1))
+            .unwrap_or(finished_at);
+        if minute < since {
+            continue;
+        }
+        let counts = minutes.entry((task.queue.clone(), minute)).or_default();
+        match task.status {
+            TaskStatus::Completed => counts.0 += 1,
+            TaskStatus::Failed => counts.1 += 1,
+            _ => {}
+        }
+    }
+    Ok(minutes
+        .into_iter()
+        .map(|((queue, minute), (completed, failed))| MinuteCount {
+            queue,
+            minute,
+            completed,
+            failed,
+        })
+        .collect())
 }
 
 pub(super) fn update(store: &MemoryStore, queue: &str, update: QueueUpdate) -> Result<QueueInfo> {

@@ -19,9 +19,9 @@ use crate::domain::{
 };
 use crate::store::{
     Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, NewApiKey, NewRuntime, NewTask, PageCursor,
-    QueueDepth, QueueUpdate, Recovered, RuntimeCredential, StorePolicy, SweepPolicy, SweepReport,
-    TaskFilter, TaskMove, TaskPage, TaskStore,
+    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
+    PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential, StorePolicy,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -415,6 +415,25 @@ impl TaskStore for PgStore {
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         // Only the sweeper asks, after its sweep: on its connections.
         queues::depths(&self.sweeper).await
+    }
+
+    async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = run!(
+            &self.db,
+            sqlx::query_as(sql::TASK_USAGE).bind(task_id.as_uuid()),
+            fetch_all
+        )
+        .await
+        .map_err(plain)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn queue_overview(&self, limit: u32) -> Result<QueueOverview> {
+        queues::overview(&self.db, limit).await
+    }
+
+    async fn throughput(&self, since: DateTime<Utc>) -> Result<Vec<MinuteCount>> {
+        queues::throughput(&self.db, since).await
     }
 
     async fn retry_task(&self, task_id: TaskId) -> Result<Task> {

@@ -2,14 +2,18 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use super::errors::plain;
 use super::pooler::{Db, run};
-use super::rows::{QueueRow, TaskRow, to_u32, to_u64};
+use super::rows::{OverviewRow, QueueRow, TaskRow, to_u32, to_u64};
 use super::sql;
 use uuid::Uuid;
 
 use crate::domain::{QueueInfo, Result, StatusCounts, Task, TaskId};
-use crate::store::{PageCursor, QueueDepth, QueueUpdate, TaskFilter, TaskPage};
+use crate::store::{
+    MinuteCount, PageCursor, QueueDepth, QueueOverview, QueueUpdate, TaskFilter, TaskPage,
+};
 
 /// A page of tasks matching `filter`, oldest first (by `created_at`, then id).
 pub(super) async fn list_tasks(
@@ -28,7 +32,10 @@ pub(super) async fn list_tasks(
             .bind(filter.runtime_id.map(|id| id.as_uuid()))
             .bind(after.map(|cursor| cursor.created_at))
             .bind(after.map(|cursor| cursor.id.as_uuid()))
-            .bind(i64::from(page_size) + 1),
+            .bind(i64::from(page_size) + 1)
+            .bind(filter.created_from)
+            .bind(filter.created_before)
+            .bind(&filter.idempotency_key),
         fetch_all
     )
     .await
@@ -79,8 +86,47 @@ pub(super) async fn describe(db: &Db, queue: &str) -> Result<QueueInfo> {
     )
     .await
     .map_err(plain)?;
+    queue_info(queue.to_owned(), row)
+}
+
+/// The console's queue page, from the per-queue tables alone.
+pub(super) async fn overview(db: &Db, limit: u32) -> Result<QueueOverview> {
+    let rows: Vec<OverviewRow> = run!(
+        db,
+        sqlx::query_as(sql::QUEUE_OVERVIEW).bind(i64::from(limit)),
+        fetch_all
+    )
+    .await
+    .map_err(plain)?;
+    let counted_at = rows.iter().filter_map(|row| row.counted_at).max();
+    let queues = rows
+        .into_iter()
+        .map(|row| queue_info(row.name, row.counts))
+        .collect::<Result<_>>()?;
+    Ok(QueueOverview { queues, counted_at })
+}
+
+/// Tasks finished per queue and minute since `since`.
+pub(super) async fn throughput(db: &Db, since: DateTime<Utc>) -> Result<Vec<MinuteCount>> {
+    let rows: Vec<(String, DateTime<Utc>, i64, i64)> =
+        run!(db, sqlx::query_as(sql::THROUGHPUT).bind(since), fetch_all)
+            .await
+            .map_err(plain)?;
+    rows.into_iter()
+        .map(|(queue, minute, completed, failed)| {
+            Ok(MinuteCount {
+                queue,
+                minute,
+                completed: to_u64("count", completed)?,
+                failed: to_u64("count", failed)?,
+            })
+        })
+        .collect()
+}
+
+fn queue_info(name: String, row: QueueRow) -> Result<QueueInfo> {
     Ok(QueueInfo {
-        name: queue.to_owned(),
+        name,
         max_concurrent: to_u32("max_concurrent", row.max_concurrent)?,
         paused: row.paused,
         default_execution_timeout: row

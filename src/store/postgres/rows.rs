@@ -84,6 +84,15 @@ pub(super) struct QueueRow {
     pub(super) oldest_queued_at: Option<DateTime<Utc>>,
 }
 
+/// A row of `sql::QUEUE_OVERVIEW`.
+#[derive(sqlx::FromRow)]
+pub(super) struct OverviewRow {
+    pub(super) name: String,
+    #[sqlx(flatten)]
+    pub(super) counts: QueueRow,
+    pub(super) counted_at: Option<DateTime<Utc>>,
+}
+
 /// The columns of `sql::task_move_columns!`.
 #[derive(sqlx::FromRow)]
 pub(super) struct MoveRow {

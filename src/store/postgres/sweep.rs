@@ -46,6 +46,9 @@ const MAX_BATCHES_PER_STAGE: usize = 64;
 /// tasks lasts (each is one statement, bounded by the statement timeout), so a row finished
 /// before the watermark but committed after it cannot exist.
 const TALLY_SETTLE: Duration = Duration::from_secs(5 * 60);
+/// How far short of now the console's per-minute counts stop: a chart may miss a task whose
+/// finishing transaction took longer (the statement timeout bounds most), never count one twice.
+const MINUTES_SETTLE: Duration = Duration::from_secs(10);
 
 /// The stage-specific parameter ($6) of a server-side failure statement.
 #[derive(Clone, Copy)]
@@ -170,6 +173,7 @@ pub(super) async fn run(
         );
     }
     isolated(&mut failed, "finished_tally", sweep.tally_finished().await);
+    isolated(&mut failed, "queue_minutes", sweep.count_minutes().await);
     Ok(Some(report))
 }
 
@@ -372,6 +376,19 @@ impl Sweep<'_> {
             .await
             .map_err(plain)?;
         transaction.commit().await.map_err(plain)
+    }
+
+    /// The console's per-minute counts (migration 20).
+    async fn count_minutes(&mut self) -> Result<()> {
+        run_on!(
+            self.db,
+            &mut self.conn,
+            sqlx::query(sql::COUNT_MINUTES).bind(interval(MINUTES_SETTLE)),
+            execute
+        )
+        .await
+        .map_err(plain)?;
+        Ok(())
     }
 
     /// Stage 4.

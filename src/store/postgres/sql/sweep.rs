@@ -94,6 +94,41 @@ moved AS (
 )
 SELECT COALESCE(sum(n), 0)::bigint FROM fresh";
 
+/// Counts the tasks finished after the last count and at least $1 ago into `queue_minutes`,
+/// moves the watermark and drops minutes older than a day (migration 20). Returns how many
+/// tasks it counted.
+pub(in crate::store::postgres) const COUNT_MINUTES: &str = "
+WITH bounds AS (
+    SELECT counted_through AS since, now() - $1::interval AS through
+    FROM queue_minutes_progress FOR UPDATE
+),
+fresh AS (
+    SELECT t.queue, date_trunc('minute', t.finished_at) AS minute,
+           count(*) FILTER (WHERE t.status = 'COMPLETED') AS completed,
+           count(*) FILTER (WHERE t.status = 'FAILED')    AS failed,
+           count(*) FILTER (WHERE t.status = 'CANCELLED') AS cancelled
+    FROM tasks t, bounds b
+    WHERE t.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+      AND t.finished_at > b.since AND t.finished_at <= b.through
+    GROUP BY 1, 2
+),
+added AS (
+    INSERT INTO queue_minutes (queue, minute, completed, failed, cancelled)
+    SELECT queue, minute, completed, failed, cancelled FROM fresh
+    ON CONFLICT (queue, minute) DO UPDATE SET
+        completed = queue_minutes.completed + EXCLUDED.completed,
+        failed    = queue_minutes.failed + EXCLUDED.failed,
+        cancelled = queue_minutes.cancelled + EXCLUDED.cancelled
+),
+moved AS (
+    UPDATE queue_minutes_progress p SET counted_through = b.through
+    FROM bounds b WHERE b.through > p.counted_through
+),
+pruned AS (
+    DELETE FROM queue_minutes WHERE minute < now() - interval '1 day'
+)
+SELECT COALESCE(sum(completed + failed + cancelled), 0)::bigint FROM fresh";
+
 /// Only one replica sweeps at a time: the holder of the `leadership` row's unexpired lease.
 /// Takes or renews it for $2 (holder $1); returns the epoch and the database's clock when this
 /// replica leads, no row when another does. One statement, so it is safe behind a

@@ -36,12 +36,19 @@ pub(in crate::store::postgres) const BY_IDEMPOTENCY_KEY: &str =
 
 pub(in crate::store::postgres) const GET_TASK: &str = "SELECT * FROM tasks WHERE id = $1";
 
+/// A task's usage counters, summed over its claims.
+pub(in crate::store::postgres) const TASK_USAGE: &str = "
+SELECT name, sum(value)::bigint FROM task_usage WHERE task_id = $1 GROUP BY name ORDER BY name";
+
 pub(in crate::store::postgres) const LIST_TASKS: &str = "
 SELECT * FROM tasks
 WHERE ($1::text IS NULL OR queue = $1)
   AND (cardinality($2::text[]) = 0 OR status = ANY ($2))
   AND ($3::uuid IS NULL OR runtime_id = $3 OR claimed_by = $3)
   AND ($4::timestamptz IS NULL OR (created_at, id) > ($4, $5::uuid))
+  AND ($7::timestamptz IS NULL OR created_at >= $7)
+  AND ($8::timestamptz IS NULL OR created_at < $8)
+  AND ($9::text IS NULL OR idempotency_key = $9)
 ORDER BY created_at, id
 LIMIT $6";
 
@@ -134,12 +141,16 @@ SELECT
 /// The queue gauges, refreshed every sweep: two parts, each along a partial index of active
 /// tasks (`tasks_oldest_queued`, `tasks_active_by_queue`), so the cost follows the active tasks,
 /// not the history (one `status IN (...)` over the table scanned all of it).
+///
+/// What it finds is also kept in `queue_snapshots` (migration 20) for the console; queues that
+/// emptied are kept there at zero.
 pub(in crate::store::postgres) const QUEUE_DEPTHS: &str = "
+WITH depths AS (
 SELECT queue,
        sum(queued)::bigint     AS queued,
        sum(dispatched)::bigint AS dispatched,
        sum(running)::bigint    AS running,
-       EXTRACT(EPOCH FROM now() - min(oldest_queued_at))::float8 AS oldest_queued_secs
+       min(oldest_queued_at)   AS oldest_queued_at
 FROM (
     SELECT queue, count(*) AS queued, 0 AS dispatched, 0 AS running,
            min(created_at) AS oldest_queued_at
@@ -149,7 +160,63 @@ FROM (
            count(*) FILTER (WHERE status = 'RUNNING'), NULL
     FROM tasks WHERE status IN ('DISPATCHED', 'RUNNING') GROUP BY queue
 ) AS parts
-GROUP BY queue";
+GROUP BY queue
+),
+kept AS (
+    INSERT INTO queue_snapshots (queue, queued, dispatched, running, oldest_queued_at, taken_at)
+    SELECT queue, queued, dispatched, running, oldest_queued_at, now() FROM depths
+    ON CONFLICT (queue) DO UPDATE SET
+        queued = EXCLUDED.queued, dispatched = EXCLUDED.dispatched, running = EXCLUDED.running,
+        oldest_queued_at = EXCLUDED.oldest_queued_at, taken_at = EXCLUDED.taken_at
+),
+emptied AS (
+    UPDATE queue_snapshots s SET
+        queued = 0, dispatched = 0, running = 0, oldest_queued_at = NULL, taken_at = now()
+    WHERE NOT EXISTS (SELECT 1 FROM depths d WHERE d.queue = s.queue)
+)
+SELECT queue, queued, dispatched, running,
+       EXTRACT(EPOCH FROM now() - oldest_queued_at)::float8 AS oldest_queued_secs
+FROM depths";
+
+/// The console's queue page (migration 20): every known queue with its settings, its active
+/// counts as of the last sweep (`counted_at`) and its finished counts as of the last tally.
+/// Reads only the small per-queue tables.
+pub(in crate::store::postgres) const QUEUE_OVERVIEW: &str = "
+WITH names AS (
+    SELECT name AS queue FROM queues
+    UNION SELECT queue FROM queue_snapshots
+    UNION SELECT queue FROM queue_finished_tally
+),
+finished AS (
+    SELECT queue,
+           COALESCE(sum(tasks) FILTER (WHERE status = 'COMPLETED'), 0)::bigint AS completed,
+           COALESCE(sum(tasks) FILTER (WHERE status = 'FAILED'), 0)::bigint    AS failed,
+           COALESCE(sum(tasks) FILTER (WHERE status = 'CANCELLED'), 0)::bigint AS cancelled
+    FROM queue_finished_tally GROUP BY queue
+)
+SELECT n.queue                                AS name,
+       COALESCE(q.max_concurrent, 0)          AS max_concurrent,
+       COALESCE(q.paused, false)              AS paused,
+       q.default_execution_timeout_ms,
+       COALESCE(s.queued, 0)                  AS queued,
+       COALESCE(s.dispatched, 0)              AS dispatched,
+       COALESCE(s.running, 0)                 AS running,
+       COALESCE(f.completed, 0)               AS completed,
+       COALESCE(f.failed, 0)                  AS failed,
+       COALESCE(f.cancelled, 0)               AS cancelled,
+       s.oldest_queued_at,
+       s.taken_at                             AS counted_at
+FROM names n
+LEFT JOIN queues q          ON q.name = n.queue
+LEFT JOIN queue_snapshots s ON s.queue = n.queue
+LEFT JOIN finished f        ON f.queue = n.queue
+ORDER BY n.queue
+LIMIT $1";
+
+/// Tasks finished per queue and minute since $1 (the console's chart).
+pub(in crate::store::postgres) const THROUGHPUT: &str = "
+SELECT queue, minute, completed, failed FROM queue_minutes
+WHERE minute >= $1 ORDER BY queue, minute";
 
 /// $4: whether to set the execution-time default to $5 (NULL clears it).
 pub(in crate::store::postgres) const UPDATE_QUEUE: &str = "

@@ -1,0 +1,543 @@
+//! The operator console (docs/console.md): server-rendered pages over the coordinator, the
+//! same operations and scopes as the gRPC API. `read` looks, `manage` acts on a queue's tasks
+//! and settings, `admin` deregisters runtimes. Every form carries the session's CSRF token;
+//! every page works without JavaScript, which only keeps the queue table live (server-sent
+//! events on `/events`).
+
+pub mod chart;
+pub mod pages;
+pub mod session;
+mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Form, Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use futures::Stream;
+use http::{HeaderMap, StatusCode, header};
+use serde::Deserialize;
+
+use crate::auth::AuthMode;
+use crate::coordinator::Coordinator;
+use crate::domain::auth::{Principal, Scope};
+use crate::domain::{Error, RuntimeId};
+use crate::store::QueueUpdate;
+use pages::Frame;
+use session::{Session, Sessions};
+
+/// The most queues the queue page shows.
+const MAX_QUEUES: u32 = 500;
+/// How often the live queue table is sent again.
+const LIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// The console's state, shared by every request.
+pub struct Console {
+    coordinator: Arc<Coordinator>,
+    sessions: Sessions,
+    /// `--console-secure-cookies`.
+    secure: bool,
+}
+
+impl Console {
+    pub fn new(coordinator: Arc<Coordinator>, session_ttl: Duration, secure: bool) -> Console {
+        Console {
+            coordinator,
+            sessions: Sessions::new(session_ttl),
+            secure,
+        }
+    }
+
+    /// Whether cookies get `Secure`: by the flag, or for a request a TLS-terminating proxy
+    /// forwarded as https.
+    fn secure_for(&self, headers: &HeaderMap) -> bool {
+        self.secure
+            || headers
+                .get("x-forwarded-proto")
+                .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"))
+    }
+}
+
+/// Every console route.
+pub fn routes(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/queues") }))
+        .route("/sign-in", get(sign_in_page).post(sign_in))
+        .route("/sign-out", post(sign_out))
+        .route("/queues", get(queues_page))
+        .route("/queues/{queue}", post(queue_action))
+        .route("/tasks", get(tasks::list_page))
+        .route("/tasks/{id}", get(tasks::task_page))
+        .route("/tasks/{id}/{action}", post(tasks::task_action))
+        .route("/runtimes", get(runtimes_page))
+        .route("/runtimes/{id}/deregister", post(deregister))
+        .route("/bulk", get(tasks::bulk_confirm).post(tasks::bulk_run))
+        .route("/events", get(events))
+        .route("/assets/console.css", get(css))
+        .route("/assets/console.js", get(script))
+        .with_state(console)
+}
+
+/// Who is asking: their session (with its CSRF token) and what their credential allows.
+pub(crate) struct Visitor {
+    session: Session,
+    principal: Principal,
+    /// A `Set-Cookie` the response must carry (a session opened by this request).
+    set_cookie: Option<String>,
+}
+
+impl Visitor {
+    fn frame<'a>(&'a self, title: &'a str) -> Frame<'a> {
+        Frame {
+            title,
+            csrf: &self.session.csrf,
+            signed_in: self.session.credential.is_some(),
+            who: who(&self.principal),
+        }
+    }
+
+    /// Whether the visitor holds `scope` for `queue`.
+    fn may(&self, scope: Scope, queue: &str) -> bool {
+        self.principal.has(scope, Some(queue))
+    }
+
+    /// `markup` as the response, with the session cookie when it is new.
+    fn page(&self, markup: maud::Markup) -> Response {
+        let mut response = Html(markup.into_string()).into_response();
+        if let Some(cookie) = &self.set_cookie
+            && let Ok(value) = cookie.parse()
+        {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
+        response
+    }
+
+    /// Refuses the form unless it carries this session's CSRF token.
+    fn check_form(&self, csrf: &str) -> Result<(), Refused> {
+        if self.session.accepts(csrf) {
+            Ok(())
+        } else {
+            Err(Refused(
+                "This form has expired or did not come from this console: reload the page and \
+                 try again."
+                    .to_owned(),
+            ))
+        }
+    }
+
+    fn require(&self, scope: Scope, queue: Option<&str>) -> Result<(), Refused> {
+        if self.principal.has(scope, queue) {
+            Ok(())
+        } else {
+            Err(Refused(format!(
+                "Your credential lacks the {} scope for this.",
+                scope.as_str()
+            )))
+        }
+    }
+}
+
+/// A request refused for its form or its scope: 403 with the reason.
+pub(crate) struct Refused(String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        refusal(StatusCode::FORBIDDEN, &self.0)
+    }
+}
+
+fn who(principal: &Principal) -> String {
+    match principal {
+        Principal::Unchecked => "anyone (--auth none)".to_owned(),
+        Principal::Admin => "the admin token".to_owned(),
+        Principal::ApiKey { key_id, .. } => format!("API key {key_id}"),
+        Principal::Runtime(runtime) => format!("runtime {runtime}"),
+    }
+}
+
+/// The visitor of a request, or the response that sends them to sign in.
+async fn visitor(console: &Console, headers: &HeaderMap) -> Result<Visitor, Response> {
+    let found = console.sessions.find(headers);
+    if console.coordinator.auth_mode() == AuthMode::None {
+        let (session, set_cookie) = match found {
+            Some(session) => (session, None),
+            None => {
+                let session = console.sessions.open(None);
+                let cookie = session::set_cookie(
+                    &session,
+                    console.sessions.ttl(),
+                    console.secure_for(headers),
+                );
+                (session, Some(cookie))
+            }
+        };
+        return Ok(Visitor {
+            session,
+            principal: Principal::Unchecked,
+            set_cookie,
+        });
+    }
+    let Some(session) = found else {
+        return Err(Redirect::to("/sign-in").into_response());
+    };
+    let Some(credential) = session.credential.clone() else {
+        return Err(Redirect::to("/sign-in").into_response());
+    };
+    match console.coordinator.authenticate(Some(&credential)).await {
+        Ok(principal) => Ok(Visitor {
+            session,
+            principal,
+            set_cookie: None,
+        }),
+        Err(Error::Unauthenticated(_)) => {
+            // Revoked, expired or replaced since sign-in: the session ends with it.
+            console.sessions.close(&session.id);
+            Err(Redirect::to("/sign-in?ended=1").into_response())
+        }
+        Err(error) => Err(failure(&error)),
+    }
+}
+
+/// A page saying why the request was refused.
+fn refusal(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Html(pages::message("Refused", message).into_string()),
+    )
+        .into_response()
+}
+
+/// A domain error as a page with the matching HTTP status.
+pub(crate) fn failure(error: &Error) -> Response {
+    let status = match error {
+        Error::InvalidField { .. } | Error::MalformedClaimToken | Error::NotRetryable { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        Error::TaskNotFound(_) | Error::RuntimeNotFound(_) => StatusCode::NOT_FOUND,
+        Error::ScopeMissing(_) | Error::RuntimeMismatch => StatusCode::FORBIDDEN,
+        Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        Error::StoreUnavailable(_) | Error::Draining | Error::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Error::StoreConflict(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    refusal(status, &error.to_string())
+}
+
+#[derive(Deserialize)]
+struct SignInQuery {
+    ended: Option<String>,
+}
+
+async fn sign_in_page(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<SignInQuery>,
+) -> Response {
+    if console.coordinator.auth_mode() == AuthMode::None {
+        return Redirect::to("/queues").into_response();
+    }
+    // A session without a credential carries the sign-in form's CSRF token.
+    let session = console.sessions.open(None);
+    let note = query
+        .ended
+        .map(|_| "Your session ended: its credential is no longer valid.");
+    let mut response = Html(pages::sign_in(&session.csrf, note).into_string()).into_response();
+    set_cookie(
+        &mut response,
+        &session::set_cookie(
+            &session,
+            console.sessions.ttl(),
+            console.secure_for(&headers),
+        ),
+    );
+    response
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    csrf: String,
+    token: String,
+}
+
+async fn sign_in(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Response {
+    let Some(pending) = console.sessions.find(&headers) else {
+        return Redirect::to("/sign-in").into_response();
+    };
+    if !pending.accepts(&form.csrf) {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "This sign-in form has expired: reload it.",
+        );
+    }
+    let token = form.token.trim().to_owned();
+    let principal = match console.coordinator.authenticate(Some(&token)).await {
+        Ok(principal) => principal,
+        Err(Error::Unauthenticated(problem)) => {
+            let note = format!("Sign-in refused: {}.", problem.reason());
+            return (
+                StatusCode::UNAUTHORIZED,
+                Html(pages::sign_in(&pending.csrf, Some(&note)).into_string()),
+            )
+                .into_response();
+        }
+        Err(error) => return failure(&error),
+    };
+    if !principal.has_any(Scope::Read) {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "This credential cannot read: the console needs an API key with the read scope \
+             (manage to act, admin for runtimes), or the admin token.",
+        );
+    }
+    console.sessions.close(&pending.id);
+    let session = console.sessions.open(Some(token));
+    let mut response = Redirect::to("/queues").into_response();
+    set_cookie(
+        &mut response,
+        &session::set_cookie(
+            &session,
+            console.sessions.ttl(),
+            console.secure_for(&headers),
+        ),
+    );
+    response
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn sign_out(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some(session) = console.sessions.find(&headers) {
+        if !session.accepts(&form.csrf) {
+            return refusal(
+                StatusCode::FORBIDDEN,
+                "This form has expired: reload the page.",
+            );
+        }
+        console.sessions.close(&session.id);
+    }
+    let mut response = Redirect::to("/sign-in").into_response();
+    set_cookie(
+        &mut response,
+        &session::clear_cookie(console.secure_for(&headers)),
+    );
+    response
+}
+
+fn set_cookie(response: &mut Response, cookie: &str) {
+    if let Ok(value) = cookie.parse() {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+}
+
+async fn queues_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let visitor = match visitor(&console, &headers).await {
+        Ok(visitor) => visitor,
+        Err(response) => return response,
+    };
+    match queue_rows(&console, &visitor).await {
+        Ok(rows) => visitor.page(pages::queues(&visitor.frame("Queues"), rows)),
+        Err(error) => failure(&error),
+    }
+}
+
+/// The queue table's rows as `visitor` may see them.
+async fn queue_rows(console: &Console, visitor: &Visitor) -> crate::domain::Result<maud::Markup> {
+    let now = Utc::now();
+    let overview = console.coordinator.queue_overview(MAX_QUEUES).await?;
+    let minutes = console
+        .coordinator
+        .throughput(now - chrono::Duration::hours(1))
+        .await?;
+    let visible: Vec<_> = overview
+        .queues
+        .iter()
+        .filter(|queue| visitor.may(Scope::Read, &queue.name))
+        .collect();
+    let rows = visible
+        .iter()
+        .map(|queue| pages::QueueRow {
+            queue,
+            chart: chart::throughput(&queue.name, &minutes, now),
+            may_manage: visitor.may(Scope::Manage, &queue.name),
+        })
+        .collect::<Vec<_>>();
+    Ok(pages::queue_rows(
+        &visitor.session.csrf,
+        &rows,
+        overview.counted_at,
+        now,
+    ))
+}
+
+#[derive(Deserialize)]
+struct QueueForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    max_concurrent: String,
+}
+
+async fn queue_action(
+    State(console): State<Arc<Console>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<QueueForm>,
+) -> Response {
+    let visitor = match visitor(&console, &headers).await {
+        Ok(visitor) => visitor,
+        Err(response) => return response,
+    };
+    if let Err(response) = visitor
+        .check_form(&form.csrf)
+        .and_then(|()| visitor.require(Scope::Manage, Some(&queue)))
+    {
+        return response.into_response();
+    }
+    let update = match form.action.as_str() {
+        "pause" => QueueUpdate {
+            paused: Some(true),
+            ..QueueUpdate::default()
+        },
+        "resume" => QueueUpdate {
+            paused: Some(false),
+            ..QueueUpdate::default()
+        },
+        "cap" => match form.max_concurrent.trim().parse::<u32>() {
+            Ok(cap) => QueueUpdate {
+                max_concurrent: Some(cap),
+                ..QueueUpdate::default()
+            },
+            Err(_) => {
+                return failure(&Error::invalid(
+                    "max_concurrent",
+                    "a whole number, 0 for no cap",
+                ));
+            }
+        },
+        _ => return failure(&Error::invalid("action", "pause, resume or cap")),
+    };
+    match console.coordinator.update_queue(&queue, update).await {
+        Ok(_) => Redirect::to("/queues").into_response(),
+        Err(error) => failure(&error),
+    }
+}
+
+async fn runtimes_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let visitor = match visitor(&console, &headers).await {
+        Ok(visitor) => visitor,
+        Err(response) => return response,
+    };
+    if let Err(response) = visitor.require(Scope::Read, None) {
+        return response.into_response();
+    }
+    let runtimes = match console.coordinator.list_runtimes(None, None, 0).await {
+        Ok((runtimes, _)) => runtimes,
+        Err(error) => return failure(&error),
+    };
+    let mut rows = Vec::with_capacity(runtimes.len());
+    for runtime in runtimes {
+        let held = console
+            .coordinator
+            .runtime_capacity(runtime.id)
+            .await
+            .map(|capacity| capacity.held)
+            .unwrap_or_default();
+        rows.push((runtime, held));
+    }
+    let may_deregister = visitor.principal.has(Scope::Admin, None);
+    visitor.page(pages::runtimes(
+        &visitor.frame("Runtimes"),
+        &rows,
+        may_deregister,
+        Utc::now(),
+    ))
+}
+
+async fn deregister(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let visitor = match visitor(&console, &headers).await {
+        Ok(visitor) => visitor,
+        Err(response) => return response,
+    };
+    if let Err(response) = visitor
+        .check_form(&form.csrf)
+        .and_then(|()| visitor.require(Scope::Admin, None))
+    {
+        return response.into_response();
+    }
+    let Some(runtime_id) = RuntimeId::parse(&id) else {
+        return failure(&Error::invalid("runtime_id", "not a UUID"));
+    };
+    match console.coordinator.deregister_runtime(runtime_id).await {
+        Ok(_) => Redirect::to("/runtimes").into_response(),
+        Err(error) => failure(&error),
+    }
+}
+
+/// Server-sent events: the queue table's rows, every [`LIVE_EVERY`], for as long as the
+/// page stays open. The session is checked again before every send: a revoked credential
+/// ends the stream.
+async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if let Err(response) = visitor(&console, &headers).await {
+        return response.into_response();
+    }
+    Sse::new(live_rows(console, headers))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn live_rows(
+    console: Arc<Console>,
+    headers: HeaderMap,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    futures::stream::unfold(
+        (console, headers, tokio::time::interval(LIVE_EVERY)),
+        |(console, headers, mut ticks)| async move {
+            ticks.tick().await;
+            let visitor = visitor(&console, &headers).await.ok()?;
+            let event = match queue_rows(&console, &visitor).await {
+                // One line: the markup holds no newline, which SSE data could not carry.
+                Ok(rows) => Event::default()
+                    .event("queues")
+                    .data(rows.into_string().replace('\n', " ")),
+                Err(error) => Event::default().event("trouble").data(error.to_string()),
+            };
+            Some((Ok(event), (console, headers, ticks)))
+        },
+    )
+}
+
+async fn css() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("assets/console.css"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("assets/console.js"),
+    )
+}
