@@ -16,6 +16,7 @@ mod bench;
 mod bulk;
 mod cli;
 mod coalesce;
+mod console;
 mod deploy;
 mod differential;
 mod errors;

@@ -261,6 +261,7 @@ async fn sign_in_page(
 
 #[derive(Deserialize)]
 struct SignInForm {
+    #[serde(default)]
     csrf: String,
     token: String,
 }
@@ -315,6 +316,7 @@ async fn sign_in(
 
 #[derive(Deserialize)]
 struct CsrfForm {
+    #[serde(default)]
     csrf: String,
 }
 
@@ -388,6 +390,7 @@ async fn queue_rows(console: &Console, visitor: &Visitor) -> crate::domain::Resu
 
 #[derive(Deserialize)]
 struct QueueForm {
+    #[serde(default)]
     csrf: String,
     action: String,
     #[serde(default)]

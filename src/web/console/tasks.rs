@@ -195,6 +195,7 @@ pub(super) async fn task_page(
 
 #[derive(Deserialize)]
 pub(super) struct ActionForm {
+    #[serde(default)]
     csrf: String,
 }
 
@@ -296,6 +297,7 @@ pub(super) async fn bulk_confirm(
 
 #[derive(Deserialize)]
 pub(super) struct BulkForm {
+    #[serde(default)]
     csrf: String,
     #[serde(flatten)]
     query: BulkQuery,
