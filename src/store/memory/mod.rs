@@ -444,14 +444,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {
-        let state = self.state();
-        let mut summed = BTreeMap::new();
-        for ((_, _), counters) in state.usage.iter().filter(|((id, _), _)| *id == task_id) {
-            for (name, value) in counters {
-                *summed.entry(name.clone()).or_insert(0) += value;
-            }
-        }
-        Ok(summed)
+        reads::task_usage(self, task_id)
     }
 
     async fn queue_overview(&self, limit: u32) -> Result<QueueOverview> {
@@ -468,23 +461,7 @@ impl TaskStore for MemoryStore {
         after: Option<TaskId>,
         limit: u32,
     ) -> Result<Vec<TaskId>> {
-        let state = self.state();
-        let mut ids: Vec<TaskId> = state
-            .tasks
-            .values()
-            .filter(|task| {
-                filter.queue.as_deref() == Some(task.queue.as_str())
-                    && filter.statuses.contains(&task.status)
-                    && filter.runtime_id.is_none_or(|runtime| {
-                        task.runtime_id == Some(runtime) || task.claimed_by == Some(runtime)
-                    })
-                    && after.is_none_or(|after| task.id > after)
-            })
-            .map(|task| task.id)
-            .collect();
-        ids.sort();
-        ids.truncate(limit as usize);
-        Ok(ids)
+        reads::matching_task_ids(self, filter, after, limit)
     }
 
     async fn cancel_many(&self, task_ids: &[TaskId]) -> Result<Vec<Task>> {

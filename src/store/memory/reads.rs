@@ -181,3 +181,41 @@ pub(super) fn update(store: &MemoryStore, queue: &str, update: QueueUpdate) -> R
     }
     describe(store, queue)
 }
+
+/// A task's usage counters, summed over its claims.
+pub(super) fn task_usage(store: &MemoryStore, task_id: TaskId) -> Result<BTreeMap<String, i64>> {
+    let state = store.state();
+    let mut summed = BTreeMap::new();
+    for ((_, _), counters) in state.usage.iter().filter(|((id, _), _)| *id == task_id) {
+        for (name, value) in counters {
+            *summed.entry(name.clone()).or_insert(0) += value;
+        }
+    }
+    Ok(summed)
+}
+
+/// Bulk operations' pages: ids matching `filter`, in id order after `after`.
+pub(super) fn matching_task_ids(
+    store: &MemoryStore,
+    filter: &TaskFilter,
+    after: Option<TaskId>,
+    limit: u32,
+) -> Result<Vec<TaskId>> {
+    let state = store.state();
+    let mut ids: Vec<TaskId> = state
+        .tasks
+        .values()
+        .filter(|task| {
+            filter.queue.as_deref() == Some(task.queue.as_str())
+                && filter.statuses.contains(&task.status)
+                && filter.runtime_id.is_none_or(|runtime| {
+                    task.runtime_id == Some(runtime) || task.claimed_by == Some(runtime)
+                })
+                && after.is_none_or(|after| task.id > after)
+        })
+        .map(|task| task.id)
+        .collect();
+    ids.sort();
+    ids.truncate(limit as usize);
+    Ok(ids)
+}

@@ -7,18 +7,20 @@
 pub mod chart;
 pub mod pages;
 pub mod session;
+mod sign_in;
 mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, FromRequestParts, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use futures::Stream;
+use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 
@@ -52,6 +54,18 @@ impl Console {
         }
     }
 
+    /// `response`, keeping `session` in the browser.
+    fn with_session_cookie(
+        &self,
+        mut response: Response,
+        session: &Session,
+        headers: &HeaderMap,
+    ) -> Response {
+        let cookie = session::set_cookie(session, self.sessions.ttl(), self.secure_for(headers));
+        set_cookie(&mut response, &cookie);
+        response
+    }
+
     /// Whether cookies get `Secure`: by the flag, or for a request a TLS-terminating proxy
     /// forwarded as https.
     fn secure_for(&self, headers: &HeaderMap) -> bool {
@@ -66,8 +80,8 @@ impl Console {
 pub fn routes(console: Arc<Console>) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/queues") }))
-        .route("/sign-in", get(sign_in_page).post(sign_in))
-        .route("/sign-out", post(sign_out))
+        .route("/sign-in", get(sign_in::page).post(sign_in::sign_in))
+        .route("/sign-out", post(sign_in::sign_out))
         .route("/queues", get(queues_page))
         .route("/queues/{queue}", post(queue_action))
         .route("/tasks", get(tasks::list_page))
@@ -159,6 +173,19 @@ fn who(principal: &Principal) -> String {
     }
 }
 
+/// Every page and action takes its visitor as an extractor: a request without a valid
+/// session is answered with the way to sign in before the handler runs.
+impl FromRequestParts<Arc<Console>> for Visitor {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        console: &Arc<Console>,
+    ) -> Result<Visitor, Response> {
+        visitor(console, &parts.headers).await
+    }
+}
+
 /// The visitor of a request, or the response that sends them to sign in.
 async fn visitor(console: &Console, headers: &HeaderMap) -> Result<Visitor, Response> {
     let found = console.sessions.find(headers);
@@ -229,117 +256,11 @@ pub(crate) fn failure(error: &Error) -> Response {
     refusal(status, &error.to_string())
 }
 
-#[derive(Deserialize)]
-struct SignInQuery {
-    ended: Option<String>,
-}
-
-async fn sign_in_page(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    axum::extract::Query(query): axum::extract::Query<SignInQuery>,
-) -> Response {
-    if console.coordinator.auth_mode() == AuthMode::None {
-        return Redirect::to("/queues").into_response();
-    }
-    // A session without a credential carries the sign-in form's CSRF token.
-    let session = console.sessions.open(None);
-    let note = query
-        .ended
-        .map(|_| "Your session ended: its credential is no longer valid.");
-    let mut response = Html(pages::sign_in(&session.csrf, note).into_string()).into_response();
-    set_cookie(
-        &mut response,
-        &session::set_cookie(
-            &session,
-            console.sessions.ttl(),
-            console.secure_for(&headers),
-        ),
-    );
-    response
-}
-
-#[derive(Deserialize)]
-struct SignInForm {
-    #[serde(default)]
-    csrf: String,
-    token: String,
-}
-
-async fn sign_in(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Form(form): Form<SignInForm>,
-) -> Response {
-    let Some(pending) = console.sessions.find(&headers) else {
-        return Redirect::to("/sign-in").into_response();
-    };
-    if !pending.accepts(&form.csrf) {
-        return refusal(
-            StatusCode::FORBIDDEN,
-            "This sign-in form has expired: reload it.",
-        );
-    }
-    let token = form.token.trim().to_owned();
-    let principal = match console.coordinator.authenticate(Some(&token)).await {
-        Ok(principal) => principal,
-        Err(Error::Unauthenticated(problem)) => {
-            let note = format!("Sign-in refused: {}.", problem.reason());
-            return (
-                StatusCode::UNAUTHORIZED,
-                Html(pages::sign_in(&pending.csrf, Some(&note)).into_string()),
-            )
-                .into_response();
-        }
-        Err(error) => return failure(&error),
-    };
-    if !principal.has_any(Scope::Read) {
-        return refusal(
-            StatusCode::FORBIDDEN,
-            "This credential cannot read: the console needs an API key with the read scope \
-             (manage to act, admin for runtimes), or the admin token.",
-        );
-    }
-    console.sessions.close(&pending.id);
-    let session = console.sessions.open(Some(token));
-    let mut response = Redirect::to("/queues").into_response();
-    set_cookie(
-        &mut response,
-        &session::set_cookie(
-            &session,
-            console.sessions.ttl(),
-            console.secure_for(&headers),
-        ),
-    );
-    response
-}
-
+/// A form that carries nothing but its CSRF token.
 #[derive(Deserialize)]
 struct CsrfForm {
     #[serde(default)]
     csrf: String,
-}
-
-async fn sign_out(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    if let Some(session) = console.sessions.find(&headers) {
-        if !session.accepts(&form.csrf) {
-            return refusal(
-                StatusCode::FORBIDDEN,
-                "This form has expired: reload the page.",
-            );
-        }
-        console.sessions.close(&session.id);
-    }
-    let mut response = Redirect::to("/sign-in").into_response();
-    set_cookie(
-        &mut response,
-        &session::clear_cookie(console.secure_for(&headers)),
-    );
-    response
 }
 
 fn set_cookie(response: &mut Response, cookie: &str) {
@@ -348,11 +269,7 @@ fn set_cookie(response: &mut Response, cookie: &str) {
     }
 }
 
-async fn queues_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
+async fn queues_page(State(console): State<Arc<Console>>, visitor: Visitor) -> Response {
     match queue_rows(&console, &visitor).await {
         Ok(rows) => visitor.page(pages::queues(&visitor.frame("Queues"), rows)),
         Err(error) => failure(&error),
@@ -399,14 +316,10 @@ struct QueueForm {
 
 async fn queue_action(
     State(console): State<Arc<Console>>,
+    visitor: Visitor,
     Path(queue): Path<String>,
-    headers: HeaderMap,
     Form(form): Form<QueueForm>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     if let Err(response) = visitor
         .check_form(&form.csrf)
         .and_then(|()| visitor.require(Scope::Manage, Some(&queue)))
@@ -442,11 +355,7 @@ async fn queue_action(
     }
 }
 
-async fn runtimes_page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
+async fn runtimes_page(State(console): State<Arc<Console>>, visitor: Visitor) -> Response {
     if let Err(response) = visitor.require(Scope::Read, None) {
         return response.into_response();
     }
@@ -475,14 +384,10 @@ async fn runtimes_page(State(console): State<Arc<Console>>, headers: HeaderMap) 
 
 async fn deregister(
     State(console): State<Arc<Console>>,
+    visitor: Visitor,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     if let Err(response) = visitor
         .check_form(&form.csrf)
         .and_then(|()| visitor.require(Scope::Admin, None))

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use axum::extract::{Form, Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, NaiveDateTime, Utc};
-use http::HeaderMap;
 use serde::Deserialize;
 
-use super::{Console, failure, pages, visitor};
+use super::{Console, Visitor, failure, pages};
 use crate::domain::auth::Scope;
-use crate::domain::{Error, RuntimeId, TaskId, TaskStatus};
+use crate::domain::{Error, RuntimeId, Task, TaskId, TaskStatus};
 use crate::store::{PageCursor, TaskFilter};
 
 /// Tasks per page of the list.
@@ -99,13 +98,9 @@ fn moment(field: &str, text: &str) -> crate::domain::Result<Option<DateTime<Utc>
 
 pub(super) async fn list_page(
     State(console): State<Arc<Console>>,
-    headers: HeaderMap,
+    visitor: Visitor,
     Query(query): Query<TaskQuery>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     let queue = non_empty(&query.queue);
     if let Err(response) = visitor.require(Scope::Read, queue.as_deref()) {
         return response.into_response();
@@ -161,22 +156,22 @@ pub(super) async fn list_page(
     }
 }
 
+/// The task a path names.
+async fn task_named(console: &Console, id: &str) -> crate::domain::Result<Task> {
+    let task_id = TaskId::parse(id).ok_or_else(|| Error::invalid("task_id", "not a UUID"))?;
+    console.coordinator.get_task(task_id).await
+}
+
 pub(super) async fn task_page(
     State(console): State<Arc<Console>>,
+    visitor: Visitor,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
-    let Some(task_id) = TaskId::parse(&id) else {
-        return failure(&Error::invalid("task_id", "not a UUID"));
-    };
-    let task = match console.coordinator.get_task(task_id).await {
+    let task = match task_named(&console, &id).await {
         Ok(task) => task,
         Err(error) => return failure(&error),
     };
+    let task_id = task.id;
     if let Err(response) = visitor.require(Scope::Read, Some(&task.queue)) {
         return response.into_response();
     }
@@ -201,24 +196,18 @@ pub(super) struct ActionForm {
 
 pub(super) async fn task_action(
     State(console): State<Arc<Console>>,
+    visitor: Visitor,
     Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     if let Err(response) = visitor.check_form(&form.csrf) {
         return response.into_response();
     }
-    let Some(task_id) = TaskId::parse(&id) else {
-        return failure(&Error::invalid("task_id", "not a UUID"));
-    };
-    let task = match console.coordinator.get_task(task_id).await {
+    let task = match task_named(&console, &id).await {
         Ok(task) => task,
         Err(error) => return failure(&error),
     };
+    let task_id = task.id;
     if let Err(response) = visitor.require(Scope::Manage, Some(&task.queue)) {
         return response.into_response();
     }
@@ -275,13 +264,9 @@ async fn run_bulk(
 /// The confirmation: how many tasks the operation would change now.
 pub(super) async fn bulk_confirm(
     State(console): State<Arc<Console>>,
-    headers: HeaderMap,
+    visitor: Visitor,
     Query(query): Query<BulkQuery>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     if let Err(response) = visitor.require(Scope::Manage, non_empty(&query.queue).as_deref()) {
         return response.into_response();
     }
@@ -305,13 +290,9 @@ pub(super) struct BulkForm {
 
 pub(super) async fn bulk_run(
     State(console): State<Arc<Console>>,
-    headers: HeaderMap,
+    visitor: Visitor,
     Form(form): Form<BulkForm>,
 ) -> Response {
-    let visitor = match visitor(&console, &headers).await {
-        Ok(visitor) => visitor,
-        Err(response) => return response,
-    };
     if let Err(response) = visitor
         .check_form(&form.csrf)
         .and_then(|()| visitor.require(Scope::Manage, non_empty(&form.query.queue).as_deref()))
