@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use chrono::Utc;
 use futures::Stream;
 use http::request::Parts;
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
 use crate::auth::AuthMode;
@@ -93,7 +93,34 @@ pub fn routes(console: Arc<Console>) -> Router {
         .route("/events", get(events))
         .route("/assets/console.css", get(css))
         .route("/assets/console.js", get(script))
+        .layer(axum::middleware::map_response(guarded))
         .with_state(console)
+}
+
+/// Headers every console answer carries: never framed by another site (clickjacking), scripts,
+/// styles and form targets from the console alone, no MIME sniffing, no referrer beyond it,
+/// and pages that show tasks kept out of caches.
+async fn guarded(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 /// Who is asking: their session (with its CSRF token) and what their credential allows.

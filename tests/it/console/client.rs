@@ -14,6 +14,7 @@ pub struct Page {
     pub status: StatusCode,
     pub location: Option<String>,
     pub set_cookie: Option<String>,
+    pub headers: http::HeaderMap,
     pub body: String,
 }
 
@@ -86,6 +87,7 @@ impl Visitor {
         };
         let location = text(header::LOCATION);
         let set_cookie = text(header::SET_COOKIE);
+        let headers = response.headers().clone();
         if let Some(set) = &set_cookie {
             let pair = set.split(';').next().unwrap().to_owned();
             self.cookie = (!set.contains("Max-Age=0")).then_some(pair);
@@ -95,6 +97,7 @@ impl Visitor {
             status,
             location,
             set_cookie,
+            headers,
             body: String::from_utf8(body.to_vec()).unwrap(),
         }
     }

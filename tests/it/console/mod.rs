@@ -78,6 +78,14 @@ async fn without_auth_pages_open_and_forms_need_their_csrf_token(backend: Backen
         !page.body.contains("Sign out"),
         "no sign-in under --auth none"
     );
+    let header = |name: &str| page.headers.get(name).map(|value| value.to_str().unwrap());
+    assert_eq!(header("x-frame-options"), Some("DENY"));
+    assert!(
+        header("content-security-policy")
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    assert_eq!(header("cache-control"), Some("no-store"));
     let csrf = page.csrf();
 
     let forged = visitor.post("/queues/emails", &[("action", "pause")]).await;
