@@ -9,16 +9,61 @@ use tokio::process::Command;
 
 use super::scenarios;
 use crate::client::Client;
+use crate::store::postgres::statements;
 
 /// One task per pgbench transaction, as the service does it alone: three statements, each its
-/// own transaction: the claim function, then StartTask's and CompleteTask's UPDATEs with the
-/// guards of `store/postgres/sql.rs`, for one row (the service may share them between tasks).
-/// The runtime is looked up by name (`ceiling-<client>`), a unique-index probe per task.
-const SCRIPT: &str = r"
-SELECT id AS task_id, claim_token AS token FROM leasehold_claim((SELECT id FROM runtimes WHERE name = 'ceiling-' || :client_id), 1, interval '60 seconds', 5, interval '10 seconds') \gset
-UPDATE tasks SET status = 'RUNNING', started_at = now() WHERE id = ':task_id' AND claim_token = ':token' AND status = 'DISPATCHED' AND lease_expires_at >= now() RETURNING *;
-UPDATE tasks SET status = 'COMPLETED', result = ''::bytea, finished_at = now(), lease_expires_at = NULL WHERE id = ':task_id' AND claim_token = ':token' AND status = 'RUNNING' RETURNING *;
-";
+/// own transaction: the store's own claim, StartTask and CompleteTask statements
+/// (`store/postgres/sql`), bound to one task each (the service may share a start or complete
+/// statement between tasks). The runtime is looked up by name (`ceiling-<client>`), a
+/// unique-index probe per task.
+fn pgbench_script() -> anyhow::Result<String> {
+    let runtime = "(SELECT id FROM runtimes WHERE name = 'ceiling-' || :client_id)";
+    // The claim's rows are read into pgbench variables: only the id and the token.
+    let claim = statements::CLAIM.replacen(
+        "SELECT * FROM",
+        "SELECT id AS task_id, claim_token AS token FROM",
+        1,
+    );
+    anyhow::ensure!(
+        claim != statements::CLAIM,
+        "the claim statement changed shape"
+    );
+    let claim = bind(
+        &claim,
+        &[
+            runtime,
+            "1",
+            "interval '60 seconds'",
+            "5",
+            "interval '10 seconds'",
+            "false",
+        ],
+    );
+    let start = bind(
+        statements::START_MANY,
+        &["ARRAY[':task_id']", "ARRAY[':token']", "ARRAY[NULL]"],
+    );
+    let complete = bind(
+        statements::COMPLETE_MANY,
+        &[
+            "ARRAY[':task_id']",
+            "ARRAY[':token']",
+            "ARRAY[''::bytea]",
+            "ARRAY[NULL]",
+        ],
+    );
+    Ok(format!("{claim} \\gset\n{start};\n{complete};\n"))
+}
+
+/// `statement` with `$1`, `$2`, … replaced by `arguments`, on one line (a pgbench command).
+fn bind(statement: &str, arguments: &[&str]) -> String {
+    let mut bound = statement.to_owned();
+    // From the highest number down, so `$1` never matches the start of `$10`.
+    for (index, argument) in arguments.iter().enumerate().rev() {
+        bound = bound.replace(&format!("${}", index + 1), argument);
+    }
+    bound.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 fn pgbench() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
@@ -61,7 +106,10 @@ pub(super) async fn measure(
     }
     scenarios::enqueue_in_batches(client, queue, tasks, 4).await?;
     let script = std::env::temp_dir().join(format!("leasehold-ceiling-{}.sql", std::process::id()));
-    std::fs::write(&script, SCRIPT)?;
+    let text = pgbench_script()?;
+    // pgbench reports each command by its first 128 characters or so: the claim by its start.
+    let claim_marker: String = text.chars().take(40).collect();
+    std::fs::write(&script, &text)?;
     let per_client = tasks / workers;
     let output = Command::new(pgbench)
         .args([
@@ -88,7 +136,7 @@ pub(super) async fn measure(
     Ok(Ceiling {
         tasks_per_second: tasks_per_second(&printed).context("pgbench printed no tps")?,
         latency_average_ms: latency_average(&printed),
-        claim_average_ms: command_average(&printed, "leasehold_claim"),
+        claim_average_ms: command_average(&printed, &claim_marker),
     })
 }
 
@@ -128,6 +176,15 @@ fn tasks_per_second(report: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_script_binds_every_parameter_of_the_stores_statements() {
+        let script = pgbench_script().unwrap();
+        assert_eq!(script.lines().count(), 3, "{script}");
+        assert!(!script.contains('$'), "an unbound parameter in {script}");
+        assert!(script.lines().next().unwrap().ends_with("\\gset"));
+        assert!(script.contains("leasehold_claim_within_capacity"));
+    }
 
     #[test]
     fn the_rate_comes_from_the_tps_line() {

@@ -46,11 +46,14 @@ use pooler::{Db, Route, run};
 use rows::{TaskRow, to_u32};
 use sweep::StageArgument;
 
-/// Statements tests examine with EXPLAIN.
+/// Statements tests examine with EXPLAIN, and the bench ceiling runs through pgbench.
 #[doc(hidden)]
 pub mod statements {
     pub const DESCRIBE_QUEUE: &str = super::sql::DESCRIBE_QUEUE;
     pub const QUEUE_DEPTHS: &str = super::sql::QUEUE_DEPTHS;
+    pub const CLAIM: &str = super::sql::CLAIM;
+    pub const START_MANY: &str = super::sql::START_MANY;
+    pub const COMPLETE_MANY: &str = super::sql::COMPLETE_MANY;
 }
 
 /// A duration as PostgreSQL's INTERVAL can hold it: whole microseconds (sqlx refuses to
