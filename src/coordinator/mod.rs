@@ -21,9 +21,9 @@ use crate::domain::{
 use crate::signs_of_life::SignsOfLife;
 use crate::store::measured::MeasuredStore;
 use crate::store::{
-    Capacity, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck, MinuteCount, NewApiKey,
-    NewRuntime, NewTask, PageCursor, QueueOverview, QueueUpdate, Recovered, SweepPolicy,
-    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    AttemptFailure, Capacity, ClaimRequest, Enqueued, FailOutcome, Failure, HeartbeatAck,
+    MinuteCount, NewApiKey, NewRuntime, NewTask, PageCursor, QueueOverview, QueueUpdate, Recovered,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use crate::telemetry::metrics::Metrics;
 use crate::wakeups::{DueWakeups, Notifier, Subscription, Topic, Wakes};
@@ -416,6 +416,11 @@ impl Coordinator {
         self.announce_task(&task).await;
         tracing::info!(%task_id, "task redriven");
         Ok(task)
+    }
+
+    /// The task's failed attempts, oldest first.
+    pub async fn task_failures(&self, task_id: TaskId) -> Result<Vec<AttemptFailure>> {
+        self.store.task_failures(task_id).await
     }
 
     pub async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {

@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
-    PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential, SweepPolicy,
-    SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    AttemptFailure, Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome,
+    Failure, HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime,
+    NewTask, PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential,
+    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use uuid::Uuid;
 
@@ -120,6 +120,7 @@ measured! {
     once fn enqueue_batch(&self, tasks: Vec<NewTask>) -> Result<Vec<Result<Enqueued>>>;
     once fn get_task(&self, task_id: TaskId) -> Result<Task>;
     once fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>>;
+    once fn task_failures(&self, task_id: TaskId) -> Result<Vec<AttemptFailure>>;
     once fn list_tasks(&self, filter: TaskFilter, after: Option<PageCursor>, page_size: u32) -> Result<TaskPage>;
     retried fn cancel(&self, task_id: TaskId) -> Result<Task>;
     retried fn retry_task(&self, task_id: TaskId) -> Result<Task>;

@@ -173,6 +173,9 @@ pub trait TaskStore: Send + Sync + 'static {
 
     async fn get_task(&self, task_id: TaskId) -> Result<Task>;
 
+    /// The task's failed attempts, oldest first.
+    async fn task_failures(&self, task_id: TaskId) -> Result<Vec<AttemptFailure>>;
+
     /// The task's usage counters, summed over its claims, by name.
     async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>>;
 

@@ -10,7 +10,8 @@ use uuid::Uuid;
 use crate::domain::auth::{Grant, SecretDigest};
 use crate::domain::liveness::RedisView;
 use crate::domain::{
-    ClaimedTask, QueueInfo, RetryBackoff, RuntimeId, RuntimeStatus, Task, TaskId, TaskStatus,
+    ClaimedTask, FailureReason, QueueInfo, RetryBackoff, RuntimeId, RuntimeStatus, Task, TaskId,
+    TaskStatus,
 };
 
 /// Policy the store applies inside its transitions.
@@ -285,6 +286,15 @@ pub struct QueueOverview {
     pub queues: Vec<QueueInfo>,
     /// When the active counts were taken (the latest sweep that wrote them).
     pub counted_at: Option<DateTime<Utc>>,
+}
+
+/// One failed attempt of a task: FailTask's or the server's (migration 21).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptFailure {
+    pub attempt: u32,
+    pub failed_at: DateTime<Utc>,
+    pub reason: FailureReason,
+    pub error: Option<String>,
 }
 
 /// Tasks of one queue finished within one minute.

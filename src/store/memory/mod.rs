@@ -22,11 +22,11 @@ use crate::domain::{
     Runtime, RuntimeId, RuntimeStatus, StatusCounts, Task, TaskId, TaskStatus,
 };
 use crate::store::{
-    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
-    PageCursor, QueueDepth, QueueOverview, QueueUpdate, REMEMBERED_REVOKED_TOKENS, Recovered,
-    RuntimeCredential, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage,
-    TaskStore,
+    AttemptFailure, Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome,
+    Failure, HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime,
+    NewTask, PageCursor, QueueDepth, QueueOverview, QueueUpdate, REMEMBERED_REVOKED_TOKENS,
+    Recovered, RuntimeCredential, StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove,
+    TaskPage, TaskStore,
 };
 
 mod credentials;
@@ -60,6 +60,8 @@ struct State {
     busy_keys: HashSet<(String, String)>,
     /// Usage counters per (task, claim token).
     usage: HashMap<(TaskId, ClaimToken), BTreeMap<String, i64>>,
+    /// Failed attempts per task, oldest first.
+    failures: HashMap<TaskId, Vec<AttemptFailure>>,
     /// When the previous sweep began: a longer gap than usual is a blackout.
     last_swept_at: Option<DateTime<Utc>>,
     /// Runtime tokens, by runtime.
@@ -441,6 +443,15 @@ impl TaskStore for MemoryStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         reads::depths(self)
+    }
+
+    async fn task_failures(&self, task_id: TaskId) -> Result<Vec<AttemptFailure>> {
+        Ok(self
+            .state()
+            .failures
+            .get(&task_id)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {

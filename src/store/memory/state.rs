@@ -206,9 +206,29 @@ impl State {
             retryable: failure.retryable,
             retried_claim_ends_as: ClaimEnd::Retried,
         };
+        self.apply_failure(task_id, cause, policy, failure.jitter, now);
+    }
+
+    /// A failure (the worker's or the server's): the transition, and its attempt recorded.
+    pub(super) fn apply_failure(
+        &mut self,
+        task_id: TaskId,
+        cause: FailureCause,
+        policy: &StorePolicy,
+        jitter: f64,
+        now: DateTime<Utc>,
+    ) {
         let task = self.task_mut(task_id);
-        let status = transitions::fail(task, cause, &policy.retry_backoff, failure.jitter, now);
+        let failed_attempt = task.attempt;
+        let record = AttemptFailure {
+            attempt: failed_attempt,
+            failed_at: now,
+            reason: cause.reason,
+            error: Some(cause.error.clone()),
+        };
+        let status = transitions::fail(task, cause, &policy.retry_backoff, jitter, now);
         self.set_status(task_id, status);
+        self.failures.entry(task_id).or_default().push(record);
     }
 
     /// T1, or the existing task when the idempotency key is taken in the queue.

@@ -206,6 +206,8 @@ impl State {
         }
         self.usage
             .retain(|(task_id, _), _| !expired.contains(task_id));
+        self.failures
+            .retain(|task_id, _| !expired.contains(task_id));
         expired.len() as u64
     }
 
@@ -277,10 +279,7 @@ impl State {
             retryable: true,
             retried_claim_ends_as: ClaimEnd::Requeued,
         };
-        let jitter = rand::random::<f64>();
-        let task = self.task_mut(task_id);
-        let status = transitions::fail(task, cause, &policy.retry_backoff, jitter, now);
-        self.set_status(task_id, status);
+        self.apply_failure(task_id, cause, policy, rand::random::<f64>(), now);
         TaskMove::from(&*self.task_mut(task_id))
     }
 }

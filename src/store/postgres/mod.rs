@@ -18,10 +18,10 @@ use crate::domain::{
     TaskId, TaskStatus,
 };
 use crate::store::{
-    Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome, Failure,
-    HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime, NewTask,
-    PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential, StorePolicy,
-    SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
+    AttemptFailure, Capacity, ClaimHorizon, ClaimOutcome, ClaimRequest, Enqueued, FailOutcome,
+    Failure, HeartbeatAck, LeaseRenewal, LivenessOracle, MinuteCount, NewApiKey, NewRuntime,
+    NewTask, PageCursor, QueueDepth, QueueOverview, QueueUpdate, Recovered, RuntimeCredential,
+    StorePolicy, SweepPolicy, SweepReport, TaskFilter, TaskMove, TaskPage, TaskStore,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -418,6 +418,10 @@ impl TaskStore for PgStore {
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         // Only the sweeper asks, after its sweep: on its connections.
         queues::depths(&self.sweeper).await
+    }
+
+    async fn task_failures(&self, task_id: TaskId) -> Result<Vec<AttemptFailure>> {
+        queues::task_failures(&self.db, task_id).await
     }
 
     async fn task_usage(&self, task_id: TaskId) -> Result<BTreeMap<String, i64>> {

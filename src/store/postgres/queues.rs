@@ -10,9 +10,10 @@ use super::rows::{OverviewRow, QueueRow, TaskRow, to_u32, to_u64};
 use super::sql;
 use uuid::Uuid;
 
-use crate::domain::{QueueInfo, Result, StatusCounts, Task, TaskId};
+use crate::domain::{FailureReason, QueueInfo, Result, StatusCounts, Task, TaskId};
 use crate::store::{
-    MinuteCount, PageCursor, QueueDepth, QueueOverview, QueueUpdate, TaskFilter, TaskPage,
+    AttemptFailure, MinuteCount, PageCursor, QueueDepth, QueueOverview, QueueUpdate, TaskFilter,
+    TaskPage,
 };
 
 /// A page of tasks matching `filter`, oldest first (by `created_at`, then id).
@@ -104,6 +105,31 @@ pub(super) async fn overview(db: &Db, limit: u32) -> Result<QueueOverview> {
         .map(|row| queue_info(row.name, row.counts))
         .collect::<Result<_>>()?;
     Ok(QueueOverview { queues, counted_at })
+}
+
+/// A task's failed attempts (migration 21).
+pub(super) async fn task_failures(db: &Db, task_id: TaskId) -> Result<Vec<AttemptFailure>> {
+    let rows: Vec<(i32, DateTime<Utc>, String, Option<String>)> = run!(
+        db,
+        sqlx::query_as(sql::TASK_FAILURES).bind(task_id.as_uuid()),
+        fetch_all
+    )
+    .await
+    .map_err(plain)?;
+    rows.into_iter()
+        .map(|(attempt, failed_at, reason, error)| {
+            Ok(AttemptFailure {
+                attempt: to_u32("attempt", i64::from(attempt))?,
+                failed_at,
+                reason: FailureReason::parse(&reason).ok_or_else(|| {
+                    crate::domain::Error::Internal(
+                        format!("unknown failure reason {reason}").into(),
+                    )
+                })?,
+                error,
+            })
+        })
+        .collect()
 }
 
 /// Tasks finished per queue and minute since `since`.

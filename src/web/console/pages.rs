@@ -8,6 +8,7 @@ use maud::{DOCTYPE, Markup, html};
 
 use super::tasks::{BulkQuery, TaskQuery};
 use crate::domain::{QueueInfo, Runtime, Task, TaskStatus};
+use crate::store::AttemptFailure;
 
 /// What every page shows around its content.
 pub struct Frame<'a> {
@@ -254,6 +255,7 @@ fn next_page(query: &TaskQuery, after: &str) -> String {
 pub fn task(
     frame: &Frame<'_>,
     task: &Task,
+    failures: &[AttemptFailure],
     usage: &BTreeMap<String, i64>,
     may_manage: bool,
 ) -> Markup {
@@ -285,11 +287,15 @@ pub fn task(
                 li { "Dispatched " (optional(task.dispatched_at)) }
                 li { "Started " (optional(task.started_at)) }
                 li { "Lease expirations: " (task.lease_expirations) }
-                li { "Attempt " (task.attempt) " of " (task.max_attempts)
-                    @if let Some(error) = &task.error { ", last error: " (shortened(error)) } }
+                @for failed in failures {
+                    li.failure {
+                        "Attempt " (failed.attempt) " failed " (when(failed.failed_at))
+                        " (" (failed.reason.as_str()) "): " (failed.error.as_deref().map(shortened).unwrap_or_default())
+                    }
+                }
+                li { "Now attempt " (task.attempt) " of " (task.max_attempts) }
                 li { "Finished " (optional(task.finished_at)) }
             }
-            p.hint { "The row keeps the latest attempt's error; earlier attempts' errors are in the server's logs." }
             h2 { "Usage" }
             @if usage.is_empty() { p { "No usage reported." } }
             @else {

@@ -179,10 +179,15 @@ pub(super) async fn task_page(
         Ok(usage) => usage,
         Err(error) => return failure(&error),
     };
+    let failures = match console.coordinator.task_failures(task_id).await {
+        Ok(failures) => failures,
+        Err(error) => return failure(&error),
+    };
     let may_manage = visitor.may(Scope::Manage, &task.queue);
     visitor.page(pages::task(
         &visitor.frame("Task"),
         &task,
+        &failures,
         &usage,
         may_manage,
     ))

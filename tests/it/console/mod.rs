@@ -304,10 +304,21 @@ async fn a_failed_task_shows_its_error_and_usage_and_is_retried_then_cancelled(b
         })
         .await
         .unwrap();
-    server.fail(&claimed, false).await.unwrap();
+    server.fail(&claimed, true).await.unwrap();
+    // The retry, past its backoff, fails for good: both attempts are on the timeline.
+    server.advance_time(Duration::from_secs(600)).await;
+    let again = server.claim_one(&runtime).await;
+    server.start_task(&again).await.unwrap();
+    server.fail(&again, false).await.unwrap();
     let mut visitor = Visitor::new(address);
     let path = format!("/tasks/{}", task_id(&claimed));
     let page = visitor.get(&path).await;
+    let failures: Vec<&str> = page.body.split("<li class=\"failure\">").skip(1).collect();
+    assert_eq!(failures.len(), 2, "{}", page.body);
+    assert!(
+        failures[0].starts_with("Attempt 1 failed") && failures[0].contains("(TASK_ERROR): boom")
+    );
+    assert!(failures[1].starts_with("Attempt 2 failed"));
     assert!(
         page.body.contains("<dd id=\"task-status\">FAILED</dd>"),
         "{}",

@@ -128,6 +128,21 @@ macro_rules! failure_outcome {
     };
 }
 
+/// After a CTE `failed` holding the failed rows (as updated): one `task_failures` row per
+/// failure, numbered by the attempt that failed (migration 21). A replayed failure changes no
+/// row, so it records nothing.
+macro_rules! record_failures {
+    () => {
+        "
+recorded AS (
+    INSERT INTO task_failures (task_id, attempt, reason, error)
+    SELECT id, CASE WHEN status = 'QUEUED' THEN attempt - 1 ELSE attempt END,
+           failure_reason, error
+    FROM failed
+)"
+    };
+}
+
 /// $3 error, $4 retryable, $5 backoff base (ms), $6 backoff max (ms), $7 jitter in [0, 1).
 /// The retry delay is `min(max, base * 2^(attempt-1)) * jitter`, as `RetryBackoff::delay`.
 pub(super) const FAIL: &str = concat!(
@@ -138,14 +153,19 @@ WITH decision AS (
     retry_delay_ms!("$5", "$6", "$7"),
     " AS delay_ms
     FROM tasks WHERE id = $1
-)
+),
+failed AS (
 UPDATE tasks t SET",
     failure_outcome!("$3", "'TASK_ERROR'", "'RETRIED'"),
     "
 FROM decision d
 WHERE t.id = d.id AND t.claim_token = $2 AND ($8::uuid IS NULL OR t.claimed_by = $8)
   AND (t.status = 'RUNNING' OR (t.status = 'DISPATCHED' AND t.lease_expires_at >= now()))
-RETURNING t.*"
+RETURNING t.*
+),",
+    record_failures!(),
+    "
+SELECT * FROM failed"
 );
 
 /// Upserts the counters when the token holds an active claim; answers whether it did. The
@@ -237,14 +257,20 @@ decision AS (
             retry_delay_ms!("$2", "$3", "random()"),
             " AS delay_ms
     FROM tasks t JOIN picked p ON p.id = t.id
-)
+),
+failed AS (
 UPDATE tasks t SET",
             failure_outcome!("$5", "$4", "'REQUEUED'"),
             "
 FROM decision d
 WHERE t.id = d.id AND t.status IN ('DISPATCHED', 'RUNNING')
-RETURNING ",
-            task_move_columns!()
+RETURNING t.*
+),",
+            record_failures!(),
+            "
+SELECT ",
+            task_move_columns!(),
+            " FROM failed t"
         )
     };
 }

@@ -50,6 +50,7 @@ doomed AS (
     LIMIT $2 FOR UPDATE SKIP LOCKED
 ),
 usage_gone AS (DELETE FROM task_usage u USING doomed d WHERE u.task_id = d.id),
+failures_gone AS (DELETE FROM task_failures f USING doomed d WHERE f.task_id = d.id),
 gone AS (
     DELETE FROM tasks t USING doomed d WHERE t.id = d.id
     RETURNING t.queue, t.status, t.finished_at

@@ -36,6 +36,10 @@ pub(in crate::store::postgres) const BY_IDEMPOTENCY_KEY: &str =
 
 pub(in crate::store::postgres) const GET_TASK: &str = "SELECT * FROM tasks WHERE id = $1";
 
+/// A task's recorded failures, by attempt (migration 21).
+pub(in crate::store::postgres) const TASK_FAILURES: &str = "
+SELECT attempt, failed_at, reason, error FROM task_failures WHERE task_id = $1 ORDER BY failed_at";
+
 /// A task's usage counters, summed over its claims.
 pub(in crate::store::postgres) const TASK_USAGE: &str = "
 SELECT name, sum(value)::bigint FROM task_usage WHERE task_id = $1 GROUP BY name ORDER BY name";
