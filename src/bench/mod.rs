@@ -370,7 +370,7 @@ async fn idle(
     let after = database.settled_transactions(quiet).await?;
     let rss_before_streams = server.rss_mib();
 
-    let streams = scenarios::open_idle_streams(client, &runtimes).await?;
+    let streams = scenarios::open_idle_streams(|| server.client(), &runtimes).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let streams_before = database.settled_transactions(quiet).await?;
     tokio::time::sleep(args.idle_window).await;

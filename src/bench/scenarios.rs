@@ -471,17 +471,33 @@ pub(super) async fn idle_unary_claims(
 }
 
 /// Opens one idle stream per runtime and keeps them open until the returned handles drop.
+/// The most streams the bench opens on one connection: the server takes 256 per connection
+/// (`MAX_STREAMS_PER_CONNECTION`, spec §10) and holds further ones back.
+const STREAMS_PER_CONNECTION: usize = 200;
+
+/// One idle stream per runtime, spread over connections `connect` opens.
 pub(super) async fn open_idle_streams(
-    client: &Client,
+    connect: impl Fn() -> anyhow::Result<Client>,
     runtimes: &[String],
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut held = Vec::new();
-    for runtime_id in runtimes {
-        let mut stream = Stream::open(client, runtime_id.clone(), 1, false).await?;
-        held.push(tokio::spawn(async move {
-            let _ = stream.next_claim().await;
-            drop(stream.outbound);
-        }));
+    for share in runtimes.chunks(STREAMS_PER_CONNECTION) {
+        let client = connect()?;
+        for runtime_id in share {
+            held.push(idle_stream(&client, runtime_id).await?);
+        }
     }
     Ok(held)
+}
+
+/// A stream with one credit that waits for a claim it never gets.
+async fn idle_stream(
+    client: &Client,
+    runtime_id: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut stream = Stream::open(client, runtime_id.to_owned(), 1, false).await?;
+    Ok(tokio::spawn(async move {
+        let _ = stream.next_claim().await;
+        drop(stream.outbound);
+    }))
 }
