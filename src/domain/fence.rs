@@ -139,42 +139,15 @@ pub fn visible_to(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use chrono::Duration;
 
     use super::*;
-    use crate::domain::ids::{RuntimeId, TaskId};
+
     use crate::domain::task::PreviousClaim;
 
     fn task(status: TaskStatus, token: Option<ClaimToken>, now: DateTime<Utc>) -> Task {
-        Task {
-            id: TaskId::new_random(),
-            queue: "q".into(),
-            runtime_id: None,
-            concurrency_key: None,
-            priority: 0,
-            payload: vec![],
-            metadata: BTreeMap::new(),
-            status,
-            attempt: 1,
-            max_attempts: 3,
-            lease_expirations: 0,
-            claimed_by: Some(RuntimeId::new_random()),
-            claim_token: token,
-            previous_claim: None,
-            idempotency_key: None,
-            execution_timeout: None,
-            created_at: now,
-            available_at: now,
-            dispatched_at: Some(now),
-            started_at: None,
-            finished_at: None,
-            lease_expires_at: Some(now + Duration::seconds(60)),
-            result: None,
-            error: None,
-            failure_reason: None,
-        }
+        Task::held_for_test(status, token, now)
     }
 
     #[test]

@@ -250,3 +250,42 @@ pub struct QueueInfo {
     pub counts: StatusCounts,
     pub oldest_queued_at: Option<DateTime<Utc>>,
 }
+
+#[cfg(test)]
+impl Task {
+    /// A task held by a random runtime under `token`, its lease a minute from `now`: the
+    /// fixture of the domain's unit tests.
+    pub(crate) fn held_for_test(
+        status: TaskStatus,
+        token: Option<ClaimToken>,
+        now: DateTime<Utc>,
+    ) -> Task {
+        Task {
+            id: TaskId::new_random(),
+            queue: "q".into(),
+            runtime_id: None,
+            concurrency_key: None,
+            priority: 0,
+            payload: vec![],
+            metadata: BTreeMap::new(),
+            status,
+            attempt: 1,
+            max_attempts: 3,
+            lease_expirations: 0,
+            claimed_by: Some(RuntimeId::new_random()),
+            claim_token: token,
+            previous_claim: None,
+            idempotency_key: None,
+            execution_timeout: None,
+            created_at: now,
+            available_at: now,
+            dispatched_at: Some(now),
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: Some(now + chrono::Duration::seconds(60)),
+            result: None,
+            error: None,
+            failure_reason: None,
+        }
+    }
+}

@@ -133,10 +133,9 @@ pub fn redrive(task: &mut Task, now: DateTime<Utc>) -> Result<TaskStatus, TaskSt
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
-    use crate::domain::{ClaimToken, RuntimeId, TaskId};
+    use crate::domain::ClaimToken;
 
     const BACKOFF: RetryBackoff = RetryBackoff {
         base: Duration::from_secs(1),
@@ -145,31 +144,8 @@ mod tests {
 
     fn held(status: TaskStatus, now: DateTime<Utc>) -> Task {
         Task {
-            id: TaskId::new_random(),
-            queue: "q".into(),
-            runtime_id: None,
-            concurrency_key: None,
-            priority: 0,
-            payload: Vec::new(),
-            metadata: BTreeMap::new(),
-            status,
-            attempt: 1,
             max_attempts: 2,
-            lease_expirations: 0,
-            claimed_by: Some(RuntimeId::new_random()),
-            claim_token: Some(ClaimToken::new_random()),
-            previous_claim: None,
-            idempotency_key: None,
-            execution_timeout: None,
-            created_at: now,
-            available_at: now,
-            dispatched_at: Some(now),
-            started_at: None,
-            finished_at: None,
-            lease_expires_at: Some(now),
-            result: None,
-            error: None,
-            failure_reason: None,
+            ..Task::held_for_test(status, Some(ClaimToken::new_random()), now)
         }
     }
 
