@@ -14,6 +14,8 @@ struct Declared {
     arguments: String,
     /// The text between the `$$` quotes, as PostgreSQL keeps it in `pg_proc.prosrc`.
     body: String,
+    /// Its `SET name = value` clauses as `name=value`, as `pg_proc.proconfig` keeps them.
+    settings: Vec<String>,
 }
 
 fn declared(source: &str, name: &str) -> Declared {
@@ -31,9 +33,15 @@ fn declared(source: &str, name: &str) -> Declared {
         .join(", ");
     let open = source.find("$$").expect("a $$-quoted body") + 2;
     let close = source.rfind("$$").unwrap();
+    let settings = source[start..open]
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("SET "))
+        .map(|setting| setting.split_whitespace().collect::<String>())
+        .collect();
     Declared {
         arguments,
         body: source[open..close].to_owned(),
+        settings,
     }
 }
 
@@ -53,8 +61,9 @@ fn source_files() -> BTreeMap<String, Declared> {
 
 #[sqlx::test]
 async fn every_sql_function_in_the_database_is_its_source_file(pool: PgPool) {
-    let installed: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT p.proname::text, pg_get_function_arguments(p.oid), p.prosrc
+    let installed: Vec<(String, String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.proname::text, pg_get_function_arguments(p.oid), p.prosrc,
+                coalesce(p.proconfig, '{}')
          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = 'public'",
     )
@@ -63,7 +72,14 @@ async fn every_sql_function_in_the_database_is_its_source_file(pool: PgPool) {
     .unwrap();
     let installed: BTreeMap<String, Declared> = installed
         .into_iter()
-        .map(|(name, arguments, body)| (name, Declared { arguments, body }))
+        .map(|(name, arguments, body, settings)| {
+            let function = Declared {
+                arguments,
+                body,
+                settings,
+            };
+            (name, function)
+        })
         .collect();
     let sources = source_files();
     assert_eq!(
@@ -89,6 +105,15 @@ fn a_declaration_reads_its_parameters_and_body() {
         Declared {
             arguments: "a uuid, b integer".into(),
             body: "\nBEGIN RETURN 1; END\n".into(),
+            settings: vec![],
         }
+    );
+    let with_settings = source.replace(
+        "LANGUAGE plpgsql AS",
+        "LANGUAGE plpgsql\nSET jit = off\nSET plan_cache_mode = force_generic_plan\nAS",
+    );
+    assert_eq!(
+        declared(&with_settings, "f").settings,
+        ["jit=off", "plan_cache_mode=force_generic_plan"]
     );
 }

@@ -22,6 +22,12 @@
 --   LH001  the runtime does not exist (RUNTIME_NOT_FOUND)
 --   LH002  the budget ran out before commit; everything is rolled back (DEADLINE_EXCEEDED)
 --
+-- Plans: every statement here runs a generic plan, made once per connection
+-- (plan_cache_mode = force_generic_plan). Otherwise the claim's LIMIT p_max_tasks made the
+-- generic plan look dear and PostgreSQL planned the claim afresh on every call, which cost as
+-- much CPU as running it (docs/PERFORMANCE.md). JIT is off: a generic plan's row estimates
+-- (a tenth of the queue for the LIMIT) would otherwise compile every claim, for ~0.6 s.
+--
 -- This file is the function's one source: the database must hold exactly this body
 -- (tests/it/schema_functions.rs compares them). To change the function, change this file and
 -- add a migration with the same CREATE OR REPLACE; the test fails until both agree.
@@ -34,7 +40,10 @@ CREATE OR REPLACE FUNCTION leasehold_claim(
     p_budget                interval,
     p_auto_start            boolean DEFAULT false
 ) RETURNS SETOF tasks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+SET jit = off
+AS $$
 DECLARE
     v_queues text[];
 BEGIN

@@ -117,7 +117,7 @@ untallied AS (
 SELECT * FROM redriven";
 
 /// Constant in the queue's history (spec §11): active counts come from partial indexes of
-/// active tasks (`tasks_claimable`, `tasks_active_by_queue`); finished counts are the sweeper's
+/// active tasks (`tasks_claimable`, `tasks_held_by_queue`); finished counts are the sweeper's
 /// tally plus the few finished since it last counted (`tasks_finished_by_queue`).
 pub(in crate::store::postgres) const DESCRIBE_QUEUE: &str = "
 WITH tallied AS (SELECT counted_through FROM finished_tally_progress)
@@ -143,7 +143,7 @@ SELECT
     (SELECT min(created_at) FROM tasks WHERE queue = $1 AND status = 'QUEUED') AS oldest_queued_at";
 
 /// The queue gauges, refreshed every sweep: two parts, each along a partial index of active
-/// tasks (`tasks_oldest_queued`, `tasks_active_by_queue`), so the cost follows the active tasks,
+/// tasks (`tasks_oldest_queued`, `tasks_held_by_queue`), so the cost follows the active tasks,
 /// not the history (one `status IN (...)` over the table scanned all of it).
 ///
 /// What it finds is also kept in `queue_snapshots` (migration 20) for the console; queues that
@@ -162,7 +162,8 @@ FROM (
     UNION ALL
     SELECT queue, 0, count(*) FILTER (WHERE status = 'DISPATCHED'),
            count(*) FILTER (WHERE status = 'RUNNING'), NULL
-    FROM tasks WHERE status IN ('DISPATCHED', 'RUNNING') GROUP BY queue
+    -- `queue IS NOT NULL` (always true) lets this use tasks_held_by_queue (migration 25).
+    FROM tasks WHERE status IN ('DISPATCHED', 'RUNNING') AND queue IS NOT NULL GROUP BY queue
 ) AS parts
 GROUP BY queue
 ),

@@ -1,0 +1,3 @@
+-- no-transaction
+-- Replaced by tasks_held_by_runtime (migration 22).
+DROP INDEX CONCURRENTLY IF EXISTS tasks_dispatched_by_runtime;
