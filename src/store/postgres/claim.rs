@@ -30,6 +30,11 @@ pub(super) async fn claim(
     )
     .await
     .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
+    outcome(rows)
+}
+
+/// A claim's rows, as the claim function returns them, sorted into its outcome.
+pub(super) fn outcome(rows: Vec<TaskRow>) -> Result<ClaimOutcome> {
     // The function returns the preflight's rows (QUEUED, or FAILED by the poison guard)
     // and then the claimed rows (DISPATCHED, or RUNNING when auto-started).
     let mut outcome = ClaimOutcome::default();

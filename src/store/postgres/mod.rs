@@ -36,6 +36,7 @@ mod queues;
 mod rows;
 mod runtimes;
 pub mod schema;
+mod shared_claims;
 mod sql;
 mod sweep;
 
@@ -91,6 +92,7 @@ pub struct PgStore {
     policy: StorePolicy,
     starts: Coalescer<coalesce::Start>,
     completes: Coalescer<coalesce::Complete>,
+    claims: shared_claims::SharedClaims,
     /// The server's metrics, once a coordinator took the store ([`TaskStore::attach_metrics`]).
     metrics: Arc<OnceLock<Metrics>>,
 }
@@ -110,6 +112,7 @@ impl PgStore {
         Self {
             starts: Coalescer::new(db.clone(), metrics.clone()),
             completes: Coalescer::new(db.clone(), metrics.clone()),
+            claims: shared_claims::SharedClaims::new(db.clone(), metrics.clone()),
             metrics,
             liveness: db.with_pool(side_pool(
                 pool,
@@ -227,7 +230,18 @@ impl TaskStore for PgStore {
     }
 
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        claim::claim(&self.db, &self.policy, request).await
+        let deadline = request
+            .budget
+            .map(|budget| tokio::time::Instant::now() + budget);
+        match self.claims.claim(&self.policy, request).await {
+            Some(rows) => claim::outcome(rows),
+            None => {
+                // Alone, with what is left of the caller's budget.
+                let budget = shared_claims::remaining(deadline, tokio::time::Instant::now());
+                let request = ClaimRequest { budget, ..request };
+                claim::claim(&self.db, &self.policy, request).await
+            }
+        }
     }
 
     async fn expire_claims(

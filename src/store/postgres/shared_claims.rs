@@ -1,0 +1,212 @@
+//! Claims of one replica share statements, as starts and completes do (`coalesce`): claims
+//! that arrive while the replica's claim statements are all busy go out together in the next
+//! one, `sql::CLAIM_MANY`, which runs each runtime's claim (`leasehold_claim_within_capacity`,
+//! the same rules, preflight and errors as alone) one after the other in one transaction. A
+//! quiet replica's claim still goes out at once, alone.
+//!
+//! What sharing saves is everything a claim pays per statement rather than per task: the round
+//! trip, the commit and its WAL flush, and the connection of its own. At most
+//! [`STATEMENTS_IN_FLIGHT`] shared statements run at a time, so one claim waiting on a capped
+//! queue's row does not hold up the replica's other claims for long.
+//!
+//! A shared statement that fails (a runtime deregistered meanwhile, one claim's deadline
+//! passing, a deadlock over capped queues' rows) is rolled back whole, and each of its claims
+//! runs alone instead: sharing may make a claim slower, never different.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::interval;
+use super::pooler::{Db, run};
+use super::rows::TaskRow;
+use super::sql;
+use crate::store::{ClaimRequest, StorePolicy};
+use crate::telemetry::metrics::Metrics;
+
+/// Most claims in one statement.
+const MAX_CLAIMS: usize = 64;
+/// Shared claim statements running at once (each on a connection of its own).
+const STATEMENTS_IN_FLIGHT: usize = 2;
+
+/// A claim's rows as its own statement would have answered them; `None`: run it alone.
+pub(super) type SharedClaim = Option<Vec<TaskRow>>;
+
+struct Pending {
+    request: ClaimRequest,
+    /// When the caller's budget runs out.
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<SharedClaim>,
+}
+
+/// A row of `CLAIM_MANY`: which claim (1-based, in the order sent) it answers.
+#[derive(sqlx::FromRow)]
+struct SharedRow {
+    request: i64,
+    #[sqlx(flatten)]
+    task: TaskRow,
+}
+
+/// The replica's claim loop, started by its first claim and ended when the store is dropped.
+pub(super) struct SharedClaims {
+    db: Db,
+    sender: OnceLock<mpsc::UnboundedSender<Pending>>,
+    metrics: Arc<OnceLock<Metrics>>,
+}
+
+impl SharedClaims {
+    pub(super) fn new(db: Db, metrics: Arc<OnceLock<Metrics>>) -> Self {
+        Self {
+            db,
+            sender: OnceLock::new(),
+            metrics,
+        }
+    }
+
+    /// Runs `request` in the next shared claim statement.
+    pub(super) async fn claim(&self, policy: &StorePolicy, request: ClaimRequest) -> SharedClaim {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let statement = Statement {
+                db: self.db.clone(),
+                lease: interval(policy.lease_duration),
+                max_lease_expirations: i64::from(policy.max_lease_expirations),
+            };
+            tokio::spawn(claim_loop(statement, self.metrics.clone(), receiver));
+            sender
+        });
+        let deadline = request.budget.map(|budget| Instant::now() + budget);
+        let pending = Pending {
+            request,
+            deadline,
+            reply,
+        };
+        if sender.send(pending).is_err() {
+            // The loop's runtime shut down (a store shared across test runtimes).
+            return None;
+        }
+        answer.await.unwrap_or(None)
+    }
+}
+
+/// What every claim of a statement shares.
+#[derive(Clone)]
+struct Statement {
+    db: Db,
+    lease: Duration,
+    max_lease_expirations: i64,
+}
+
+async fn claim_loop(
+    statement: Statement,
+    metrics: Arc<OnceLock<Metrics>>,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+) {
+    let in_flight = Arc::new(Semaphore::new(STATEMENTS_IN_FLIGHT));
+    loop {
+        // A free slot first: claims that arrive meanwhile wait in the channel and go together.
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        if receiver.recv_many(&mut batch, MAX_CLAIMS).await == 0 {
+            return;
+        }
+        if let Some(metrics) = metrics.get() {
+            metrics.shared_statement("claim", batch.len());
+        }
+        let statement = statement.clone();
+        tokio::spawn(async move {
+            claim_batch(&statement, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One statement for the batch; every claim gets its rows, or is told to run alone.
+async fn claim_batch(statement: &Statement, mut batch: Vec<Pending>) {
+    // Runtimes' rows are locked in one order (a capped runtime's claims lock its row), which
+    // keeps two shared statements from deadlocking over them.
+    batch.sort_by_key(|pending| pending.request.runtime_id.as_uuid());
+    let now = Instant::now();
+    let mut claims = Vec::with_capacity(batch.len());
+    for pending in batch {
+        match remaining(pending.deadline, now) {
+            // Out of time while waiting: alone, it gets its own verdict at once.
+            Some(Duration::ZERO) => {
+                let _ = pending.reply.send(None);
+            }
+            budget => claims.push((pending, budget)),
+        }
+    }
+    if claims.is_empty() {
+        return;
+    }
+    match run_shared(statement, &claims).await {
+        Ok(rows) => {
+            let mut answers: Vec<Vec<TaskRow>> = claims.iter().map(|_| Vec::new()).collect();
+            for row in rows {
+                let answer = usize::try_from(row.request - 1)
+                    .ok()
+                    .and_then(|index| answers.get_mut(index));
+                match answer {
+                    Some(answer) => answer.push(row.task),
+                    // Cannot happen: the statement numbers the claims it was given.
+                    None => tracing::error!(request = row.request, "a claimed row of no claim"),
+                }
+            }
+            for ((pending, _), rows) in claims.into_iter().zip(answers) {
+                let _ = pending.reply.send(Some(rows));
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, claims = claims.len(), "a shared claim failed; each runs alone");
+            for (pending, _) in claims {
+                let _ = pending.reply.send(None);
+            }
+        }
+    }
+}
+
+async fn run_shared(
+    statement: &Statement,
+    claims: &[(Pending, Option<Duration>)],
+) -> sqlx::Result<Vec<SharedRow>> {
+    let runtimes: Vec<Uuid> = claims
+        .iter()
+        .map(|(pending, _)| pending.request.runtime_id.as_uuid())
+        .collect();
+    let max_tasks: Vec<i32> = claims
+        .iter()
+        .map(|(pending, _)| i32::try_from(pending.request.max_tasks).unwrap_or(i32::MAX))
+        .collect();
+    let auto_start: Vec<bool> = claims
+        .iter()
+        .map(|(pending, _)| pending.request.auto_start)
+        .collect();
+    let budgets: Vec<Option<_>> = claims
+        .iter()
+        .map(|(_, budget)| budget.map(interval))
+        .collect();
+    run!(
+        &statement.db,
+        sqlx::query_as(sql::CLAIM_MANY)
+            .bind(runtimes)
+            .bind(max_tasks)
+            .bind(auto_start)
+            .bind(budgets)
+            .bind(statement.lease)
+            .bind(statement.max_lease_expirations),
+        fetch_all
+    )
+    .await
+}
+
+/// Time left before `deadline` (zero once it passed); `None` without one.
+pub(super) fn remaining(deadline: Option<Instant>, now: Instant) -> Option<Duration> {
+    deadline.map(|deadline| deadline.saturating_duration_since(now))
+}
