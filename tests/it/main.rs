@@ -39,6 +39,7 @@ mod redis;
 mod retention;
 mod schema_functions;
 mod service;
+mod shared_claims;
 mod signs_of_life;
 mod soak;
 mod streams;
