@@ -1,8 +1,9 @@
 //! Claims of one replica share statements, as starts and completes do (`coalesce`): claims
 //! that arrive while the replica's claim statements are all busy go out together in the next
-//! one, `sql::CLAIM_MANY`, which runs each runtime's claim (`leasehold_claim_within_capacity`,
-//! the same rules, preflight and errors as alone) one after the other in one transaction. A
-//! quiet replica's claim still goes out at once, alone.
+//! one, `sql::CLAIM_MANY` (`functions/leasehold_claim_many.sql`), which runs each runtime's
+//! claim (`leasehold_claim_within_capacity`: the same rules, preflight and errors as alone)
+//! one after the other in one transaction. A quiet replica's claim still goes out at once,
+//! alone.
 //!
 //! What sharing saves is everything a claim pays per statement rather than per task: the round
 //! trip, the commit and its WAL flush, and the connection of its own. At most
@@ -45,7 +46,7 @@ struct Pending {
 /// A row of `CLAIM_MANY`: which claim (1-based, in the order sent) it answers.
 #[derive(sqlx::FromRow)]
 struct SharedRow {
-    request: i64,
+    request: i32,
     #[sqlx(flatten)]
     task: TaskRow,
 }

@@ -61,20 +61,14 @@ WITH revived AS (
 SELECT * FROM leasehold_claim_within_capacity($1, $2, $3, $4, $5, $6)";
 
 /// Several runtimes' claims in one statement (`shared_claims`): $1 runtimes, $2 max_tasks,
-/// $3 auto_start, $4 budgets, one element per claim; $5 lease, $6 max_lease_expirations. Each
-/// claim is `CLAIM`'s, run one after the other (a later one sees what an earlier one took);
-/// `request` says which claim (1-based) a row answers, rows in each claim's own order.
+/// $3 auto_start, $4 budgets, one element per claim; $5 lease, $6 max_lease_expirations.
+/// `functions/leasehold_claim_many.sql` holds the contract: each claim is `CLAIM`'s, in turn.
+/// `request` says which claim (1-based) a row answers. No ORDER BY: a function scan returns
+/// the rows in the order the function produced them, claim by claim, each in its own order
+/// (a sort, not being stable, could reorder a claim's rows).
 pub(super) const CLAIM_MANY: &str = "
-WITH revived AS (
-    UPDATE runtimes SET status = 'ONLINE', last_seen_at = now(), offline_since = NULL
-    WHERE id = ANY ($1) AND status = 'OFFLINE'
-)
-SELECT r.request, c.*
-FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::interval[]) WITH ORDINALITY
-     AS r(runtime, max_tasks, auto_start, budget, request)
-CROSS JOIN LATERAL leasehold_claim_within_capacity(r.runtime, r.max_tasks, $5, $6, r.budget,
-                                                   r.auto_start) WITH ORDINALITY AS c
-ORDER BY r.request, c.ordinality";
+SELECT claims.request_number AS request, (claims.task_row).*
+FROM leasehold_claim_many($1, $2, $3, $4, $5, $6) AS claims";
 
 /// The row as a fenced write sees it, with the database clock that judges its lease.
 pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WHERE id = $1";
