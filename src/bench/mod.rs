@@ -184,13 +184,20 @@ async fn measure(args: &BenchArgs, database: &ScratchDatabase) -> anyhow::Result
             tasks,
             args,
         };
-        let (streamed, mut figures) = round.run("bench-stream", false).await?;
+        let calls = StreamWorker::Calls { auto_start: false };
+        let (streamed, mut figures) = round.run("bench-stream", calls).await?;
         figures["vs_unary"] = json!(unary_rate.map(|unary| streamed / unary));
         report["lifecycle_stream"] = figures;
         // The same with the streams' claims started by the claim (`auto_start`).
-        let (auto_started, mut figures) = round.run("bench-stream-auto", true).await?;
+        let auto_start = StreamWorker::Calls { auto_start: true };
+        let (auto_started, mut figures) = round.run("bench-stream-auto", auto_start).await?;
         figures["vs_stream"] = json!(auto_started / streamed);
         report["lifecycle_stream_auto_start"] = figures;
+        // And with the completions carried on the streams (`StreamWrite`).
+        let writes = StreamWorker::WritesOnStream;
+        let (written, mut figures) = round.run("bench-stream-writes", writes).await?;
+        figures["vs_stream"] = json!(written / streamed);
+        report["lifecycle_stream_writes"] = figures;
     }
     if args.runs(Scenario::Wakeup) {
         let one_replica =
@@ -286,21 +293,32 @@ struct StreamRound<'a> {
     args: &'a BenchArgs,
 }
 
+/// How the streamed lifecycle's workers drive their tasks.
+#[derive(Clone, Copy)]
+enum StreamWorker {
+    /// StartTask (unless `auto_start`) and CompleteTask calls.
+    Calls { auto_start: bool },
+    /// Auto-started claims, completed by writes on the stream.
+    WritesOnStream,
+}
+
 impl StreamRound<'_> {
-    async fn run(&self, queue: &str, auto_start: bool) -> anyhow::Result<(f64, Value)> {
+    async fn run(&self, queue: &str, worker: StreamWorker) -> anyhow::Result<(f64, Value)> {
         let args = self.args;
         scenarios::enqueue_in_batches(self.client, queue, self.tasks, args.producers).await?;
         ServerProcess::vacuum(self.database_url).await?;
         let cpu_before = CpuTimes::now(self.server_pid);
-        let rate = scenarios::lifecycle_stream(
-            self.client,
-            queue,
-            self.workers,
-            args.stream_credits,
-            self.tasks,
-            auto_start,
-        )
-        .await?;
+        let (client, workers, credits) = (self.client, self.workers, args.stream_credits);
+        let rate = match worker {
+            StreamWorker::Calls { auto_start } => {
+                scenarios::lifecycle_stream(client, queue, workers, credits, self.tasks, auto_start)
+                    .await?
+            }
+            StreamWorker::WritesOnStream => {
+                scenarios::lifecycle_stream_writes(client, queue, workers, credits, self.tasks)
+                    .await?
+            }
+        };
         let cpu_after = CpuTimes::now(self.server_pid);
         let figures = json!({
             "tasks_per_second": rate,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use futures::future::try_join_all;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::proto as pb;
@@ -305,6 +306,91 @@ impl Stream {
     }
 }
 
+/// `workers` runtimes, each with an auto-starting claim stream of `credits`, completing every
+/// pushed claim on the stream itself (`StreamWrite`, its credit granted along) until `total`
+/// tasks are done: one message each way per task, no call.
+pub(super) async fn lifecycle_stream_writes(
+    client: &Client,
+    queue: &str,
+    workers: usize,
+    credits: u32,
+    total: usize,
+) -> anyhow::Result<f64> {
+    let mut streams = Vec::new();
+    for index in 0..workers {
+        streams.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
+    }
+    let _alive = keep_alive(streams.clone());
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    // Level-triggered: a session busy elsewhere when the last task finishes still sees it.
+    let finished = CancellationToken::new();
+    let mut sessions = Vec::new();
+    for runtime in streams {
+        let mut stream = Stream::open(&runtime.client, runtime.id, credits, true).await?;
+        let (done, finished) = (done.clone(), finished.clone());
+        sessions.push(tokio::spawn(async move {
+            let mut request_id = 0;
+            loop {
+                let message = tokio::select! {
+                    () = finished.cancelled() => break,
+                    message = stream.inbound.message() => message?,
+                };
+                match message.and_then(|message| message.msg) {
+                    None => break,
+                    Some(Inbound::Claimed(claimed)) => {
+                        request_id += 1;
+                        stream
+                            .outbound
+                            .send(complete_on_stream(request_id, claimed)?)
+                            .await?;
+                    }
+                    Some(Inbound::Written(written)) => {
+                        if let Some(error) = written.error {
+                            anyhow::bail!("a write on the stream was refused: {}", error.message);
+                        }
+                        if done.fetch_add(1, Ordering::SeqCst) + 1 >= total {
+                            finished.cancel();
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    while done.load(Ordering::SeqCst) < total {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    finished.cancel();
+    for session in sessions {
+        session.await??;
+    }
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// CompleteTask for an auto-started claim, as a write on its stream that also grants its credit.
+fn complete_on_stream(
+    request_id: u64,
+    claimed: pb::ClaimedTask,
+) -> anyhow::Result<pb::StreamClaimsRequest> {
+    let task = claimed.task.context("a claim without its task")?;
+    let complete = pb::CompleteTaskRequest {
+        task_id: task.id,
+        claim_token: claimed.claim_token,
+        result: Vec::new(),
+    };
+    let write = pb::StreamWrite {
+        request_id,
+        call: Some(pb::stream_write::Call::Complete(complete)),
+        credit: 1,
+    };
+    Ok(pb::StreamClaimsRequest {
+        msg: Some(Outbound::Write(write)),
+    })
+}
+
 fn credit(n: u32) -> pb::StreamClaimsRequest {
     pb::StreamClaimsRequest {
         msg: Some(Outbound::Credit(pb::GrantCredit { n })),
@@ -329,7 +415,8 @@ pub(super) async fn lifecycle_stream(
     let _alive = keep_alive(streams.clone());
     let started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(tokio::sync::Notify::new());
+    // Level-triggered: a session busy elsewhere when the last task finishes still sees it.
+    let finished = CancellationToken::new();
     let mut sessions = Vec::new();
     for runtime in streams {
         let mut stream = Stream::open(&runtime.client, runtime.id, credits, auto_start).await?;
@@ -338,7 +425,7 @@ pub(super) async fn lifecycle_stream(
             let mut in_flight = tokio::task::JoinSet::new();
             loop {
                 let claimed = tokio::select! {
-                    () = finished.notified() => break,
+                    () = finished.cancelled() => break,
                     claimed = stream.next_claim() => claimed?,
                 };
                 let Some(claimed) = claimed else { break };
@@ -347,7 +434,7 @@ pub(super) async fn lifecycle_stream(
                 in_flight.spawn(async move {
                     start_and_complete(&client, claimed).await?;
                     if done.fetch_add(1, Ordering::SeqCst) + 1 >= total {
-                        finished.notify_waiters();
+                        finished.cancel();
                     }
                     let _ = outbound.send(credit(1)).await;
                     anyhow::Ok(())
@@ -363,7 +450,7 @@ pub(super) async fn lifecycle_stream(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
-    finished.notify_waiters();
+    finished.cancel();
     for session in sessions {
         session.await??;
     }

@@ -123,7 +123,8 @@ pub(super) async fn stream_session(
                         None => tracing::error!("claim pushed without a credit; ignored"),
                     },
                     Inbound::Cancelled(cancelled) => shared.cancel(&cancelled.task_id),
-                    Inbound::Keepalive(_) => {}
+                    // This worker sends its task writes as calls, so no answers come here.
+                    Inbound::Keepalive(_) | Inbound::Written(_) => {}
                     Inbound::Draining(_) => {
                         tracing::info!("the server is draining; reconnecting");
                         return Ok(());

@@ -24,6 +24,7 @@ use crate::domain::auth::Principal;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, TaskId};
 use crate::wakeups::Subscription;
 
+use super::stream_writes::StreamWrites;
 use super::{access, convert};
 use crate::proto::{
     self as pb, stream_claims_request::Msg as Inbound, stream_claims_response::Msg as Outbound,
@@ -81,6 +82,7 @@ pub(super) async fn open(
     Ok(Session {
         credit_cap,
         _slot: slot,
+        writes: StreamWrites::new(coordinator.clone(), credential.clone()),
         credential,
         coordinator: coordinator.clone(),
         runtime_id,
@@ -104,6 +106,8 @@ pub(super) struct Session {
     credit_cap: u64,
     /// This stream's place among its runtime's open streams (`--max-streams-per-runtime`).
     _slot: StreamSlot,
+    /// Starts, completes and fails the worker sends on this stream.
+    writes: StreamWrites,
     /// The bearer token the stream opened with, checked again before every claim.
     credential: Option<String>,
     coordinator: Arc<Coordinator>,
@@ -206,7 +210,7 @@ impl Session {
                 biased;
                 () = draining.cancelled() => return End::Draining,
                 message = inbound.message() => match message {
-                    Ok(Some(request)) => match self.receive(request) {
+                    Ok(Some(request)) => match self.receive(request, outbound) {
                         Ok(granted) => want_claims |= granted,
                         Err(status) => return End::Failed(status),
                     },
@@ -254,15 +258,23 @@ impl Session {
     }
 
     /// Handles one worker message; `true` when it granted credits.
-    fn receive(&mut self, request: pb::StreamClaimsRequest) -> std::result::Result<bool, Status> {
-        if matches!(request.msg, Some(Inbound::Credit(_) | Inbound::Ack(_))) {
+    fn receive(
+        &mut self,
+        request: pb::StreamClaimsRequest,
+        outbound: &Sender,
+    ) -> std::result::Result<bool, Status> {
+        if matches!(
+            request.msg,
+            Some(Inbound::Credit(_) | Inbound::Ack(_) | Inbound::Write(_))
+        ) {
             self.coordinator.note_sign_of_life(self.runtime_id);
         }
         match request.msg {
-            Some(Inbound::Credit(grant)) => {
-                self.credits = (self.credits + u64::from(grant.n)).min(self.credit_cap);
-                self.peak_credits = self.peak_credits.max(self.credits);
-                Ok(grant.n > 0)
+            Some(Inbound::Credit(grant)) => Ok(self.grant(grant.n)),
+            Some(Inbound::Write(write)) => {
+                let granted = self.grant(write.credit);
+                self.writes.spawn(write, outbound);
+                Ok(granted)
             }
             // A receipt only: the claim stays this stream's until it is started.
             Some(Inbound::Ack(_)) => Ok(false),
@@ -271,6 +283,13 @@ impl Session {
             }
             None => Err(Error::invalid("msg", "empty message").into()),
         }
+    }
+
+    /// Adds `n` credits (up to the cap); `true` when it granted any.
+    fn grant(&mut self, n: u32) -> bool {
+        self.credits = (self.credits + u64::from(n)).min(self.credit_cap);
+        self.peak_credits = self.peak_credits.max(self.credits);
+        n > 0
     }
 
     /// Claims up to the credits left (one batch) and pushes them.

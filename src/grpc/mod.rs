@@ -9,6 +9,7 @@ mod observe;
 mod page_token;
 mod shed;
 pub mod status;
+mod stream_writes;
 mod tasks;
 mod typed_errors;
 mod worker;

@@ -424,3 +424,4 @@ async fn wait_for_status(server: &TestServer, task_id: &str, status: pb::TaskSta
 }
 
 mod replicas;
+mod writes;

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from leasehold.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -99,14 +100,16 @@ class ClaimTaskResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[_types_pb2.ClaimedTask, _Mapping]]] = ...) -> None: ...
 
 class StreamClaimsRequest(_message.Message):
-    __slots__ = ("open", "credit", "ack")
+    __slots__ = ("open", "credit", "ack", "write")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
     open: OpenStream
     credit: GrantCredit
     ack: AckClaim
-    def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[GrantCredit, _Mapping]] = ..., ack: _Optional[_Union[AckClaim, _Mapping]] = ...) -> None: ...
+    write: StreamWrite
+    def __init__(self, open: _Optional[_Union[OpenStream, _Mapping]] = ..., credit: _Optional[_Union[GrantCredit, _Mapping]] = ..., ack: _Optional[_Union[AckClaim, _Mapping]] = ..., write: _Optional[_Union[StreamWrite, _Mapping]] = ...) -> None: ...
 
 class OpenStream(_message.Message):
     __slots__ = ("runtime_id", "credits", "auto_start")
@@ -130,17 +133,45 @@ class AckClaim(_message.Message):
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
+class StreamWrite(_message.Message):
+    __slots__ = ("request_id", "start", "complete", "fail", "credit")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    FAIL_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    start: StartTaskRequest
+    complete: CompleteTaskRequest
+    fail: FailTaskRequest
+    credit: int
+    def __init__(self, request_id: _Optional[int] = ..., start: _Optional[_Union[StartTaskRequest, _Mapping]] = ..., complete: _Optional[_Union[CompleteTaskRequest, _Mapping]] = ..., fail: _Optional[_Union[FailTaskRequest, _Mapping]] = ..., credit: _Optional[int] = ...) -> None: ...
+
 class StreamClaimsResponse(_message.Message):
-    __slots__ = ("claimed", "cancelled", "keepalive", "draining")
+    __slots__ = ("claimed", "cancelled", "keepalive", "draining", "written")
     CLAIMED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     claimed: _types_pb2.ClaimedTask
     cancelled: TaskCancelled
     keepalive: Keepalive
     draining: Draining
-    def __init__(self, claimed: _Optional[_Union[_types_pb2.ClaimedTask, _Mapping]] = ..., cancelled: _Optional[_Union[TaskCancelled, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ...) -> None: ...
+    written: StreamWritten
+    def __init__(self, claimed: _Optional[_Union[_types_pb2.ClaimedTask, _Mapping]] = ..., cancelled: _Optional[_Union[TaskCancelled, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., draining: _Optional[_Union[Draining, _Mapping]] = ..., written: _Optional[_Union[StreamWritten, _Mapping]] = ...) -> None: ...
+
+class StreamWritten(_message.Message):
+    __slots__ = ("request_id", "task", "will_retry", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WILL_RETRY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    task: _types_pb2.Task
+    will_retry: bool
+    error: _status_pb2.Status
+    def __init__(self, request_id: _Optional[int] = ..., task: _Optional[_Union[_types_pb2.Task, _Mapping]] = ..., will_retry: _Optional[bool] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class TaskCancelled(_message.Message):
     __slots__ = ("task_id",)
