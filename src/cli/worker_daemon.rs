@@ -64,6 +64,10 @@ pub struct WorkerArgs {
     /// runs at once either way; this only saves the round trip.
     #[arg(long, env = "LEASEHOLD_AUTO_START")]
     auto_start: bool,
+    /// Report finished tasks on the claim stream rather than by a call each (needs servers of
+    /// this release or later: an older one ends a stream that carries a write).
+    #[arg(long, env = "LEASEHOLD_WRITES_ON_STREAM")]
+    writes_on_stream: bool,
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
     /// The program to run per task, and its arguments.
@@ -87,6 +91,7 @@ impl WorkerArgs {
         )
         .concurrency(self.concurrency)
         .auto_start(self.auto_start)
+        .writes_on_stream(self.writes_on_stream)
         .shutdown_grace(self.shutdown_grace)
         .claim_mode(match self.claim_mode {
             ClaimModeArg::Stream => ClaimMode::Stream,

@@ -13,6 +13,7 @@ use tonic::{Code, Status};
 use super::backoff::Backoff;
 use super::lifecycle::{is_runtime_not_found, reregister};
 use super::shared::{Shared, sleep_unless};
+use super::stream_writer::StreamWriter;
 use super::task_run;
 use crate::proto as pb;
 use crate::proto::stream_claims_request::Msg as Outbound;
@@ -101,12 +102,24 @@ pub(super) async fn stream_session(
         }
     };
     backoff.reset();
+    let writer = shared.config.writes_on_stream.then(|| {
+        let writer = Arc::new(StreamWriter::new(outbound.clone()));
+        shared.set_stream_writer(Some(writer.clone()));
+        writer
+    });
+    // Whatever ends the session, its writer goes first: its waiting writes are retried by
+    // call, and the stream's request half is released.
+    let writer_guard = WriterGuard {
+        shared,
+        writer: writer.clone(),
+    };
     let idle_timeout = shared.config.stream_idle_timeout;
     loop {
         // Dropping `outbound` on return ends the stream; the server then gives back every
         // pushed claim not yet started (T4').
         tokio::select! {
             () = shutdown.cancelled() => {
+                writer_guard.close();
                 close_gracefully(outbound, inbound).await;
                 return Ok(());
             }
@@ -123,8 +136,12 @@ pub(super) async fn stream_session(
                         None => tracing::error!("claim pushed without a credit; ignored"),
                     },
                     Inbound::Cancelled(cancelled) => shared.cancel(&cancelled.task_id),
-                    // This worker sends its task writes as calls, so no answers come here.
-                    Inbound::Keepalive(_) | Inbound::Written(_) => {}
+                    Inbound::Written(written) => {
+                        if let Some(writer) = &writer {
+                            writer.answered(written);
+                        }
+                    }
+                    Inbound::Keepalive(_) => {}
                     Inbound::Draining(_) => {
                         tracing::info!("the server is draining; reconnecting");
                         return Ok(());
@@ -140,6 +157,27 @@ pub(super) async fn stream_session(
                 }
             }
         }
+    }
+}
+
+/// Detaches a stream session's writer when the session ends.
+struct WriterGuard<'a> {
+    shared: &'a Shared,
+    writer: Option<Arc<StreamWriter>>,
+}
+
+impl WriterGuard<'_> {
+    fn close(&self) {
+        if let Some(writer) = &self.writer {
+            self.shared.set_stream_writer(None);
+            writer.close();
+        }
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

@@ -27,6 +27,7 @@ mod claiming;
 mod handler;
 mod lifecycle;
 mod shared;
+mod stream_writer;
 mod task_run;
 mod worker;
 mod worker_config;

@@ -13,6 +13,7 @@ use tonic::Status;
 
 use super::Client;
 use super::handler::Handler;
+use super::stream_writer::StreamWriter;
 use super::worker_config::WorkerConfig;
 
 /// What the server told the runtime when it registered.
@@ -49,6 +50,8 @@ pub(super) struct Shared {
     pub(super) in_flight: Mutex<HashMap<String, Tracked>>,
     pub(super) slots: Arc<Semaphore>,
     pub(super) tasks: TaskTracker,
+    /// The open claim stream's writer, when finished tasks are reported on it.
+    pub(super) stream_writer: RwLock<Option<Arc<StreamWriter>>>,
 }
 
 impl Shared {
@@ -72,6 +75,21 @@ impl Shared {
             );
             self.revoked.cancel();
         }
+    }
+
+    /// The open claim stream's writer, if reports go on the stream.
+    pub(super) fn stream_writer(&self) -> Option<Arc<StreamWriter>> {
+        self.stream_writer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(super) fn set_stream_writer(&self, writer: Option<Arc<StreamWriter>>) {
+        *self
+            .stream_writer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = writer;
     }
 
     pub(super) fn registration(&self) -> Option<Registration> {

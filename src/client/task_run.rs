@@ -26,6 +26,7 @@ use super::handler::{TaskContext, TaskError};
 use super::shared::{Shared, Tracked, sleep_unless};
 use super::{is_claim_lost, is_transient};
 use crate::proto as pb;
+use crate::proto::stream_write::Call;
 
 /// How one task ends, as far as the worker is concerned.
 #[derive(Debug)]
@@ -271,8 +272,18 @@ impl TaskRun<'_> {
                 };
                 self.retry_report("CompleteTask", Persistence::WhileAlive, || {
                     let request = request.clone();
-                    let mut worker = self.shared.client().worker();
-                    async move { worker.complete_task(request).await.map(drop) }
+                    let shared = self.shared;
+                    async move {
+                        match shared.stream_writer() {
+                            Some(writer) => writer.write(Call::Complete(request)).await,
+                            None => shared
+                                .client()
+                                .worker()
+                                .complete_task(request)
+                                .await
+                                .map(drop),
+                        }
+                    }
                 })
                 .await;
             }
@@ -285,8 +296,13 @@ impl TaskRun<'_> {
                 };
                 self.retry_report("FailTask", Persistence::WhileAlive, || {
                     let request = request.clone();
-                    let mut worker = self.shared.client().worker();
-                    async move { worker.fail_task(request).await.map(drop) }
+                    let shared = self.shared;
+                    async move {
+                        match shared.stream_writer() {
+                            Some(writer) => writer.write(Call::Fail(request)).await,
+                            None => shared.client().worker().fail_task(request).await.map(drop),
+                        }
+                    }
                 })
                 .await;
             }

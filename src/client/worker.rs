@@ -42,6 +42,7 @@ impl Worker {
                 in_flight: Mutex::new(HashMap::new()),
                 slots,
                 tasks: TaskTracker::new(),
+                stream_writer: RwLock::new(None),
                 config,
             }),
         }

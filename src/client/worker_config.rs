@@ -28,6 +28,11 @@ pub struct WorkerConfig {
     /// write fewer. The handler's `prepare` then runs on a RUNNING task, without a lease to
     /// keep. Off by default; unary claims are always started with `StartTask`.
     pub auto_start: bool,
+    /// While a claim stream is open, finished tasks are reported on it (`StreamWrite`) instead
+    /// of by `CompleteTask` / `FailTask` calls: no call per task. Off by default, because a
+    /// server older than the stream's writes ends a stream that carries one; turn it on once
+    /// every server runs this release.
+    pub writes_on_stream: bool,
     /// How long shutdown lets in-flight tasks finish before cancelling them.
     pub shutdown_grace: Duration,
     /// `wait` of each long-poll `ClaimTask` in unary mode.
@@ -59,6 +64,7 @@ impl WorkerConfig {
             concurrency: 1,
             claim_mode: ClaimMode::Stream,
             auto_start: false,
+            writes_on_stream: false,
             shutdown_grace: Duration::from_secs(30),
             long_poll_wait: Duration::from_secs(20),
             cancel_poll_interval: Duration::from_secs(5),
@@ -81,6 +87,11 @@ impl WorkerConfig {
 
     pub fn auto_start(mut self, auto_start: bool) -> WorkerConfig {
         self.auto_start = auto_start;
+        self
+    }
+
+    pub fn writes_on_stream(mut self, writes_on_stream: bool) -> WorkerConfig {
+        self.writes_on_stream = writes_on_stream;
         self
     }
 

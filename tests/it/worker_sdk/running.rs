@@ -29,6 +29,22 @@ async fn an_auto_starting_worker_sends_no_start(backend: Backend) {
     assert_eq!(faults.calls("FailTask"), 0);
 }
 
+/// `writes_on_stream`: finished tasks are reported on the claim stream, not by a call each.
+async fn a_worker_writing_on_the_stream_makes_no_report_calls(backend: Backend) {
+    let server = backend.start().await;
+    let config = quick_config(ClaimMode::Stream)
+        .auto_start(true)
+        .writes_on_stream(true);
+    let faults = six_tasks_complete_once(&server, config).await;
+    assert_eq!(faults.calls("StartTask"), 0);
+    assert_eq!(
+        faults.calls("CompleteTask"),
+        0,
+        "completes went on the stream"
+    );
+    assert_eq!(faults.calls("FailTask"), 0);
+}
+
 async fn the_worker_claims_only_into_free_slots(backend: Backend) {
     let server = backend.start().await;
     let gate = Arc::new(Semaphore::new(0));
@@ -228,6 +244,7 @@ async fn the_worker_heartbeats_at_the_interval_the_server_gave(backend: Backend)
 conformance!(
     the_worker_runs_each_task_once_and_reports_result_and_usage,
     an_auto_starting_worker_sends_no_start,
+    a_worker_writing_on_the_stream_makes_no_report_calls,
     the_worker_claims_only_into_free_slots,
     a_stream_cancellation_reaches_the_running_handler,
     a_polled_cancellation_reaches_the_running_handler,
