@@ -316,58 +316,39 @@ pub(super) async fn lifecycle_stream_writes(
     credits: u32,
     total: usize,
 ) -> anyhow::Result<f64> {
-    let mut streams = Vec::new();
-    for index in 0..workers {
-        streams.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
-    }
-    let _alive = keep_alive(streams.clone());
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    // Level-triggered: a session busy elsewhere when the last task finishes still sees it.
-    let finished = CancellationToken::new();
-    let mut sessions = Vec::new();
-    for runtime in streams {
-        let mut stream = Stream::open(&runtime.client, runtime.id, credits, true).await?;
-        let (done, finished) = (done.clone(), finished.clone());
-        sessions.push(tokio::spawn(async move {
+    streamed_lifecycle(
+        client,
+        queue,
+        workers,
+        total,
+        move |runtime: Registered, progress: Progress| async move {
+            let mut stream = Stream::open(&runtime.client, runtime.id, credits, true).await?;
             let mut request_id = 0;
             loop {
                 let message = tokio::select! {
-                    () = finished.cancelled() => break,
+                    () = progress.finished.cancelled() => break,
                     message = stream.inbound.message() => message?,
                 };
                 match message.and_then(|message| message.msg) {
                     None => break,
                     Some(Inbound::Claimed(claimed)) => {
                         request_id += 1;
-                        stream
-                            .outbound
-                            .send(complete_on_stream(request_id, claimed)?)
-                            .await?;
+                        let write = complete_on_stream(request_id, claimed)?;
+                        stream.outbound.send(write).await?;
                     }
                     Some(Inbound::Written(written)) => {
                         if let Some(error) = written.error {
                             anyhow::bail!("a write on the stream was refused: {}", error.message);
                         }
-                        if done.fetch_add(1, Ordering::SeqCst) + 1 >= total {
-                            finished.cancel();
-                        }
+                        progress.task_done();
                     }
                     Some(_) => {}
                 }
             }
             anyhow::Ok(())
-        }));
-    }
-    while done.load(Ordering::SeqCst) < total {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    finished.cancel();
-    for session in sessions {
-        session.await??;
-    }
-    Ok(total as f64 / elapsed.as_secs_f64())
+        },
+    )
+    .await
 }
 
 /// CompleteTask for an auto-started claim, as a write on its stream that also grants its credit.
@@ -408,34 +389,25 @@ pub(super) async fn lifecycle_stream(
     total: usize,
     auto_start: bool,
 ) -> anyhow::Result<f64> {
-    let mut streams = Vec::new();
-    for index in 0..workers {
-        streams.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
-    }
-    let _alive = keep_alive(streams.clone());
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    // Level-triggered: a session busy elsewhere when the last task finishes still sees it.
-    let finished = CancellationToken::new();
-    let mut sessions = Vec::new();
-    for runtime in streams {
-        let mut stream = Stream::open(&runtime.client, runtime.id, credits, auto_start).await?;
-        let (client, done, finished) = (runtime.client, done.clone(), finished.clone());
-        sessions.push(tokio::spawn(async move {
+    streamed_lifecycle(
+        client,
+        queue,
+        workers,
+        total,
+        move |runtime: Registered, progress: Progress| async move {
+            let mut stream = Stream::open(&runtime.client, runtime.id, credits, auto_start).await?;
             let mut in_flight = tokio::task::JoinSet::new();
             loop {
                 let claimed = tokio::select! {
-                    () = finished.cancelled() => break,
+                    () = progress.finished.cancelled() => break,
                     claimed = stream.next_claim() => claimed?,
                 };
                 let Some(claimed) = claimed else { break };
-                let (client, done, finished) = (client.clone(), done.clone(), finished.clone());
+                let (client, progress) = (runtime.client.clone(), progress.clone());
                 let outbound = stream.outbound.clone();
                 in_flight.spawn(async move {
                     start_and_complete(&client, claimed).await?;
-                    if done.fetch_add(1, Ordering::SeqCst) + 1 >= total {
-                        finished.cancel();
-                    }
+                    progress.task_done();
                     let _ = outbound.send(credit(1)).await;
                     anyhow::Ok(())
                 });
@@ -444,13 +416,61 @@ pub(super) async fn lifecycle_stream(
                 result??;
             }
             anyhow::Ok(())
-        }));
+        },
+    )
+    .await
+}
+
+/// How far a streamed lifecycle got, shared by its sessions.
+#[derive(Clone)]
+struct Progress {
+    done: Arc<AtomicUsize>,
+    total: usize,
+    /// Level-triggered: a session busy elsewhere when the last task finishes still sees it.
+    finished: CancellationToken,
+}
+
+impl Progress {
+    fn task_done(&self) {
+        if self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.total {
+            self.finished.cancel();
+        }
     }
-    while done.load(Ordering::SeqCst) < total {
+}
+
+/// Registers `workers` runtimes (heartbeating), runs `session` for each until `total` tasks
+/// are done, and answers the tasks per second from the first session's start.
+async fn streamed_lifecycle<Session, Ends>(
+    client: &Client,
+    queue: &str,
+    workers: usize,
+    total: usize,
+    session: Session,
+) -> anyhow::Result<f64>
+where
+    Session: Fn(Registered, Progress) -> Ends,
+    Ends: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut runtimes = Vec::new();
+    for index in 0..workers {
+        runtimes.push(register_worker(client, format!("{queue}-{index}"), queue).await?);
+    }
+    let _alive = keep_alive(runtimes.clone());
+    let started = Instant::now();
+    let progress = Progress {
+        done: Arc::new(AtomicUsize::new(0)),
+        total,
+        finished: CancellationToken::new(),
+    };
+    let sessions: Vec<_> = runtimes
+        .into_iter()
+        .map(|runtime| tokio::spawn(session(runtime, progress.clone())))
+        .collect();
+    while progress.done.load(Ordering::SeqCst) < total {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
-    finished.cancel();
+    progress.finished.cancel();
     for session in sessions {
         session.await??;
     }
