@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Code, Status};
+use tonic::Status;
+
+use crate::grpc::status::status_from_rpc;
 
 use crate::proto::stream_claims_request::Msg as Outbound;
 use crate::proto::{self as pb, stream_write::Call};
@@ -65,11 +66,7 @@ impl StreamWriter {
         };
         let outcome = match written.error {
             None => Ok(()),
-            Some(error) => Err(Status::with_details(
-                Code::from_i32(error.code),
-                error.message.clone(),
-                error.encode_to_vec().into(),
-            )),
+            Some(error) => Err(status_from_rpc(error)),
         };
         let _ = answer.send(outcome);
     }

@@ -10,6 +10,7 @@ mod page_token;
 mod shed;
 pub mod status;
 mod stream_writes;
+mod task_writes;
 mod tasks;
 mod typed_errors;
 mod worker;

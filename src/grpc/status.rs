@@ -162,6 +162,15 @@ fn error_info(
     ErrorDetails::with_error_info(reason, DOMAIN, metadata)
 }
 
+/// The tonic status a `google.rpc.Status` reported inside a response stands for: its code,
+/// message and details, as if the call itself had failed with it (the inverse of
+/// [`rpc_status`]).
+pub fn status_from_rpc(status: tonic_types::pb::Status) -> Status {
+    use prost::Message as _;
+    let details = status.encode_to_vec();
+    Status::with_details(Code::from_i32(status.code), status.message, details.into())
+}
+
 /// The `google.rpc.Status` a tonic status carries on the wire (code, message and the error
 /// details), for errors reported inside a response, such as one item of EnqueueTasks.
 pub fn rpc_status(status: Status) -> tonic_types::pb::Status {

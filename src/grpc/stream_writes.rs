@@ -1,7 +1,7 @@
 //! Task writes carried on a claim stream (`StreamWrite`): StartTask, CompleteTask and FailTask
-//! without a call each. Each write is the unary call's: the same conversion, the same
-//! coordinator path (so the same fence, replay rules, group commit and errors), the stream's
-//! credential checked again as every call's is. Its answer (`StreamWritten`) echoes the
+//! without a call each. Each write runs as its unary call does (`task_writes`: the same
+//! conversion, fence, replay rules, group commit and errors), the stream's credential checked
+//! again as every call's is. Its answer (`StreamWritten`) echoes the
 //! worker's request_id; writes run concurrently, so answers may come in any order.
 //!
 //! A stream holds at most [`WRITES_IN_FLIGHT`] writes at once (spec §10); one more is refused
@@ -15,6 +15,7 @@ use tonic::Status;
 use super::claim_stream::Sender;
 use super::observe::count_refusal;
 use super::status::rpc_status;
+use super::task_writes;
 use crate::coordinator::Coordinator;
 use crate::domain::Error;
 use crate::proto::{self as pb, stream_claims_response::Msg as Outbound, stream_write::Call};
@@ -53,7 +54,7 @@ impl StreamWrites {
             let written = match outcome {
                 Ok((task, will_retry)) => pb::StreamWritten {
                     request_id: write.request_id,
-                    task: Some(task),
+                    task,
                     will_retry,
                     error: None,
                 },
@@ -76,43 +77,28 @@ impl StreamWrites {
     }
 }
 
-/// The unary call `call` stands for; the task it left and, for a fail, whether it retries.
+/// The unary call `call` stands for (`task_writes`): the task it left and, for a fail,
+/// whether it retries.
 async fn run(
     coordinator: &Coordinator,
     credential: Option<&str>,
     call: Option<Call>,
-) -> Result<(pb::Task, bool), Status> {
+) -> Result<(Option<pb::Task>, bool), Status> {
     let acting = coordinator.authenticate(credential).await?.acting_runtime();
     let (task, will_retry) = match call {
         Some(Call::Start(request)) => {
-            let (task_id, token) = fence(&request.task_id, &request.claim_token)?;
-            (coordinator.start(task_id, token, acting).await?, false)
+            let answer = task_writes::start(coordinator, acting, request).await?;
+            (answer.task, false)
         }
         Some(Call::Complete(request)) => {
-            let (task_id, token) = fence(&request.task_id, &request.claim_token)?;
-            let task = coordinator
-                .complete(task_id, token, request.result, acting)
-                .await?;
-            (task, false)
+            let answer = task_writes::complete(coordinator, acting, request).await?;
+            (answer.task, false)
         }
         Some(Call::Fail(request)) => {
-            let (task_id, token) = fence(&request.task_id, &request.claim_token)?;
-            let outcome = coordinator
-                .fail(task_id, token, request.error, request.retryable, acting)
-                .await?;
-            (outcome.task, outcome.will_retry)
+            let answer = task_writes::fail(coordinator, acting, request).await?;
+            (answer.task, answer.will_retry)
         }
         None => return Err(Error::invalid("write.call", "one of start, complete, fail").into()),
     };
-    Ok((super::convert::task(task), will_retry))
-}
-
-/// The task and the token a write names, converted as the unary calls convert them.
-fn fence(
-    task_id: &str,
-    claim_token: &str,
-) -> Result<(crate::domain::TaskId, crate::domain::ClaimToken), Status> {
-    let task_id = super::convert::task_id("task_id", task_id)?;
-    let token = super::convert::claim_token(claim_token)?;
-    Ok((task_id, token))
+    Ok((task, will_retry))
 }

@@ -10,7 +10,7 @@ use crate::coordinator::Coordinator;
 use crate::domain::auth::Scope;
 use crate::store::NewRuntime;
 
-use super::{access, claim_stream, convert, deadline};
+use super::{access, claim_stream, convert, deadline, task_writes};
 use crate::proto::{self as pb, worker_service_server::WorkerService};
 
 pub struct WorkerApi {
@@ -131,13 +131,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
         let acting = access::principal(&request)?.acting_runtime();
-        let request = request.into_inner();
-        let task_id = convert::task_id("task_id", &request.task_id)?;
-        let token = convert::claim_token(&request.claim_token)?;
-        let task = self.coordinator.start(task_id, token, acting).await?;
-        Ok(Response::new(pb::StartTaskResponse {
-            task: Some(convert::task(task)),
-        }))
+        let answer = task_writes::start(&self.coordinator, acting, request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn extend_lease(
@@ -163,16 +158,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let acting = access::principal(&request)?.acting_runtime();
-        let request = request.into_inner();
-        let task_id = convert::task_id("task_id", &request.task_id)?;
-        let token = convert::claim_token(&request.claim_token)?;
-        let task = self
-            .coordinator
-            .complete(task_id, token, request.result, acting)
-            .await?;
-        Ok(Response::new(pb::CompleteTaskResponse {
-            task: Some(convert::task(task)),
-        }))
+        let answer = task_writes::complete(&self.coordinator, acting, request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn fail_task(
@@ -180,17 +167,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let acting = access::principal(&request)?.acting_runtime();
-        let request = request.into_inner();
-        let task_id = convert::task_id("task_id", &request.task_id)?;
-        let token = convert::claim_token(&request.claim_token)?;
-        let outcome = self
-            .coordinator
-            .fail(task_id, token, request.error, request.retryable, acting)
-            .await?;
-        Ok(Response::new(pb::FailTaskResponse {
-            task: Some(convert::task(outcome.task)),
-            will_retry: outcome.will_retry,
-        }))
+        let answer = task_writes::fail(&self.coordinator, acting, request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn report_usage(

@@ -2,7 +2,7 @@
 //! call's — the same outcome, the same refusals with the same reasons — answered under the
 //! worker's request_id, with credits granted along.
 
-use prost::Message as _;
+use leasehold::grpc::status::status_from_rpc;
 use tonic::{Code, Status};
 
 use super::{ClaimStream, PROMPTLY, start};
@@ -61,8 +61,19 @@ async fn write(
 fn refusal(written: &pb::StreamWritten) -> Status {
     let error = written.error.clone().expect("a refusal");
     assert!(written.task.is_none(), "a refusal carries no task");
-    let code = Code::from_i32(error.code);
-    Status::with_details(code, error.message.clone(), error.encode_to_vec().into())
+    status_from_rpc(error)
+}
+
+/// A stream of one credit whose claims arrive started.
+async fn auto_starting_stream(server: &TestServer, runtime_id: &str) -> ClaimStream {
+    let open = Inbound::Open(pb::OpenStream {
+        runtime_id: runtime_id.into(),
+        credits: 1,
+        auto_start: true,
+    });
+    ClaimStream::start(server.worker.clone(), open)
+        .await
+        .unwrap()
 }
 
 fn written_task(written: &pb::StreamWritten) -> &pb::Task {
@@ -144,14 +155,7 @@ async fn a_write_grants_its_credits(backend: Backend) {
     let runtime = server.register("recycler", &["q"]).await;
     server.enqueue_to("q").await;
     server.enqueue_to("q").await;
-    let open = Inbound::Open(pb::OpenStream {
-        runtime_id: runtime.clone(),
-        credits: 1,
-        auto_start: true,
-    });
-    let mut stream = ClaimStream::start(server.worker.clone(), open)
-        .await
-        .unwrap();
+    let mut stream = auto_starting_stream(&server, &runtime).await;
     let first = stream.next_claimed().await;
     stream.expect_quiet().await;
 
@@ -194,14 +198,7 @@ async fn a_stream_holds_a_bounded_number_of_writes(
     let server = TestServer::start(pool, connect.clone()).await;
     let runtime = server.register("flooder", &["q"]).await;
     server.enqueue_to("q").await;
-    let open = Inbound::Open(pb::OpenStream {
-        runtime_id: runtime.clone(),
-        credits: 1,
-        auto_start: true,
-    });
-    let mut stream = ClaimStream::start(server.worker.clone(), open)
-        .await
-        .unwrap();
+    let mut stream = auto_starting_stream(&server, &runtime).await;
     let claimed = stream.next_claimed().await;
     let mut holder = sqlx::PgConnection::connect_with(&connect).await.unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
