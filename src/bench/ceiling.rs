@@ -19,24 +19,24 @@ use crate::store::postgres::statements;
 fn pgbench_script() -> anyhow::Result<String> {
     let runtime = "(SELECT id FROM runtimes WHERE name = 'ceiling-' || :client_id)";
     // The claim's rows are read into pgbench variables: only the id and the token.
-    let claim = statements::CLAIM.replacen(
-        "SELECT * FROM",
-        "SELECT id AS task_id, claim_token AS token FROM",
+    let claim = statements::CLAIM_MANY.replacen(
+        "(claims.task_row).*",
+        "(claims.task_row).id AS task_id, (claims.task_row).claim_token AS token",
         1,
     );
     anyhow::ensure!(
-        claim != statements::CLAIM,
+        claim != statements::CLAIM_MANY,
         "the claim statement changed shape"
     );
     let claim = bind(
         &claim,
         &[
-            runtime,
-            "1",
+            &format!("ARRAY[{runtime}]"),
+            "ARRAY[1]",
+            "ARRAY[false]",
+            "ARRAY[interval '10 seconds']",
             "interval '60 seconds'",
             "5",
-            "interval '10 seconds'",
-            "false",
         ],
     );
     let start = bind(
@@ -183,7 +183,10 @@ mod tests {
         assert_eq!(script.lines().count(), 3, "{script}");
         assert!(!script.contains('$'), "an unbound parameter in {script}");
         assert!(script.lines().next().unwrap().ends_with("\\gset"));
-        assert!(script.contains("leasehold_claim_within_capacity"));
+        assert!(
+            script.contains("leasehold_claim_many"),
+            "the claim the service runs"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The claim (one statement: `sql::CLAIM`, the preflight inside it) and the give-back of a
-//! stream's unstarted claims.
+//! The claim (one statement, `sql::CLAIM_MANY`, for one claim or several: the preflight inside
+//! it) and the give-back of a stream's unstarted claims.
 
 use uuid::Uuid;
 
@@ -11,26 +11,57 @@ use super::sql;
 use crate::domain::{ClaimToken, ClaimedTask, Error, Result, RuntimeId, Task, TaskId};
 use crate::store::{ClaimOutcome, ClaimRequest, StorePolicy, TaskMove};
 
-/// The claim: the preflight's moves and the claimed tasks.
+/// The claim alone: the preflight's moves and the claimed tasks.
 pub(super) async fn claim(
     db: &Db,
     policy: &StorePolicy,
     request: ClaimRequest,
 ) -> Result<ClaimOutcome> {
-    let rows: Vec<TaskRow> = run!(
+    let rows = claim_many(db, policy, &[request])
+        .await
+        .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
+    outcome(rows.into_iter().map(|row| row.task).collect())
+}
+
+/// A row of `CLAIM_MANY`: which claim (1-based, in the order given) it answers.
+#[derive(sqlx::FromRow)]
+pub(super) struct ClaimedRow {
+    pub(super) request: i32,
+    #[sqlx(flatten)]
+    pub(super) task: TaskRow,
+}
+
+/// `claims` in one statement, each as if alone, in turn (`functions/leasehold_claim_many.sql`).
+pub(super) async fn claim_many(
+    db: &Db,
+    policy: &StorePolicy,
+    claims: &[ClaimRequest],
+) -> sqlx::Result<Vec<ClaimedRow>> {
+    let runtimes: Vec<Uuid> = claims
+        .iter()
+        .map(|claim| claim.runtime_id.as_uuid())
+        .collect();
+    let max_tasks: Vec<i32> = claims
+        .iter()
+        .map(|claim| i32::try_from(claim.max_tasks).unwrap_or(i32::MAX))
+        .collect();
+    let auto_start: Vec<bool> = claims.iter().map(|claim| claim.auto_start).collect();
+    let budgets: Vec<Option<_>> = claims
+        .iter()
+        .map(|claim| claim.budget.map(interval))
+        .collect();
+    run!(
         db,
-        sqlx::query_as(sql::CLAIM)
-            .bind(request.runtime_id.as_uuid())
-            .bind(i32::try_from(request.max_tasks).unwrap_or(i32::MAX))
+        sqlx::query_as(sql::CLAIM_MANY)
+            .bind(runtimes)
+            .bind(max_tasks)
+            .bind(auto_start)
+            .bind(budgets)
             .bind(interval(policy.lease_duration))
-            .bind(i64::from(policy.max_lease_expirations))
-            .bind(request.budget.map(interval))
-            .bind(request.auto_start),
+            .bind(i64::from(policy.max_lease_expirations)),
         fetch_all
     )
     .await
-    .map_err(|error| classify(error, Context::Runtime(request.runtime_id)))?;
-    outcome(rows)
 }
 
 /// A claim's rows, as the claim function returns them, sorted into its outcome.

@@ -52,7 +52,7 @@ use sweep::StageArgument;
 pub mod statements {
     pub const DESCRIBE_QUEUE: &str = super::sql::DESCRIBE_QUEUE;
     pub const QUEUE_DEPTHS: &str = super::sql::QUEUE_DEPTHS;
-    pub const CLAIM: &str = super::sql::CLAIM;
+    pub const CLAIM_MANY: &str = super::sql::CLAIM_MANY;
     pub const START_MANY: &str = super::sql::START_MANY;
     pub const COMPLETE_MANY: &str = super::sql::COMPLETE_MANY;
 }
@@ -112,7 +112,7 @@ impl PgStore {
         Self {
             starts: Coalescer::new(db.clone(), metrics.clone()),
             completes: Coalescer::new(db.clone(), metrics.clone()),
-            claims: shared_claims::SharedClaims::new(db.clone(), metrics.clone()),
+            claims: shared_claims::SharedClaims::new(db.clone(), &policy, metrics.clone()),
             metrics,
             liveness: db.with_pool(side_pool(
                 pool,
@@ -233,7 +233,7 @@ impl TaskStore for PgStore {
         let deadline = request
             .budget
             .map(|budget| tokio::time::Instant::now() + budget);
-        match self.claims.claim(&self.policy, request).await {
+        match self.claims.claim(request, deadline).await {
             Some(rows) => claim::outcome(rows),
             None => {
                 // Alone, with what is left of the caller's budget.

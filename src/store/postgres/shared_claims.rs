@@ -1,6 +1,6 @@
 //! Claims of one replica share statements, as starts and completes do (`coalesce`): claims
 //! that arrive while the replica's claim statements are all busy go out together in the next
-//! one, `sql::CLAIM_MANY` (`functions/leasehold_claim_many.sql`), which runs each runtime's
+//! one, `claim::claim_many` (`functions/leasehold_claim_many.sql`), which runs each runtime's
 //! claim (`leasehold_claim_within_capacity`: the same rules, preflight and errors as alone)
 //! one after the other in one transaction. A quiet replica's claim still goes out at once,
 //! alone.
@@ -19,12 +19,10 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use uuid::Uuid;
 
-use super::interval;
-use super::pooler::{Db, run};
+use super::claim::claim_many;
+use super::pooler::Db;
 use super::rows::TaskRow;
-use super::sql;
 use crate::store::{ClaimRequest, StorePolicy};
 use crate::telemetry::metrics::Metrics;
 
@@ -43,44 +41,39 @@ struct Pending {
     reply: oneshot::Sender<SharedClaim>,
 }
 
-/// A row of `CLAIM_MANY`: which claim (1-based, in the order sent) it answers.
-#[derive(sqlx::FromRow)]
-struct SharedRow {
-    request: i32,
-    #[sqlx(flatten)]
-    task: TaskRow,
-}
-
 /// The replica's claim loop, started by its first claim and ended when the store is dropped.
 pub(super) struct SharedClaims {
-    db: Db,
+    statement: Statement,
     sender: OnceLock<mpsc::UnboundedSender<Pending>>,
     metrics: Arc<OnceLock<Metrics>>,
 }
 
 impl SharedClaims {
-    pub(super) fn new(db: Db, metrics: Arc<OnceLock<Metrics>>) -> Self {
-        Self {
+    pub(super) fn new(db: Db, policy: &StorePolicy, metrics: Arc<OnceLock<Metrics>>) -> Self {
+        let statement = Statement {
             db,
+            policy: *policy,
+        };
+        Self {
+            statement,
             sender: OnceLock::new(),
             metrics,
         }
     }
 
-    /// Runs `request` in the next shared claim statement.
-    pub(super) async fn claim(&self, policy: &StorePolicy, request: ClaimRequest) -> SharedClaim {
+    /// Runs `request` in the next shared claim statement; `deadline` is when its budget ends.
+    pub(super) async fn claim(
+        &self,
+        request: ClaimRequest,
+        deadline: Option<Instant>,
+    ) -> SharedClaim {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            let statement = Statement {
-                db: self.db.clone(),
-                lease: interval(policy.lease_duration),
-                max_lease_expirations: i64::from(policy.max_lease_expirations),
-            };
+            let statement = self.statement.clone();
             tokio::spawn(claim_loop(statement, self.metrics.clone(), receiver));
             sender
         });
-        let deadline = request.budget.map(|budget| Instant::now() + budget);
         let pending = Pending {
             request,
             deadline,
@@ -98,8 +91,7 @@ impl SharedClaims {
 #[derive(Clone)]
 struct Statement {
     db: Db,
-    lease: Duration,
-    max_lease_expirations: i64,
+    policy: StorePolicy,
 }
 
 async fn claim_loop(
@@ -134,20 +126,26 @@ async fn claim_batch(statement: &Statement, mut batch: Vec<Pending>) {
     // keeps two shared statements from deadlocking over them.
     batch.sort_by_key(|pending| pending.request.runtime_id.as_uuid());
     let now = Instant::now();
-    let mut claims = Vec::with_capacity(batch.len());
+    let (mut claims, mut replies) = (Vec::new(), Vec::new());
     for pending in batch {
         match remaining(pending.deadline, now) {
             // Out of time while waiting: alone, it gets its own verdict at once.
             Some(Duration::ZERO) => {
                 let _ = pending.reply.send(None);
             }
-            budget => claims.push((pending, budget)),
+            budget => {
+                claims.push(ClaimRequest {
+                    budget,
+                    ..pending.request
+                });
+                replies.push(pending.reply);
+            }
         }
     }
     if claims.is_empty() {
         return;
     }
-    match run_shared(statement, &claims).await {
+    match claim_many(&statement.db, &statement.policy, &claims).await {
         Ok(rows) => {
             let mut answers: Vec<Vec<TaskRow>> = claims.iter().map(|_| Vec::new()).collect();
             for row in rows {
@@ -160,51 +158,17 @@ async fn claim_batch(statement: &Statement, mut batch: Vec<Pending>) {
                     None => tracing::error!(request = row.request, "a claimed row of no claim"),
                 }
             }
-            for ((pending, _), rows) in claims.into_iter().zip(answers) {
-                let _ = pending.reply.send(Some(rows));
+            for (reply, rows) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Some(rows));
             }
         }
         Err(error) => {
             tracing::debug!(%error, claims = claims.len(), "a shared claim failed; each runs alone");
-            for (pending, _) in claims {
-                let _ = pending.reply.send(None);
+            for reply in replies {
+                let _ = reply.send(None);
             }
         }
     }
-}
-
-async fn run_shared(
-    statement: &Statement,
-    claims: &[(Pending, Option<Duration>)],
-) -> sqlx::Result<Vec<SharedRow>> {
-    let runtimes: Vec<Uuid> = claims
-        .iter()
-        .map(|(pending, _)| pending.request.runtime_id.as_uuid())
-        .collect();
-    let max_tasks: Vec<i32> = claims
-        .iter()
-        .map(|(pending, _)| i32::try_from(pending.request.max_tasks).unwrap_or(i32::MAX))
-        .collect();
-    let auto_start: Vec<bool> = claims
-        .iter()
-        .map(|(pending, _)| pending.request.auto_start)
-        .collect();
-    let budgets: Vec<Option<_>> = claims
-        .iter()
-        .map(|(_, budget)| budget.map(interval))
-        .collect();
-    run!(
-        &statement.db,
-        sqlx::query_as(sql::CLAIM_MANY)
-            .bind(runtimes)
-            .bind(max_tasks)
-            .bind(auto_start)
-            .bind(budgets)
-            .bind(statement.lease)
-            .bind(statement.max_lease_expirations),
-        fetch_all
-    )
-    .await
 }
 
 /// Time left before `deadline` (zero once it passed); `None` without one.

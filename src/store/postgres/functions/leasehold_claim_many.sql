@@ -1,12 +1,12 @@
 -- leasehold_claim_many(runtimes, max_tasks, auto_start, budgets, lease, max_lease_expirations):
--- several runtimes' claims in one statement (store/postgres/shared_claims.rs; sql.rs
--- CLAIM_MANY calls it). Claim i is leasehold_claim_within_capacity(runtimes[i], max_tasks[i],
+-- the claim statement (store/postgres/sql CLAIM_MANY), for one runtime's claim or several
+-- (shared_claims.rs). Claim i is leasehold_claim_within_capacity(runtimes[i], max_tasks[i],
 -- lease, max_lease_expirations, budgets[i], auto_start[i]), run in turn: each call's statements
 -- take fresh snapshots, so a later claim sees what an earlier one took. Same rules, preflight,
 -- row order and errors as a lone claim; an error rolls back every claim of the call.
 --
--- First, as a lone claim does (sql.rs CLAIM), every OFFLINE runtime among them comes back
--- ONLINE: a claim is a sign of life.
+-- First, every OFFLINE runtime among them comes back ONLINE: a claim is a sign of life, so
+-- nothing it claims can be failed by the sweeper for a stale status.
 --
 -- Returns: each claim's rows, as a lone claim returns them, tagged with its 1-based number
 -- (request_number), claims in the order given.

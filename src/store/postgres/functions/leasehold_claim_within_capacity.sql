@@ -1,5 +1,5 @@
 -- leasehold_claim_within_capacity(runtime, max_tasks, lease, max_lease_expirations, budget,
--- auto_start): what the claim statement (store/postgres/sql.rs CLAIM) calls. Same arguments, rows and
+-- auto_start): what leasehold_claim_many calls for each claim. Same arguments, rows and
 -- errors as leasehold_claim, which it wraps.
 --
 -- A runtime never holds more than its max_concurrency DISPATCHED + RUNNING tasks (0 = no

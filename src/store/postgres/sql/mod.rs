@@ -47,25 +47,16 @@ FROM (SELECT id FROM runtimes WHERE id = ANY ($1) AND status = 'ONLINE'
 WHERE r.id = seen.id AND r.status = 'ONLINE'
 RETURNING r.id";
 
-/// The claim: `functions/leasehold_claim_within_capacity.sql`, which wraps
-/// `functions/leasehold_claim.sql` (their headers hold the whole contract: the preflight, the
-/// claim's rules, the order of the returned rows, the LH001/LH002 errors). A claim is a sign of
-/// life: an OFFLINE runtime comes back ONLINE in the same statement, so nothing it claims can
-/// be failed by the sweeper for a stale status. (An ONLINE runtime's row matches nothing here
-/// and is not written.)
-pub(super) const CLAIM: &str = "
-WITH revived AS (
-    UPDATE runtimes SET status = 'ONLINE', last_seen_at = now(), offline_since = NULL
-    WHERE id = $1 AND status = 'OFFLINE'
-)
-SELECT * FROM leasehold_claim_within_capacity($1, $2, $3, $4, $5, $6)";
-
-/// Several runtimes' claims in one statement (`shared_claims`): $1 runtimes, $2 max_tasks,
-/// $3 auto_start, $4 budgets, one element per claim; $5 lease, $6 max_lease_expirations.
-/// `functions/leasehold_claim_many.sql` holds the contract: each claim is `CLAIM`'s, in turn.
-/// `request` says which claim (1-based) a row answers. No ORDER BY: a function scan returns
-/// the rows in the order the function produced them, claim by claim, each in its own order
-/// (a sort, not being stable, could reorder a claim's rows).
+/// The claim, for one runtime or several in one statement (`shared_claims`): $1 runtimes,
+/// $2 max_tasks, $3 auto_start, $4 budgets, one element per claim; $5 lease, $6
+/// max_lease_expirations. `functions/leasehold_claim_many.sql` runs each claim in turn as
+/// `functions/leasehold_claim_within_capacity.sql` (which wraps `leasehold_claim.sql`; their
+/// headers hold the whole contract: the preflight, the claim's rules, the order of the
+/// returned rows, the LH001/LH002 errors), after bringing OFFLINE runtimes back ONLINE (a
+/// claim is a sign of life, so nothing it claims can be failed by the sweeper for a stale
+/// status). `request` says which claim (1-based) a row answers. No ORDER BY: a function scan
+/// returns the rows in the order the function produced them, claim by claim, each in its own
+/// order (a sort, not being stable, could reorder a claim's rows).
 pub(super) const CLAIM_MANY: &str = "
 SELECT claims.request_number AS request, (claims.task_row).*
 FROM leasehold_claim_many($1, $2, $3, $4, $5, $6) AS claims";
