@@ -157,8 +157,8 @@ async fn a_claim_after_statistics_of_an_idle_table_reads_only_its_own_held_tasks
 
     let mut transaction = connection.begin().await.unwrap();
     let claimed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM leasehold_claim_within_capacity($1::uuid, 1, interval '60 seconds',
-                                                              5, interval '10 seconds')",
+        "SELECT count(*) FROM leasehold_claim_many(ARRAY[$1::uuid], '{1}', '{f}',
+                                                   '{10 seconds}', interval '60 seconds', 5)",
     )
     .bind(&runtime_id)
     .fetch_one(&mut *transaction)

@@ -31,7 +31,8 @@ pub(super) struct ClaimedRow {
     pub(super) task: TaskRow,
 }
 
-/// `claims` in one statement, each as if alone, in turn (`functions/leasehold_claim_many.sql`).
+/// `claims` in one statement, each as if alone after the ones before it
+/// (`functions/leasehold_claim_many.sql`).
 pub(super) async fn claim_many(
     db: &Db,
     policy: &StorePolicy,

@@ -1,9 +1,8 @@
 //! Claims of one replica share statements, as starts and completes do (`coalesce`): claims
 //! that arrive while the replica's claim statements are all busy go out together in the next
-//! one, `claim::claim_many` (`functions/leasehold_claim_many.sql`), which runs each runtime's
-//! claim (`leasehold_claim_within_capacity`: the same rules, preflight and errors as alone)
-//! one after the other in one transaction. A quiet replica's claim still goes out at once,
-//! alone.
+//! one, `claim::claim_many` (`functions/leasehold_claim_many.sql`), which walks the queues once
+//! for all of them and deals the tasks to the claims in order (the same rules, preflight and
+//! errors as alone). A quiet replica's claim still goes out at once, alone.
 //!
 //! What sharing saves is everything a claim pays per statement rather than per task: the round
 //! trip, the commit and its WAL flush, and the connection of its own. At most

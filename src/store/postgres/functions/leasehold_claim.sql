@@ -1,6 +1,10 @@
 -- leasehold_claim(runtime, max_tasks, lease, max_lease_expirations, budget, auto_start): one
--- claim call in one round trip (spec §4, T2 and T4). Called only through
--- leasehold_claim_within_capacity.
+-- claim call in one round trip (spec §4, T2 and T4), as binaries before migration 30 made
+-- it, through leasehold_claim_within_capacity.
+--
+-- Kept for binaries older than migration 30, which call it (expand/contract, migration 12):
+-- this release claims with leasehold_claim_many alone. Drop it in a contract step once no
+-- such binary runs.
 --
 -- What it does, in one transaction with its caller's statement:
 --   1. The preflight (T4): this runtime's own DISPATCHED tasks whose lease expired go back to

@@ -1,6 +1,10 @@
 -- leasehold_claim_within_capacity(runtime, max_tasks, lease, max_lease_expirations, budget,
--- auto_start): what leasehold_claim_many calls for each claim. Same arguments, rows and
+-- auto_start): a claim as binaries before migration 30 made it. Same arguments, rows and
 -- errors as leasehold_claim, which it wraps.
+--
+-- Kept for binaries older than migration 30, which call it (expand/contract, migration 12):
+-- this release claims with leasehold_claim_many alone. Drop it in a contract step once no
+-- such binary runs.
 --
 -- A runtime never holds more than its max_concurrency DISPATCHED + RUNNING tasks (0 = no
 -- limit), also when its claims race (spec §10): claims of a capped runtime serialise on its

@@ -49,14 +49,13 @@ RETURNING r.id";
 
 /// The claim, for one runtime or several in one statement (`shared_claims`): $1 runtimes,
 /// $2 max_tasks, $3 auto_start, $4 budgets, one element per claim; $5 lease, $6
-/// max_lease_expirations. `functions/leasehold_claim_many.sql` runs each claim in turn as
-/// `functions/leasehold_claim_within_capacity.sql` (which wraps `leasehold_claim.sql`; their
-/// headers hold the whole contract: the preflight, the claim's rules, the order of the
-/// returned rows, the LH001/LH002 errors), after bringing OFFLINE runtimes back ONLINE (a
+/// max_lease_expirations. `functions/leasehold_claim_many.sql` holds the whole contract in its
+/// header: the preflight, the claim's rules, how one walk is dealt to several claims, the order
+/// of the returned rows, the LH001/LH002 errors, and OFFLINE runtimes brought back ONLINE (a
 /// claim is a sign of life, so nothing it claims can be failed by the sweeper for a stale
 /// status). `request` says which claim (1-based) a row answers. No ORDER BY: a function scan
-/// returns the rows in the order the function produced them, claim by claim, each in its own
-/// order (a sort, not being stable, could reorder a claim's rows).
+/// returns the rows in the order the function produced them (a sort, not being stable, could
+/// reorder a claim's rows).
 pub(super) const CLAIM_MANY: &str = "
 SELECT claims.request_number AS request, (claims.task_row).*
 FROM leasehold_claim_many($1, $2, $3, $4, $5, $6) AS claims";
