@@ -116,27 +116,20 @@ BEGIN
     END IF;
 
     -- The walk: each served queue's claim index in order, as far as its claims (and its room)
-    -- could take, then every candidate best first with the claims that may take it. Rows
+    -- could take, then every candidate best first with the claims serving its queue. Rows
     -- locked here but dealt to no claim stay untouched and are released at commit.
     FOR v_candidate IN
-        WITH claims AS (
-            SELECT n, p_runtimes[n] AS runtime, r.queues
+        WITH served AS (
+            SELECT s.name,
+                   LEAST(sum(v_wanted[n]), v_room[array_position(v_capped, s.name)]) AS walk,
+                   array_agg(n ORDER BY n) AS takers
             FROM generate_subscripts(p_runtimes, 1) AS n
             JOIN runtimes r ON r.id = p_runtimes[n]
+            CROSS JOIN LATERAL unnest(r.queues) AS s(name)
             WHERE v_wanted[n] > 0
-        ),
-        served AS (
-            SELECT s.name,
-                   LEAST(sum(v_wanted[c.n]),
-                         v_room[array_position(v_capped, s.name)]) AS walk
-            FROM claims c CROSS JOIN LATERAL unnest(c.queues) AS s(name)
             GROUP BY s.name
         )
-        SELECT t.id, t.queue, t.concurrency_key,
-               ARRAY(SELECT c.n FROM claims c
-                     WHERE t.queue = ANY (c.queues)
-                       AND (t.runtime_id IS NULL OR t.runtime_id = c.runtime)
-                     ORDER BY c.n) AS takers
+        SELECT t.id, t.queue, t.runtime_id, t.concurrency_key, served.takers
         FROM served
         CROSS JOIN LATERAL (
             SELECT w.id, w.queue, w.runtime_id, w.concurrency_key, w.priority, w.created_at
@@ -164,7 +157,8 @@ BEGIN
             CONTINUE WHEN v_key = ANY (v_keys_taken);
         END IF;
         FOREACH v_claim IN ARRAY v_candidate.takers LOOP
-            CONTINUE WHEN v_wanted[v_claim] <= 0;
+            CONTINUE WHEN v_wanted[v_claim] <= 0
+                OR v_candidate.runtime_id <> p_runtimes[v_claim];  -- pinned to another
             v_ids := v_ids || v_candidate.id;
             v_claim_of := v_claim_of || v_claim;
             v_wanted[v_claim] := v_wanted[v_claim] - 1;

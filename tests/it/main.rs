@@ -14,6 +14,7 @@ mod harness;
 mod auth;
 mod bench;
 mod bulk;
+mod claim_dealing;
 mod cli;
 mod coalesce;
 mod console;
