@@ -65,9 +65,13 @@ pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WH
 
 /// StartTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 acting
 /// runtimes (NULL: any); each row is written only while its token holds a live DISPATCHED
-/// claim of that runtime (`functions/leasehold_start_many.sql`, planned once per connection).
-pub(super) const START_MANY: &str =
-    "SELECT * FROM leasehold_start_many($1::uuid[], $2::uuid[], $3::uuid[])";
+/// claim of that runtime.
+pub(super) const START_MANY: &str = "
+UPDATE tasks t SET status = 'RUNNING', started_at = now()
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS w(id, token, holder)
+WHERE t.id = w.id AND t.claim_token = w.token AND (w.holder IS NULL OR t.claimed_by = w.holder)
+  AND t.status = 'DISPATCHED' AND t.lease_expires_at >= now()
+RETURNING t.*";
 
 pub(super) const EXTEND_LEASE: &str = "
 UPDATE tasks SET lease_expires_at = GREATEST(lease_expires_at, now() + $3)
@@ -78,9 +82,14 @@ RETURNING lease_expires_at, claimed_by";
 
 /// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results,
 /// $4 acting runtimes (NULL: any); each row is written only while its token holds it RUNNING
-/// for that runtime (`functions/leasehold_complete_many.sql`, planned once per connection).
-pub(super) const COMPLETE_MANY: &str =
-    "SELECT * FROM leasehold_complete_many($1::uuid[], $2::uuid[], $3::bytea[], $4::uuid[])";
+/// for that runtime.
+pub(super) const COMPLETE_MANY: &str = "
+UPDATE tasks t SET status = 'COMPLETED', result = w.result, finished_at = now(),
+                   lease_expires_at = NULL
+FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::uuid[]) AS w(id, token, result, holder)
+WHERE t.id = w.id AND t.claim_token = w.token AND t.status = 'RUNNING'
+  AND (w.holder IS NULL OR t.claimed_by = w.holder)
+RETURNING t.*";
 
 /// The retry delay in milliseconds, as `RetryBackoff::delay`: `min(max, base * 2^(attempt-1))
 /// * jitter`, from the parameters (or expressions) holding base, max and jitter.
