@@ -24,12 +24,17 @@ DECLARE
     v_room        integer[];   -- ... and the room each has left
     v_ids         uuid[] := '{}';   -- the tasks dealt ...
     v_claim_of    integer[] := '{}';  -- ... and the claim each went to
-    v_key_queues  text[] := '{}';     -- the (queue, concurrency_key) of those with a key
-    v_keys        text[] := '{}';
-    v_key_ids     uuid[] := '{}';
-    v_keys_taken  text[] := '{}';     -- those keys, quoted, to look them up
-    v_key         text;
-    v_candidate   record;
+    v_key_ids     uuid[] := '{}';   -- those with a concurrency key ...
+    v_keys_taken  text[] := '{}';   -- ... and their keys, quoted with their queue
+    v_walked      uuid[];             -- the walk, best first: ids ...
+    v_queue_of    text[];             -- ... queues
+    v_pin_of      uuid[];             -- ... pins
+    v_key_of      text[];             -- ... keys, quoted with their queue (NULL: none)
+    v_dealt       boolean[];
+    v_served      text[];             -- the queues of the claim being dealt ...
+    v_window      integer;            -- ... how many more candidates it looks at
+    v_keys_before text[];             -- ... what earlier claims left it
+    v_room_before integer[];
     v_cap         integer;
     v_claim       integer;
 BEGIN
@@ -41,6 +46,33 @@ BEGIN
     WHERE id = ANY (p_runtimes) AND max_concurrency > 0
     ORDER BY id
     FOR NO KEY UPDATE;
+
+    -- What each claim may take: what it asks, and for a capped runtime no more than the slots
+    -- its earlier claims here left free. The count runs after the row lock above, so it sees
+    -- every committed claim of the runtime; it runs before the preflight, which may free
+    -- slots: a claim then takes fewer, never more, and the next one sees them.
+    SELECT array_agg(CASE WHEN r.max_concurrency > 0
+                          THEN GREATEST(LEAST(c.asked, r.max_concurrency - h.held - c.asked_before), 0)
+                          ELSE c.asked END
+                     ORDER BY c.n)::integer[],
+           count(r.id)
+    INTO v_wanted, v_found
+    FROM (SELECT n, p_runtimes[n] AS runtime, GREATEST(p_max_tasks[n], 0) AS asked,
+                 coalesce(sum(GREATEST(p_max_tasks[n], 0))
+                              OVER (PARTITION BY p_runtimes[n] ORDER BY n
+                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                     AS asked_before
+          FROM generate_subscripts(p_runtimes, 1) AS n) c
+    LEFT JOIN runtimes r ON r.id = c.runtime
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS held FROM tasks t
+        WHERE r.max_concurrency > 0
+          AND t.claimed_by = r.id AND t.status IN ('DISPATCHED', 'RUNNING')
+    ) h ON true;
+    IF v_found < v_claims THEN
+        RAISE EXCEPTION USING ERRCODE = 'LH001', MESSAGE = 'runtime not found';
+    END IF;
+    v_left := coalesce((SELECT sum(w) FROM unnest(v_wanted) AS w), 0);
 
     -- T4: only these runtimes' own expired leases go back to QUEUED. The poison guard (T10)
     -- fails a task whose lease has now expired more than p_max_lease_expirations times.
@@ -65,31 +97,6 @@ BEGIN
       AND lease_expires_at < now()
     RETURNING array_position(p_runtimes, tasks.claimed_by), tasks;
 
-    -- What each claim may take: what it asks, and for a capped runtime no more than the slots
-    -- its earlier claims here left free. The count runs after the row lock above, so it sees
-    -- every committed claim of the runtime.
-    SELECT array_agg(CASE WHEN r.max_concurrency > 0
-                          THEN GREATEST(LEAST(c.asked, r.max_concurrency - h.held - c.asked_before), 0)
-                          ELSE c.asked END
-                     ORDER BY c.n)::integer[],
-           count(r.id)
-    INTO v_wanted, v_found
-    FROM (SELECT n, p_runtimes[n] AS runtime, GREATEST(p_max_tasks[n], 0) AS asked,
-                 coalesce(sum(GREATEST(p_max_tasks[n], 0))
-                              OVER (PARTITION BY p_runtimes[n] ORDER BY n
-                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
-                     AS asked_before
-          FROM generate_subscripts(p_runtimes, 1) AS n) c
-    LEFT JOIN runtimes r ON r.id = c.runtime
-    LEFT JOIN LATERAL (
-        SELECT count(*) AS held FROM tasks t
-        WHERE r.max_concurrency > 0
-          AND t.claimed_by = r.id AND t.status IN ('DISPATCHED', 'RUNNING')
-    ) h ON true;
-    IF v_found < v_claims THEN
-        RAISE EXCEPTION USING ERRCODE = 'LH001', MESSAGE = 'runtime not found';
-    END IF;
-    v_left := coalesce((SELECT sum(w) FROM unnest(v_wanted) AS w), 0);
 
     IF v_left > 0 THEN
         -- Claims on a capped queue serialise on its row, so the count below (a fresh
@@ -115,66 +122,74 @@ BEGIN
         END IF;
     END IF;
 
-    -- The walk: each served queue's claim index in order, as far as its claims (and its room)
-    -- could take, then every candidate best first with the claims serving its queue. Rows
-    -- locked here but dealt to no claim stay untouched and are released at commit.
-    FOR v_candidate IN
-        WITH served AS (
-            SELECT s.name,
-                   LEAST(sum(v_wanted[n]), v_room[array_position(v_capped, s.name)]) AS walk,
-                   array_agg(n ORDER BY n) AS takers
-            FROM generate_subscripts(p_runtimes, 1) AS n
-            JOIN runtimes r ON r.id = p_runtimes[n]
-            CROSS JOIN LATERAL unnest(r.queues) AS s(name)
-            WHERE v_wanted[n] > 0
-            GROUP BY s.name
-        )
-        SELECT t.id, t.queue, t.runtime_id, t.concurrency_key, served.takers
-        FROM served
-        CROSS JOIN LATERAL (
-            SELECT w.id, w.queue, w.runtime_id, w.concurrency_key, w.priority, w.created_at
-            FROM tasks w
-            WHERE w.status = 'QUEUED'
-              AND w.queue = served.name
-              AND (w.runtime_id IS NULL OR w.runtime_id = ANY (p_runtimes))
-              AND w.available_at <= now()
-              AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = served.name AND q.paused)
-              AND (w.concurrency_key IS NULL
-                   OR NOT EXISTS (SELECT 1 FROM concurrency_slots s
-                                  WHERE s.queue = w.queue AND s.key = w.concurrency_key))
-            ORDER BY w.priority DESC, w.created_at, w.id
-            LIMIT GREATEST(served.walk, 0)
-            FOR UPDATE OF w SKIP LOCKED
-        ) t
-        WHERE v_left > 0
-        ORDER BY t.priority DESC, t.created_at, t.id
-    LOOP
-        -- At most one task per concurrency key in one call; no more than a capped queue's room.
-        v_cap := array_position(v_capped, v_candidate.queue);
-        CONTINUE WHEN v_cap IS NOT NULL AND v_room[v_cap] <= 0;
-        IF v_candidate.concurrency_key IS NOT NULL THEN
-            v_key := format('%L %L', v_candidate.queue, v_candidate.concurrency_key);
-            CONTINUE WHEN v_key = ANY (v_keys_taken);
-        END IF;
-        FOREACH v_claim IN ARRAY v_candidate.takers LOOP
-            CONTINUE WHEN v_wanted[v_claim] <= 0
-                OR v_candidate.runtime_id <> p_runtimes[v_claim];  -- pinned to another
-            v_ids := v_ids || v_candidate.id;
+    -- The walk: each served queue's claim index in order, as deep as its claims ask (a queue
+    -- already full is not walked). Rows locked here but dealt to no claim stay untouched and
+    -- are released at commit.
+    SELECT coalesce(array_agg(t.id ORDER BY t.priority DESC, t.created_at, t.id), '{}'),
+           array_agg(t.queue ORDER BY t.priority DESC, t.created_at, t.id),
+           array_agg(t.runtime_id ORDER BY t.priority DESC, t.created_at, t.id),
+           array_agg(CASE WHEN t.concurrency_key IS NOT NULL
+                          THEN format('%L %L', t.queue, t.concurrency_key) END
+                     ORDER BY t.priority DESC, t.created_at, t.id)
+    INTO v_walked, v_queue_of, v_pin_of, v_key_of
+    FROM (
+        SELECT s.name,
+               CASE WHEN v_room[array_position(v_capped, s.name)] <= 0 THEN 0
+                    ELSE sum(v_wanted[n]) END AS depth
+        FROM generate_subscripts(p_runtimes, 1) AS n
+        JOIN runtimes r ON r.id = p_runtimes[n]
+        CROSS JOIN LATERAL unnest(r.queues) AS s(name)
+        WHERE v_wanted[n] > 0
+        GROUP BY s.name
+    ) served
+    CROSS JOIN LATERAL (
+        SELECT w.id, w.queue, w.runtime_id, w.concurrency_key, w.priority, w.created_at
+        FROM tasks w
+        WHERE w.status = 'QUEUED'
+          AND w.queue = served.name
+          AND (w.runtime_id IS NULL OR w.runtime_id = ANY (p_runtimes))
+          AND w.available_at <= now()
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = served.name AND q.paused)
+          AND (w.concurrency_key IS NULL
+               OR NOT EXISTS (SELECT 1 FROM concurrency_slots s
+                              WHERE s.queue = w.queue AND s.key = w.concurrency_key))
+        ORDER BY w.priority DESC, w.created_at, w.id
+        LIMIT served.depth
+        FOR UPDATE OF w SKIP LOCKED
+    ) t
+    WHERE v_left > 0;
+    v_dealt := array_fill(false, ARRAY[cardinality(v_walked)]);
+
+    -- The deal, claim by claim in the order given, as if each claimed alone after the ones
+    -- before it: it looks at the best v_wanted candidates of its queues (pinned ones only if
+    -- pinned to it) that its own walk would have seen (not dealt before, key not held, queue
+    -- not full), and takes those not blocked by its own picks: one task per concurrency key,
+    -- no more than a capped queue's room. Fewer than asked, never more, as alone.
+    FOR v_claim IN 1 .. v_claims LOOP
+        v_window := v_wanted[v_claim];
+        CONTINUE WHEN v_window <= 0;
+        SELECT r.queues INTO v_served FROM runtimes r WHERE r.id = p_runtimes[v_claim];
+        v_keys_before := v_keys_taken;
+        v_room_before := v_room;
+        FOR k IN 1 .. cardinality(v_walked) LOOP
+            EXIT WHEN v_window = 0;
+            CONTINUE WHEN v_dealt[k] OR NOT v_queue_of[k] = ANY (v_served)
+                OR v_pin_of[k] <> p_runtimes[v_claim];
+            v_cap := array_position(v_capped, v_queue_of[k]);
+            CONTINUE WHEN v_room_before[v_cap] <= 0 OR v_key_of[k] = ANY (v_keys_before);
+            v_window := v_window - 1;
+            CONTINUE WHEN v_room[v_cap] <= 0 OR v_key_of[k] = ANY (v_keys_taken);
+            v_dealt[k] := true;
+            v_ids := v_ids || v_walked[k];
             v_claim_of := v_claim_of || v_claim;
-            v_wanted[v_claim] := v_wanted[v_claim] - 1;
-            v_left := v_left - 1;
-            IF v_candidate.concurrency_key IS NOT NULL THEN
-                v_keys_taken := v_keys_taken || v_key;
-                v_key_queues := v_key_queues || v_candidate.queue;
-                v_keys := v_keys || v_candidate.concurrency_key;
-                v_key_ids := v_key_ids || v_candidate.id;
+            IF v_key_of[k] IS NOT NULL THEN
+                v_keys_taken := v_keys_taken || v_key_of[k];
+                v_key_ids := v_key_ids || v_walked[k];
             END IF;
             IF v_cap IS NOT NULL THEN
                 v_room[v_cap] := v_room[v_cap] - 1;
             END IF;
-            EXIT;
         END LOOP;
-        EXIT WHEN v_left = 0;
     END LOOP;
 
     -- A task with a key is claimed only with its key's slot: a concurrent claim may have taken
@@ -182,7 +197,7 @@ BEGIN
     IF cardinality(v_key_ids) > 0 THEN
         WITH slotted AS (
             INSERT INTO concurrency_slots (queue, key, task_id)
-            SELECT * FROM unnest(v_key_queues, v_keys, v_key_ids)
+            SELECT t.queue, t.concurrency_key, t.id FROM tasks t WHERE t.id = ANY (v_key_ids)
             ON CONFLICT DO NOTHING
             RETURNING task_id
         )

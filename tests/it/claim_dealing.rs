@@ -234,3 +234,22 @@ async fn an_unknown_runtime_fails_the_whole_call(pool: PgPool) {
         .unwrap();
     assert_eq!(queued, 1, "nothing was claimed");
 }
+
+/// As alone: a claim looks at its best `max_tasks` candidates, and those a cap or a key turns
+/// away still count, so it may get fewer than it asked while other queues have work.
+#[sqlx::test]
+async fn a_claim_looks_only_at_its_best_candidates_even_when_a_cap_turns_some_away(pool: PgPool) {
+    runtime(&pool, A, &["capped", "free"], 0).await;
+    sqlx::query("INSERT INTO queues (name, max_concurrent) VALUES ('capped', 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    task(&pool, "c1", "capped", 0).await;
+    task(&pool, "c2", "capped", 0).await;
+    task(&pool, "f1", "free", -1).await;
+
+    let claimed = claim(&pool, &[(A, 2)]).await;
+    assert_eq!(dealt(&claimed), [(1, "c1")]);
+    let next = claim(&pool, &[(A, 2)]).await;
+    assert_eq!(dealt(&next), [(1, "f1")], "the full queue is not walked");
+}
