@@ -17,6 +17,7 @@ SET jit = off
 AS $$
 DECLARE
     v_claims      integer := coalesce(array_length(p_runtimes, 1), 0);
+    v_runtime_of  runtimes[];  -- each claim's runtime, read once
     v_found       integer;
     v_wanted      integer[];   -- what each claim may still take
     v_left        integer;     -- their sum
@@ -51,28 +52,30 @@ BEGIN
     -- its earlier claims here left free. The count runs after the row lock above, so it sees
     -- every committed claim of the runtime; it runs before the preflight, which may free
     -- slots: a claim then takes fewer, never more, and the next one sees them.
-    SELECT array_agg(CASE WHEN r.max_concurrency > 0
-                          THEN GREATEST(LEAST(c.asked, r.max_concurrency - h.held - c.asked_before), 0)
-                          ELSE c.asked END
-                     ORDER BY c.n)::integer[],
-           count(r.id)
-    INTO v_wanted, v_found
-    FROM (SELECT n, p_runtimes[n] AS runtime, GREATEST(p_max_tasks[n], 0) AS asked,
-                 coalesce(sum(GREATEST(p_max_tasks[n], 0))
-                              OVER (PARTITION BY p_runtimes[n] ORDER BY n
-                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
-                     AS asked_before
-          FROM generate_subscripts(p_runtimes, 1) AS n) c
-    LEFT JOIN runtimes r ON r.id = c.runtime
-    LEFT JOIN LATERAL (
-        SELECT count(*) AS held FROM tasks t
-        WHERE r.max_concurrency > 0
-          AND t.claimed_by = r.id AND t.status IN ('DISPATCHED', 'RUNNING')
-    ) h ON true;
+    SELECT array_agg(w.wanted ORDER BY w.n), coalesce(sum(w.wanted), 0), count(w.id),
+           array_agg(w.runtime ORDER BY w.n)
+    INTO v_wanted, v_left, v_found, v_runtime_of
+    FROM (
+        SELECT c.n, r.id, r AS runtime,
+               (CASE WHEN r.max_concurrency > 0
+                     THEN GREATEST(LEAST(c.asked, r.max_concurrency - h.held - c.asked_before), 0)
+                     ELSE c.asked END)::integer AS wanted
+        FROM (SELECT n, p_runtimes[n] AS runtime, GREATEST(p_max_tasks[n], 0) AS asked,
+                     coalesce(sum(GREATEST(p_max_tasks[n], 0))
+                                  OVER (PARTITION BY p_runtimes[n] ORDER BY n
+                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                         AS asked_before
+              FROM generate_subscripts(p_runtimes, 1) AS n) c
+        LEFT JOIN runtimes r ON r.id = c.runtime
+        LEFT JOIN LATERAL (
+            SELECT count(*) AS held FROM tasks t
+            WHERE r.max_concurrency > 0
+              AND t.claimed_by = r.id AND t.status IN ('DISPATCHED', 'RUNNING')
+        ) h ON true
+    ) w;
     IF v_found < v_claims THEN
         RAISE EXCEPTION USING ERRCODE = 'LH001', MESSAGE = 'runtime not found';
     END IF;
-    v_left := coalesce((SELECT sum(w) FROM unnest(v_wanted) AS w), 0);
 
     -- T4: only these runtimes' own expired leases go back to QUEUED. The poison guard (T10)
     -- fails a task whose lease has now expired more than p_max_lease_expirations times.
@@ -97,28 +100,25 @@ BEGIN
       AND lease_expires_at < now()
     RETURNING array_position(p_runtimes, tasks.claimed_by), tasks;
 
-
     IF v_left > 0 THEN
         -- Claims on a capped queue serialise on its row, so the count below (a fresh
         -- snapshot) sees every committed claim. Uncapped queues take no lock at all.
-        PERFORM 1 FROM queues
-        WHERE max_concurrent > 0
-          AND name IN (SELECT unnest(r.queues) FROM runtimes r
-                       JOIN generate_subscripts(p_runtimes, 1) AS n ON r.id = p_runtimes[n]
-                       WHERE v_wanted[n] > 0)
-        ORDER BY name
-        FOR UPDATE;
-        IF FOUND THEN
-            SELECT array_agg(q.name),
-                   array_agg(q.max_concurrent - (SELECT count(*) FROM tasks a
+        SELECT array_agg(q.name ORDER BY q.name) INTO v_capped
+        FROM (SELECT name FROM queues
+              WHERE max_concurrent > 0
+                AND name IN (SELECT unnest((v_runtime_of[n]).queues)
+                             FROM generate_subscripts(p_runtimes, 1) AS n
+                             WHERE v_wanted[n] > 0)
+              ORDER BY name
+              FOR UPDATE) q;
+        IF v_capped IS NOT NULL THEN
+            SELECT array_agg(q.max_concurrent - (SELECT count(*) FROM tasks a
                                                  WHERE a.queue = q.name
-                                                   AND a.status IN ('DISPATCHED', 'RUNNING')))
-            INTO v_capped, v_room
-            FROM queues q
-            WHERE q.max_concurrent > 0
-              AND q.name IN (SELECT unnest(r.queues) FROM runtimes r
-                             JOIN generate_subscripts(p_runtimes, 1) AS n ON r.id = p_runtimes[n]
-                             WHERE v_wanted[n] > 0);
+                                                   AND a.status IN ('DISPATCHED', 'RUNNING'))
+                             ORDER BY c.i)
+            INTO v_room
+            FROM unnest(v_capped) WITH ORDINALITY AS c(name, i)
+            JOIN queues q ON q.name = c.name;
         END IF;
     END IF;
 
@@ -137,8 +137,7 @@ BEGIN
                CASE WHEN v_room[array_position(v_capped, s.name)] <= 0 THEN 0
                     ELSE sum(v_wanted[n]) END AS depth
         FROM generate_subscripts(p_runtimes, 1) AS n
-        JOIN runtimes r ON r.id = p_runtimes[n]
-        CROSS JOIN LATERAL unnest(r.queues) AS s(name)
+        CROSS JOIN LATERAL unnest((v_runtime_of[n]).queues) AS s(name)
         WHERE v_wanted[n] > 0
         GROUP BY s.name
     ) served
@@ -168,7 +167,7 @@ BEGIN
     FOR v_claim IN 1 .. v_claims LOOP
         v_window := v_wanted[v_claim];
         CONTINUE WHEN v_window <= 0;
-        SELECT r.queues INTO v_served FROM runtimes r WHERE r.id = p_runtimes[v_claim];
+        v_served := (v_runtime_of[v_claim]).queues;
         v_keys_before := v_keys_taken;
         v_room_before := v_room;
         FOR k IN 1 .. cardinality(v_walked) LOOP

@@ -120,10 +120,9 @@ async fn claim_loop(
 }
 
 /// One statement for the batch; every claim gets its rows, or is told to run alone.
-async fn claim_batch(statement: &Statement, mut batch: Vec<Pending>) {
-    // Runtimes' rows are locked in one order (a capped runtime's claims lock its row), which
-    // keeps two shared statements from deadlocking over them.
-    batch.sort_by_key(|pending| pending.request.runtime_id.as_uuid());
+/// Claims go in the order they arrived: the statement deals the best tasks to the earliest
+/// (and locks the runtimes' rows in id order itself, so two statements cannot deadlock there).
+async fn claim_batch(statement: &Statement, batch: Vec<Pending>) {
     let now = Instant::now();
     let (mut claims, mut replies) = (Vec::new(), Vec::new());
     for pending in batch {
