@@ -5,9 +5,12 @@
 //! errors as alone). A quiet replica's claim still goes out at once, alone.
 //!
 //! What sharing saves is everything a claim pays per statement rather than per task: the round
-//! trip, the commit and its WAL flush, and the connection of its own. At most
-//! [`STATEMENTS_IN_FLIGHT`] shared statements run at a time, so one claim waiting on a capped
-//! queue's row does not hold up the replica's other claims for long.
+//! trip, the commit and its WAL flush, and the connection of its own. One shared statement
+//! runs at a time ([`STATEMENTS_IN_FLIGHT`]): while it runs, the claims arriving gather for the
+//! next, so a busy replica pays one statement for many claims. Two at a time measured dearer
+//! (docs/PERFORMANCE.md: half the claims per statement, and two claim statements competing
+//! for the same cores and index pages), and no faster to answer. A statement waits on another
+//! replica's claim at most (a capped runtime's or queue's row), a few milliseconds.
 //!
 //! A shared statement that fails (a runtime deregistered meanwhile, one claim's deadline
 //! passing, a deadlock over capped queues' rows) is rolled back whole, and each of its claims
@@ -28,7 +31,8 @@ use crate::telemetry::metrics::Metrics;
 /// Most claims in one statement.
 const MAX_CLAIMS: usize = 64;
 /// Shared claim statements running at once (each on a connection of its own).
-const STATEMENTS_IN_FLIGHT: usize = 2;
+/// One: see the module's notes.
+const STATEMENTS_IN_FLIGHT: usize = 1;
 
 /// A claim's rows as its own statement would have answered them; `None`: run it alone.
 pub(super) type SharedClaim = Option<Vec<TaskRow>>;
