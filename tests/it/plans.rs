@@ -107,11 +107,57 @@ async fn a_claim_after_statistics_of_an_empty_table_still_walks_the_claim_index(
     transaction.rollback().await.unwrap();
 }
 
-/// A busy day, statistics taken while no task was held (an idle night: the partial indexes of
-/// held tasks have pages but no entries), then another busy day with 20,000 tasks held by
-/// another runtime. A claim looks up only its own runtime's held tasks (the preflight's expired
-/// leases, the capacity count) along `tasks_held_by_runtime`; it used to read every held task
-/// along another partial index that the statistics showed empty, hence free to read whole.
+/// A busy day, then statistics taken while no task was held (an idle night: the partial indexes
+/// of held tasks have pages but no entries), then another busy day: 20,000 tasks held by
+/// `busy_id`, half DISPATCHED and half RUNNING, and 1,000 QUEUED.
+async fn held_tasks_after_an_idle_night(connection: &mut PgConnection, busy_id: &str) {
+    sqlx::query(
+        "INSERT INTO tasks (id, queue, payload, status, attempt, max_attempts, created_at,
+                            available_at, claimed_by, claim_token, dispatched_at, started_at,
+                            lease_expires_at)
+         SELECT gen_random_uuid(), 'work', '\\x00'::bytea,
+                CASE WHEN g % 2 = 0 THEN 'DISPATCHED' ELSE 'RUNNING' END, 1, 3,
+                now(), now(), $1::uuid, gen_random_uuid(), now(),
+                CASE WHEN g % 2 = 0 THEN NULL ELSE now() END, now() + interval '1 hour'
+         FROM generate_series(1, 20000) g
+         UNION ALL
+         SELECT gen_random_uuid(), 'work', '\\x00'::bytea, 'QUEUED', 1, 3, now(), now(),
+                NULL, NULL, NULL, NULL, NULL
+         FROM generate_series(1, 1000) g",
+    )
+    .bind(busy_id)
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+    for statement in [
+        "UPDATE tasks SET status = 'COMPLETED' WHERE claimed_by IS NOT NULL",
+        "VACUUM ANALYZE tasks",
+        "UPDATE tasks SET status = CASE WHEN started_at IS NULL THEN 'DISPATCHED' ELSE 'RUNNING' END
+         WHERE claimed_by IS NOT NULL",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+    }
+}
+
+/// Index entries of `tasks` read so far in the current transaction, per index.
+async fn index_entries_read(transaction: &mut PgConnection) -> (i64, Vec<(String, i64)>) {
+    let read: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT i.indexrelid::regclass::text, pg_stat_get_xact_tuples_returned(i.indexrelid)
+         FROM pg_index i WHERE i.indrelid = 'tasks'::regclass",
+    )
+    .fetch_all(&mut *transaction)
+    .await
+    .unwrap();
+    (read.iter().map(|(_, entries)| entries).sum(), read)
+}
+
+/// After an idle night's statistics, a claim looks up only its own runtime's held tasks (the
+/// preflight's expired leases, the capacity count) along `tasks_held_by_runtime`; it used to
+/// read every held task along another partial index that the statistics showed empty, hence
+/// free to read whole.
 #[sqlx::test]
 async fn a_claim_after_statistics_of_an_idle_table_reads_only_its_own_held_tasks(
     pool: PgPoolOptions,
@@ -126,34 +172,7 @@ async fn a_claim_after_statistics_of_an_idle_table_reads_only_its_own_held_tasks
         .execute(&mut connection)
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO tasks (id, queue, payload, status, attempt, max_attempts, created_at,
-                            available_at, claimed_by, claim_token, dispatched_at, started_at,
-                            lease_expires_at)
-         SELECT gen_random_uuid(), 'work', '\\x00'::bytea,
-                CASE WHEN g % 2 = 0 THEN 'DISPATCHED' ELSE 'RUNNING' END, 1, 3,
-                now(), now(), $1::uuid, gen_random_uuid(), now(),
-                CASE WHEN g % 2 = 0 THEN NULL ELSE now() END, now() + interval '1 hour'
-         FROM generate_series(1, 20000) g
-         UNION ALL
-         SELECT gen_random_uuid(), 'work', '\\x00'::bytea, 'QUEUED', 1, 3, now(), now(),
-                NULL, NULL, NULL, NULL, NULL",
-    )
-    .bind(&busy_id)
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    for statement in [
-        "UPDATE tasks SET status = 'COMPLETED' WHERE claimed_by IS NOT NULL",
-        "VACUUM ANALYZE tasks",
-        "UPDATE tasks SET status = CASE WHEN started_at IS NULL THEN 'DISPATCHED' ELSE 'RUNNING' END
-         WHERE claimed_by IS NOT NULL",
-    ] {
-        sqlx::query(statement)
-            .execute(&mut connection)
-            .await
-            .unwrap();
-    }
+    held_tasks_after_an_idle_night(&mut connection, &busy_id).await;
 
     let mut transaction = connection.begin().await.unwrap();
     let claimed: i64 = sqlx::query_scalar(
@@ -165,17 +184,68 @@ async fn a_claim_after_statistics_of_an_idle_table_reads_only_its_own_held_tasks
     .await
     .unwrap();
     assert_eq!(claimed, 1);
-    let read: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT i.indexrelid::regclass::text, pg_stat_get_xact_tuples_returned(i.indexrelid)
-         FROM pg_index i WHERE i.indrelid = 'tasks'::regclass",
-    )
-    .fetch_all(&mut *transaction)
-    .await
-    .unwrap();
-    let total: i64 = read.iter().map(|(_, entries)| entries).sum();
+    let (total, read) = index_entries_read(&mut transaction).await;
     assert!(
         total < 1000,
         "the claim read {total} index entries of held tasks: {read:?}"
+    );
+    transaction.rollback().await.unwrap();
+}
+
+/// After an idle night's statistics, the shared start and complete statements find each task
+/// by its id. With the status they require written out, the planner judged the held-tasks
+/// index empty and read all 10,000 DISPATCHED (or RUNNING) entries for every statement, and
+/// kept doing so once it settled on a generic plan. Each statement runs seven times, so that
+/// the plan cache's generic plan runs too (it takes over after five custom plans).
+#[sqlx::test]
+async fn starts_and_completes_after_statistics_of_an_idle_table_find_tasks_by_id(
+    pool: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use leasehold::store::postgres::statements::{COMPLETE_MANY, START_MANY};
+
+    let server = TestServer::start(pool, connect.clone()).await;
+    let busy_id = server.register("busy-all-day", &["work"]).await;
+    let mut connection = PgConnection::connect_with(&connect).await.unwrap();
+    held_tasks_after_an_idle_night(&mut connection, &busy_id).await;
+    let held = |status: &'static str| {
+        sqlx::query_as::<_, (uuid::Uuid, uuid::Uuid)>(
+            "SELECT id, claim_token FROM tasks WHERE status = $1 ORDER BY id LIMIT 7",
+        )
+        .bind(status)
+    };
+    let dispatched = held("DISPATCHED").fetch_all(&mut connection).await.unwrap();
+    let running = held("RUNNING").fetch_all(&mut connection).await.unwrap();
+
+    // A new connection: a backend's counts of index entries read include its statements of
+    // earlier transactions until it reports them (at most once a second).
+    let mut measured = PgConnection::connect_with(&connect).await.unwrap();
+    let mut transaction = measured.begin().await.unwrap();
+    for ((start_id, start_token), (complete_id, complete_token)) in
+        dispatched.into_iter().zip(running)
+    {
+        let started = sqlx::query(START_MANY)
+            .bind(vec![start_id])
+            .bind(vec![start_token])
+            .bind(vec![Some(uuid::Uuid::parse_str(&busy_id).unwrap())])
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+        assert_eq!(started.rows_affected(), 1);
+        let completed = sqlx::query(COMPLETE_MANY)
+            .bind(vec![complete_id])
+            .bind(vec![complete_token])
+            .bind(vec![b"done".to_vec()])
+            .bind(vec![None::<uuid::Uuid>])
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+        assert_eq!(completed.rows_affected(), 1);
+    }
+    let (total, read) = index_entries_read(&mut transaction).await;
+    assert!(
+        total < 1000,
+        "7 starts and 7 completes read {total} index entries: {read:?}"
     );
     transaction.rollback().await.unwrap();
 }

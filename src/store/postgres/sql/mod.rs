@@ -66,11 +66,17 @@ pub(super) const FENCE_SNAPSHOT: &str = "SELECT *, now() AS db_now FROM tasks WH
 /// StartTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 acting
 /// runtimes (NULL: any); each row is written only while its token holds a live DISPATCHED
 /// claim of that runtime.
+///
+/// Each task is found by its id, whatever the statistics say: the status it must have is a
+/// sub-select, which the planner cannot see through, so it cannot use the partial indexes of
+/// held tasks. With the status written out, statistics taken while none was held (an idle
+/// night) made the held-tasks index look empty, and every start of a busy day read all of its
+/// entries (tests/it/plans.rs). The same holds for COMPLETE_MANY.
 pub(super) const START_MANY: &str = "
 UPDATE tasks t SET status = 'RUNNING', started_at = now()
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS w(id, token, holder)
 WHERE t.id = w.id AND t.claim_token = w.token AND (w.holder IS NULL OR t.claimed_by = w.holder)
-  AND t.status = 'DISPATCHED' AND t.lease_expires_at >= now()
+  AND t.status = (SELECT 'DISPATCHED') AND t.lease_expires_at >= now()
 RETURNING t.*";
 
 pub(super) const EXTEND_LEASE: &str = "
@@ -82,12 +88,12 @@ RETURNING lease_expires_at, claimed_by";
 
 /// CompleteTask for one task or several at once (see `coalesce`): $1 ids, $2 tokens, $3 results,
 /// $4 acting runtimes (NULL: any); each row is written only while its token holds it RUNNING
-/// for that runtime.
+/// for that runtime. Found by id whatever the statistics say, as in START_MANY.
 pub(super) const COMPLETE_MANY: &str = "
 UPDATE tasks t SET status = 'COMPLETED', result = w.result, finished_at = now(),
                    lease_expires_at = NULL
 FROM unnest($1::uuid[], $2::uuid[], $3::bytea[], $4::uuid[]) AS w(id, token, result, holder)
-WHERE t.id = w.id AND t.claim_token = w.token AND t.status = 'RUNNING'
+WHERE t.id = w.id AND t.claim_token = w.token AND t.status = (SELECT 'RUNNING')
   AND (w.holder IS NULL OR t.claimed_by = w.holder)
 RETURNING t.*";
 
