@@ -1,12 +1,21 @@
 //! Group commit for the two owner writes every task makes: `StartTask` and `CompleteTask`.
 //!
-//! Each kind has one writer loop. A write that arrives while the loop is idle goes out at
-//! once, alone; writes that arrive while a statement of their kind is in flight wait for it
-//! and then share the next one, `UPDATE … FROM unnest(ids, tokens[, results])`, whose guard
-//! is the single-row statement's, judged per row. So a quiet server pays one channel hop per
-//! write, and a busy one pays one statement (one plan, one commit, one WAL flush) for as many
-//! writes as arrived during the previous statement, which is what moves the bottleneck off
+//! Each kind has one writer loop. A write that arrives while the replica is idle goes out at
+//! once, alone; writes that arrive while a statement is in flight wait for it and then share
+//! the next one, `UPDATE … FROM unnest(ids, tokens[, results])`, whose guard is the
+//! single-row statement's, judged per row. So a quiet server pays one channel hop per write,
+//! and a busy one pays one statement (one plan, one commit, one WAL flush) for as many writes
+//! as arrived during the previous statement, which is what moves the bottleneck off
 //! PostgreSQL's CPU.
+//!
+//! **One write turn per replica.** Starts, completes and shared claims (`shared_claims`) take
+//! turns: one of their statements runs at a time ([`next_batch`]). Measured on two cores,
+//! three statements at once only competed for the same CPU and index pages; taking turns,
+//! each statement carries what arrived during the others, and PostgreSQL's CPU per task fell
+//! by a fifth to a third in every lifecycle (docs/PERFORMANCE.md). Batches grow with load
+//! (up to [`MAX_BATCH`] writes, 64 claims), so a replica's ceiling rises with it; replicas
+//! add turns. Nothing waits for the turn while holding a row lock, so taking turns cannot
+//! deadlock inside a replica.
 //!
 //! The loop only ever runs a guarded statement: a row its guard did not match is answered
 //! "not applied", and the caller judges it with the fence as it does for its own statement.
@@ -18,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use super::pooler::{Db, run};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::rows::TaskRow;
@@ -155,15 +164,17 @@ struct Pending<W> {
 /// runtime) and ended when the store is dropped.
 pub(super) struct Coalescer<W> {
     db: Db,
+    turn: Arc<Semaphore>,
     sender: OnceLock<mpsc::UnboundedSender<Pending<W>>>,
     /// Where the statements' sizes are counted, once a server took the store.
     metrics: Arc<OnceLock<Metrics>>,
 }
 
 impl<W: SharedWrite> Coalescer<W> {
-    pub(super) fn new(db: Db, metrics: Arc<OnceLock<Metrics>>) -> Self {
+    pub(super) fn new(db: Db, turn: Arc<Semaphore>, metrics: Arc<OnceLock<Metrics>>) -> Self {
         Self {
             db,
+            turn,
             sender: OnceLock::new(),
             metrics,
         }
@@ -174,7 +185,12 @@ impl<W: SharedWrite> Coalescer<W> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tokio::spawn(write_loop(self.db.clone(), self.metrics.clone(), receiver));
+            tokio::spawn(write_loop(
+                self.db.clone(),
+                self.turn.clone(),
+                self.metrics.clone(),
+                receiver,
+            ));
             sender
         });
         if sender.send(Pending { write, reply }).is_err() {
@@ -187,16 +203,38 @@ impl<W: SharedWrite> Coalescer<W> {
 
 async fn write_loop<W: SharedWrite>(
     db: Db,
+    turn: Arc<Semaphore>,
     metrics: Arc<OnceLock<Metrics>>,
     mut receiver: mpsc::UnboundedReceiver<Pending<W>>,
 ) {
-    let mut batch = Vec::new();
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while let Some((_turn, batch)) = next_batch(&mut receiver, &turn, MAX_BATCH).await {
         if let Some(metrics) = metrics.get() {
             metrics.shared_statement(W::KIND, batch.len());
         }
-        write_batch(&db, std::mem::take(&mut batch)).await;
+        write_batch(&db, batch).await;
     }
+}
+
+/// The next batch of at most `max`, with the replica's write turn: waits for a first item,
+/// then for the turn (the statement of another kind may be running), then takes what arrived
+/// meanwhile too. `None`: the channel closed.
+pub(super) async fn next_batch<T>(
+    receiver: &mut mpsc::UnboundedReceiver<T>,
+    turn: &Arc<Semaphore>,
+    max: usize,
+) -> Option<(OwnedSemaphorePermit, Vec<T>)> {
+    let mut batch = Vec::new();
+    if receiver.recv_many(&mut batch, max).await == 0 {
+        return None;
+    }
+    let permit = turn.clone().acquire_owned().await.ok()?;
+    while batch.len() < max {
+        match receiver.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some((permit, batch))
 }
 
 /// One statement for the batch; every writer gets its answer.
@@ -237,5 +275,47 @@ async fn write_batch<W: SharedWrite>(db: &Db, mut batch: Vec<Pending<W>>) {
                 let _ = reply.send(Shared::RunAlone);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_arriving_while_another_statement_has_the_turn_go_together() {
+        let turn = Arc::new(Semaphore::new(1));
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let other_statement = turn.clone().acquire_owned().await.unwrap();
+        sender.send(1).unwrap();
+        let next = tokio::spawn({
+            let turn = turn.clone();
+            async move {
+                next_batch(&mut receiver, &turn, 3)
+                    .await
+                    .map(|(_, batch)| batch)
+            }
+        });
+        tokio::task::yield_now().await;
+        for write in 2..=4 {
+            sender.send(write).unwrap();
+        }
+        assert!(!next.is_finished(), "the batch went out without the turn");
+        drop(other_statement);
+        // At most three: the fourth waits for the next statement.
+        assert_eq!(next.await.unwrap(), Some(vec![1, 2, 3]));
+    }
+
+    #[tokio::test]
+    async fn a_write_at_a_quiet_replica_goes_out_at_once_and_a_closed_channel_ends_the_loop() {
+        let turn = Arc::new(Semaphore::new(1));
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        sender.send("alone").unwrap();
+        let (held, batch) = next_batch(&mut receiver, &turn, 256).await.unwrap();
+        assert_eq!(batch, vec!["alone"]);
+        assert_eq!(turn.available_permits(), 0, "the statement holds the turn");
+        drop(held);
+        drop(sender);
+        assert!(next_batch(&mut receiver, &turn, 256).await.is_none());
     }
 }

@@ -109,10 +109,12 @@ impl PgStore {
         let db = Db::new(pool, route);
         let pool = db.pool();
         let metrics = Arc::<OnceLock<Metrics>>::default();
+        // The replica's write turn: one claim, start or complete statement at a time.
+        let turn = Arc::new(tokio::sync::Semaphore::new(1));
         Self {
-            starts: Coalescer::new(db.clone(), metrics.clone()),
-            completes: Coalescer::new(db.clone(), metrics.clone()),
-            claims: shared_claims::SharedClaims::new(db.clone(), &policy, metrics.clone()),
+            starts: Coalescer::new(db.clone(), turn.clone(), metrics.clone()),
+            completes: Coalescer::new(db.clone(), turn.clone(), metrics.clone()),
+            claims: shared_claims::SharedClaims::new(db.clone(), &policy, turn, metrics.clone()),
             metrics,
             liveness: db.with_pool(side_pool(
                 pool,

@@ -5,12 +5,10 @@
 //! errors as alone). A quiet replica's claim still goes out at once, alone.
 //!
 //! What sharing saves is everything a claim pays per statement rather than per task: the round
-//! trip, the commit and its WAL flush, and the connection of its own. One shared statement
-//! runs at a time ([`STATEMENTS_IN_FLIGHT`]): while it runs, the claims arriving gather for the
-//! next, so a busy replica pays one statement for many claims. Two at a time measured dearer
-//! (docs/PERFORMANCE.md: half the claims per statement, and two claim statements competing
-//! for the same cores and index pages), and no faster to answer. A statement waits on another
-//! replica's claim at most (a capped runtime's or queue's row), a few milliseconds.
+//! trip, the commit and its WAL flush, and the connection of its own. The claim statement
+//! waits for the replica's write turn (`coalesce::next_batch`), which starts and completes
+//! share: one owner-write statement of a replica runs at a time, and the claims arriving
+//! meanwhile gather for the next.
 //!
 //! A shared statement that fails (a runtime deregistered meanwhile, one claim's deadline
 //! passing, a deadlock over capped queues' rows) is rolled back whole, and each of its claims
@@ -23,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::claim::claim_many;
+use super::coalesce::next_batch;
 use super::pooler::Db;
 use super::rows::TaskRow;
 use crate::store::{ClaimRequest, StorePolicy};
@@ -30,9 +29,6 @@ use crate::telemetry::metrics::Metrics;
 
 /// Most claims in one statement.
 const MAX_CLAIMS: usize = 64;
-/// Shared claim statements running at once (each on a connection of its own).
-/// One: see the module's notes.
-const STATEMENTS_IN_FLIGHT: usize = 1;
 
 /// A claim's rows as its own statement would have answered them; `None`: run it alone.
 pub(super) type SharedClaim = Option<Vec<TaskRow>>;
@@ -47,18 +43,25 @@ struct Pending {
 /// The replica's claim loop, started by its first claim and ended when the store is dropped.
 pub(super) struct SharedClaims {
     statement: Statement,
+    turn: Arc<Semaphore>,
     sender: OnceLock<mpsc::UnboundedSender<Pending>>,
     metrics: Arc<OnceLock<Metrics>>,
 }
 
 impl SharedClaims {
-    pub(super) fn new(db: Db, policy: &StorePolicy, metrics: Arc<OnceLock<Metrics>>) -> Self {
+    pub(super) fn new(
+        db: Db,
+        policy: &StorePolicy,
+        turn: Arc<Semaphore>,
+        metrics: Arc<OnceLock<Metrics>>,
+    ) -> Self {
         let statement = Statement {
             db,
             policy: *policy,
         };
         Self {
             statement,
+            turn,
             sender: OnceLock::new(),
             metrics,
         }
@@ -74,7 +77,12 @@ impl SharedClaims {
         let sender = self.sender.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
             let statement = self.statement.clone();
-            tokio::spawn(claim_loop(statement, self.metrics.clone(), receiver));
+            tokio::spawn(claim_loop(
+                statement,
+                self.turn.clone(),
+                self.metrics.clone(),
+                receiver,
+            ));
             sender
         });
         let pending = Pending {
@@ -99,19 +107,11 @@ struct Statement {
 
 async fn claim_loop(
     statement: Statement,
+    turn: Arc<Semaphore>,
     metrics: Arc<OnceLock<Metrics>>,
     mut receiver: mpsc::UnboundedReceiver<Pending>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(STATEMENTS_IN_FLIGHT));
-    loop {
-        // A free slot first: claims that arrive meanwhile wait in the channel and go together.
-        let Ok(slot) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = Vec::new();
-        if receiver.recv_many(&mut batch, MAX_CLAIMS).await == 0 {
-            return;
-        }
+    while let Some((slot, batch)) = next_batch(&mut receiver, &turn, MAX_CLAIMS).await {
         if let Some(metrics) = metrics.get() {
             metrics.shared_statement("claim", batch.len());
         }
