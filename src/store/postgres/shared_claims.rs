@@ -1,8 +1,8 @@
 //! Claims of one replica share statements, as starts and completes do (`coalesce`): claims
-//! that arrive while the replica's claim statements are all busy go out together in the next
-//! one, `claim::claim_many` (`functions/leasehold_claim_many.sql`), which walks the queues once
-//! for all of them and deals the tasks to the claims in order (the same rules, preflight and
-//! errors as alone). A quiet replica's claim still goes out at once, alone.
+//! that arrive while the replica's write turn is taken go out together in the next claim
+//! statement, `claim::claim_many` (`functions/leasehold_claim_many.sql`), which walks the
+//! queues once for all of them and deals the tasks to the claims in order (the same rules,
+//! preflight and errors as alone). A quiet replica's claim still goes out at once, alone.
 //!
 //! What sharing saves is everything a claim pays per statement rather than per task: the round
 //! trip, the commit and its WAL flush, and the connection of its own. The claim statement
@@ -111,21 +111,18 @@ async fn claim_loop(
     metrics: Arc<OnceLock<Metrics>>,
     mut receiver: mpsc::UnboundedReceiver<Pending>,
 ) {
-    while let Some((slot, batch)) = next_batch(&mut receiver, &turn, MAX_CLAIMS).await {
+    while let Some((_turn, batch)) = next_batch(&mut receiver, &turn, MAX_CLAIMS).await {
         if let Some(metrics) = metrics.get() {
             metrics.shared_statement("claim", batch.len());
         }
-        let statement = statement.clone();
-        tokio::spawn(async move {
-            claim_batch(&statement, batch).await;
-            drop(slot);
-        });
+        claim_batch(&statement, batch).await;
     }
 }
 
 /// One statement for the batch; every claim gets its rows, or is told to run alone.
 /// Claims go in the order they arrived: the statement deals the best tasks to the earliest
-/// (and locks the runtimes' rows in id order itself, so two statements cannot deadlock there).
+/// (and locks the runtimes' rows in id order itself, so two replicas' statements cannot
+/// deadlock there).
 async fn claim_batch(statement: &Statement, batch: Vec<Pending>) {
     let now = Instant::now();
     let (mut claims, mut replies) = (Vec::new(), Vec::new());
